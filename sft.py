@@ -1,0 +1,499 @@
+"""
+Length-aligned supervised fine-tuning (SFT) of a masked diffusion language model.
+
+Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the prompt
+stays clean, every response token is replaced by the mask token with probability t, and the model is trained
+to predict the originals (Eq. (2)). Each response is padded with EOS to exactly the generation length that RL
+and evaluation use, so what SFT teaches ("write a trace, then stop and emit EOS up to position L") is what the
+sampler will be asked to do later. That padding is the length alignment.
+
+This file also defines the embedded world the whole project runs on without a hub: a character-level
+tokenizer, a tiny bidirectional transformer and a procedurally generated arithmetic word-problem task with
+ground-truth traces. eval.py and igpo.py import them from here.
+
+    python sft.py                                   # embedded model + task, CPU, a few minutes -> out/sft
+    python sft.py --traces verbose --gen_length 192 --out_dir out/sft_verbose   # the long-trace ablation
+    # paper scale (one GPU; see README for the full command):
+    python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
+        --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5
+
+Deviations from the paper (details and reasons in NOTES.md §3):
+1. The concise traces of the embedded task are generated, not rewritten by a large model; for real data,
+   --rewrite_model performs the rewriting step with any local instruct model.
+2. Traces that do not fit the generation length are dropped (with a printed count), not truncated: a
+   truncated trace would teach the model to stop mid-reasoning.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# Special tokens, spelled as in LLaDA-8B-Instruct so that one code path serves both models.
+EOS, BOS, MASK, EOT = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot_id|>"
+HEADER_START, HEADER_END, UNK = "<|start_header_id|>", "<|end_header_id|>", "<|unk|>"
+SPECIAL_TOKENS = [EOS, BOS, MASK, HEADER_START, HEADER_END, EOT, UNK]
+LLADA_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+                       "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+                       "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+# Real data is prompted the way d1 / the IGPO code prompt LLaDA; the embedded task uses the bare question.
+REASONING_PROMPT = ("Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+                    "Put the final answer in \\boxed{}.\n\n")
+LOG_EPS = 1e-3  # Eq. (1): mask probability p = (1 - eps) t + eps keeps p away from 0
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- model
+    p.add_argument("--model", default="toy", help="'toy' (embedded tiny model) or a hub id / local path")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")
+    p.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 trains every weight (paper: 128)")
+    p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
+    p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (saves activation memory)")
+    # ---- data
+    p.add_argument("--dataset", default="toy", help="'toy', a hub id, or a local .json/.jsonl file")
+    p.add_argument("--split", default="train", help="dataset split to train on")
+    p.add_argument("--question_col", default="question", help="column with the question (MetaMathQA: query)")
+    p.add_argument("--trace_col", default="trace", help="column with the reasoning trace (MetaMathQA: response)")
+    p.add_argument("--traces", default="concise", choices=["concise", "verbose"], help="embedded task: trace style")
+    p.add_argument("--toy_size", type=int, default=20000, help="embedded task: number of training problems")
+    p.add_argument("--rewrite_model", default="", help="local instruct LM that rewrites traces concisely (paper §3.3)")
+    p.add_argument("--rewrite_cache", default="out/rewritten.jsonl", help="JSONL cache of rewritten traces")
+    # ---- length alignment
+    p.add_argument("--gen_length", type=int, default=64, help="L: response length = RL/eval generation length (paper: 256)")
+    # ---- optimisation
+    p.add_argument("--max_steps", type=int, default=600, help="optimizer steps")
+    p.add_argument("--batch_size", type=int, default=64, help="sequences per micro-batch")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--warmup_steps", type=int, default=30, help="linear warmup, then cosine decay to 10%%")
+    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip")
+    # ---- run
+    p.add_argument("--out_dir", default="out/sft", help="checkpoint folder (save_pretrained layout)")
+    p.add_argument("--save_every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--log_every", type=int, default=20, help="steps between metric lines")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return p.parse_args(argv)
+
+
+def fail(msg):
+    """Bad input ends the run with one line that names the problem, never a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The embedded world: character tokenizer, tiny bidirectional transformer, arithmetic word problems.
+
+def build_toy_tokenizer():
+    """One token per character (printable ASCII + newline) plus LLaDA's special tokens and chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    tok.decoder = decoders.Fuse()  # and glued back without separators
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                        mask_token=MASK, unk_token=UNK, clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = LLADA_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_toy_model(tokenizer, hidden=128, layers=4, heads=4, max_len=512):
+    """A ~1M-parameter bidirectional transformer. ModernBERT with global attention in every layer has LLaDA's
+    calling contract (model(ids, attention_mask).logits at every position, no causal mask) and loads back
+    through the transformers Auto classes with no custom code."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+    config = ModernBertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=2 * hidden, max_position_embeddings=max_len, global_attn_every_n_layers=1,
+        local_attention=max_len, reference_compile=False, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        cls_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.eos_token_id)
+    return ModernBertForMaskedLM(config)
+
+
+NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kim", "Lea", "Max", "Nia"]
+ITEMS = ["apples", "coins", "cards", "books", "shells", "stamps", "pens", "eggs", "beads", "rocks"]
+
+
+def toy_problem(rng, min_ops=1, max_ops=4, max_start=60):
+    """One word problem: a start amount and 1-4 operations. The number of operations is the difficulty knob.
+    Returns the question, a concise trace (fits 64 characters), a verbose trace (about 3x longer) and the answer."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    x = rng.randint(2, max_start)
+    sentences, concise, verbose = [f"{name} has {x} {item}."], [], [f"{name} starts with {x} {item}."]
+    for _ in range(rng.randint(min_ops, max_ops)):
+        kind = rng.choice(["add", "sub", "mul"] if x < 100 else ["add", "sub"])
+        if kind == "add":
+            k = rng.randint(2, 40)
+            y, text, sym = x + k, rng.choice([f"Gets {k} more.", f"Finds {k} more.", f"Buys {k}."]), f"{x}+{k}={x + k}"
+        elif kind == "sub" and x > 2:
+            k = rng.randint(1, x - 1)
+            y, text, sym = x - k, rng.choice([f"Gives away {k}.", f"Loses {k}.", f"Sells {k}."]), f"{x}-{k}={x - k}"
+        else:
+            k = rng.choice([2, 3])
+            y, text, sym = x * k, ("Doubles them." if k == 2 else "Triples them."), f"{x}*{k}={x * k}"
+        sentences.append(text)
+        concise.append(sym)
+        verbose.append(f"{text[:-1]}, so now {sym.replace('=', ' = ').replace('*', ' * ').replace('+', ' + ').replace('-', ' - ')} {item}.")
+        x = y
+    question = " ".join(sentences) + f" How many {item} now?"
+    boxed = f"\\boxed{{{x}}}"
+    return {"question": question, "trace": "\n".join(concise) + f"\n{boxed}",
+            "verbose": " ".join(verbose) + f" The answer is {boxed}.",
+            "answer": str(x)}
+
+
+def toy_dataset(split, n, seed=0, traces="concise"):
+    """n problems of one split, as a datasets.Dataset. Train and test are disjoint by construction: a problem
+    belongs to the test split iff a hash of its question text is 0 mod 10, so no question is in both."""
+    import zlib
+    from datasets import Dataset
+    rng, rows, seen = random.Random(f"{split}-{seed}"), [], set()
+    while len(rows) < n:
+        row = toy_problem(rng)
+        in_test = zlib.crc32(row["question"].encode()) % 10 == 0
+        if in_test == (split == "test") and row["question"] not in seen:
+            seen.add(row["question"])
+            if traces == "verbose":
+                row["trace"] = row["verbose"]
+            rows.append(row)
+    return Dataset.from_list(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data for real runs: hub id or local JSON/JSONL, with the columns named by flags.
+
+def load_rows(dataset, split, columns, config=None):
+    """Load a dataset and check that the columns we need exist (one-line error otherwise)."""
+    from datasets import load_dataset
+    if dataset.endswith((".json", ".jsonl")):
+        if not os.path.exists(dataset):
+            fail(f"dataset file not found: {dataset}")
+        try:
+            ds = load_dataset("json", data_files=dataset, split="train")
+        except Exception as e:  # malformed JSON surfaces as a deep datasets traceback otherwise
+            fail(f"could not read {dataset} as JSON/JSONL: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    else:
+        try:
+            ds = load_dataset(dataset, config, split=split)
+        except Exception as e:
+            fail(f"could not load dataset '{dataset}' (split {split}): {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        fail(f"dataset {dataset} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
+    return ds
+
+
+def make_prompt(tokenizer, question, toy):
+    """The chat-formatted prompt used identically by SFT, RL and evaluation."""
+    content = question if toy else REASONING_PROMPT + question
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def encode_response(tokenizer, trace, gen_length):
+    """Eq. (2) length alignment: trace + <|eot_id|>, padded with EOS to exactly gen_length tokens.
+    Returns None when the trace does not fit."""
+    ids = tokenizer(trace, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids(EOT)]
+    if len(ids) > gen_length:
+        return None
+    return ids + [tokenizer.eos_token_id] * (gen_length - len(ids))
+
+
+def left_pad(seqs, pad_id):
+    """Left-pad token lists into (B, T) ids and attention mask; the right end is where generation happens."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        attn[i, T - len(s):] = 1
+    return ids, attn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model loading and atomic checkpoints, shared by the three scripts.
+
+def pick_device(name="auto"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
+    """(model, tokenizer) from 'toy', a hub id, or a save_pretrained folder (a full model or a LoRA adapter,
+    which is merged into its base). Masked LMs load with AutoModelForMaskedLM; models that ship their own
+    code (LLaDA) load with AutoModel, which their auto_map points at their diffusion LM class."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    if name == "toy":
+        tokenizer = build_toy_tokenizer()
+        return build_toy_model(tokenizer).to(device), tokenizer
+    if os.path.exists(os.path.join(name, "adapter_config.json")):  # a LoRA checkpoint saved by these scripts
+        from peft import PeftModel
+        base = json.load(open(os.path.join(name, "adapter_config.json")))["base_model_name_or_path"]
+        model, _ = load_model(base, trust_remote_code, device, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        return PeftModel.from_pretrained(model, name).merge_and_unload(), tokenizer
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        auto = AutoModel if getattr(config, "auto_map", None) else AutoModelForMaskedLM
+        model = auto.from_pretrained(name, trust_remote_code=trust_remote_code, torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        fail(f"could not load model '{name}': {str(e).splitlines()[0][:300]}")
+    if MASK not in tokenizer.get_vocab():
+        fail(f"tokenizer of '{name}' has no mask token {MASK}: not a masked diffusion LM")
+    return model.to(device), tokenizer
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out",  # LLaDA
+                "Wqkv", "Wo", "Wi"]  # ModernBERT (the embedded model)
+
+
+def add_lora(model, r, alpha, dropout=0.05):
+    """Wrap the model with LoRA adapters on whichever of the known projection names it has."""
+    from peft import LoraConfig, get_peft_model
+    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = [t for t in LORA_TARGETS if t in names]
+    if not targets:
+        fail(f"--lora_r: none of the LoRA target modules {LORA_TARGETS} exist in this model")
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets))
+
+
+def enable_grad_ckpt(model):
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        fail(f"--grad_ckpt: {type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable()
+
+
+def prepare_out_dir(out_dir, resume, overwrite):
+    """Recover from a save that was interrupted mid-swap, and refuse to clobber another run."""
+    old, tmp = out_dir + ".old", out_dir + ".tmp"
+    if not os.path.exists(out_dir) and os.path.exists(old):
+        os.rename(old, out_dir)  # killed between the two renames of save_checkpoint: the old one is intact
+    shutil.rmtree(tmp, ignore_errors=True)
+    has_run = os.path.exists(os.path.join(out_dir, "args.json"))
+    if has_run and not (resume or overwrite):
+        fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if overwrite and not resume:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return has_run and resume
+
+
+def save_checkpoint(out_dir, model, tokenizer, args, state):
+    """Write the whole checkpoint to out_dir.tmp, then swap it in with two renames, so an interrupted save
+    never damages the last good checkpoint. The folder loads with load_model() / the Auto classes."""
+    for p in model.parameters():
+        if not torch.isfinite(p).all():
+            fail("model weights are not finite; refusing to save over the last good checkpoint")
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    if state is not None:
+        torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        shutil.copy(metrics, tmp)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(out_dir):
+    return torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)  # no pickled code, ever
+
+
+def rng_state(gen):
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(gen, s):
+    torch.set_rng_state(s["torch"]); gen.set_state(s["gen"]); random.setstate(s["python"])
+
+
+def truncate_metrics(out_dir, step):
+    """On resume, drop metric lines written after the checkpoint (they will be written again)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
+        open(path, "w").writelines(lines)
+
+
+def log_metrics(out_dir, row):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def lr_lambda(warmup, total):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    return lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The objective.
+
+def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
+    """Eq. (2): masked-diffusion SFT loss on response tokens only.
+    input_ids (B, T) = prompt ⊕ response; response_mask (B, T) is 1 on the gen_length response positions
+    (EOS padding included: learning where to stop is part of the task). Per sequence draw t ~ U(0,1),
+    mask each response token with probability p = (1-eps) t + eps, and score the masked ones with 1/p
+    importance weights; normalise by the response length |r| and average over the batch:
+        loss = (1/B) sum_b (1/|r_b|) sum_{i masked} -log f(x0_i | x_t) / p_b
+    """
+    B, T = input_ids.shape
+    t = torch.rand(B, 1, device=input_ids.device, generator=gen)
+    p = (1 - LOG_EPS) * t + LOG_EPS  # (B, 1)
+    masked = (torch.rand(B, T, device=input_ids.device, generator=gen) < p) & response_mask.bool()  # (B, T)
+    noisy = torch.where(masked, mask_id, input_ids)
+    logits = model(noisy, attention_mask=attention_mask).logits  # (B, T, V)
+    token_nll = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (n_masked,)
+    weight = 1.0 / (p.expand(B, T)[masked] * response_mask.sum(1, keepdim=True).expand(B, T)[masked])
+    return (token_nll * weight).sum() / B
+
+
+def build_sft_data(args, tokenizer, toy):
+    """Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter)."""
+    if toy:
+        ds = toy_dataset("train", args.toy_size, args.seed, args.traces)
+    else:
+        ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
+        if args.rewrite_model:
+            ds = rewrite_traces(ds, args)
+    rows, dropped = [], 0
+    for q, trace in zip(ds[args.question_col], ds[args.trace_col]):
+        resp = encode_response(tokenizer, str(trace), args.gen_length)
+        if resp is None:
+            dropped += 1
+            continue
+        rows.append((tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids, resp))
+    print(f"data: {len(rows)} traces fit gen_length={args.gen_length}, {dropped} longer ones dropped")
+    if not rows:
+        fail(f"no trace fits --gen_length {args.gen_length}; raise it or use shorter (--traces concise) traces")
+    return rows
+
+
+def rewrite_traces(ds, args):
+    """The paper's rewriting step (§3.3): a local instruct LM turns long traces into concise ones. Results are
+    cached line by line in a JSONL so an interrupted rewrite continues where it stopped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    instruction = "Rewrite this solution as a concise step-by-step derivation that keeps the final answer:\n\n"
+    cache = {}
+    if os.path.exists(args.rewrite_cache):
+        cache = {r["source"]: r["rewritten"] for r in map(json.loads, open(args.rewrite_cache))}
+    tok = AutoTokenizer.from_pretrained(args.rewrite_model)
+    lm = AutoModelForCausalLM.from_pretrained(args.rewrite_model)
+    os.makedirs(os.path.dirname(args.rewrite_cache) or ".", exist_ok=True)
+    out = []
+    with open(args.rewrite_cache, "a") as f:
+        for trace in ds[args.trace_col]:
+            if trace not in cache:
+                ids = tok(instruction + trace, return_tensors="pt").input_ids
+                gen = lm.generate(ids, max_new_tokens=args.gen_length, do_sample=False, pad_token_id=tok.eos_token_id)
+                cache[trace] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                f.write(json.dumps({"source": trace, "rewritten": cache[trace]}) + "\n")
+            out.append(cache[trace])
+    return ds.remove_columns(args.trace_col).add_column(args.trace_col, out)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights + autocast on GPU only
+    toy = args.dataset == "toy"
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(args.seed)  # every random draw of the run comes from here
+    resuming = prepare_out_dir(args.out_dir, args.resume, args.overwrite)
+
+    # ---- data
+    tokenizer = load_model(args.model, args.trust_remote_code, "cpu")[1] if args.model != "toy" else build_toy_tokenizer()
+    rows = build_sft_data(args, tokenizer, toy)
+    mask_id = tokenizer.convert_tokens_to_ids(MASK)
+
+    # ---- model
+    model, tokenizer = load_model(args.out_dir if resuming and not args.lora_r else args.model,
+                                  args.trust_remote_code, device, dtype if device.type == "cuda" else None)
+    if args.grad_ckpt:
+        enable_grad_ckpt(model)
+    if args.lora_r:
+        model = add_lora(model, args.lora_r, args.lora_alpha)
+        if resuming:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+            set_peft_model_state_dict(model, load_file(os.path.join(args.out_dir, "adapter_model.safetensors")))
+    params = [p for p in model.parameters() if p.requires_grad]
+    print(f"model: {args.model} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device}")
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, args.max_steps))
+    step = 0
+    if resuming:
+        state = load_state(args.out_dir)
+        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        set_rng_state(gen, state["rng"]); step = state["step"]
+        truncate_metrics(args.out_dir, step)
+        print(f"resumed {args.out_dir} at step {step}")
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    def batch_at(step, micro):
+        """Data order is a pure function of (seed, step): resuming needs no saved data position."""
+        per_epoch = len(rows) // args.batch_size
+        k = step * args.grad_accum + micro
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch))
+        chosen = [rows[i] for i in perm[(k % per_epoch) * args.batch_size:][:args.batch_size].tolist()]
+        ids, attn = left_pad([q + r for q, r in chosen], tokenizer.pad_token_id)
+        response_mask = torch.zeros_like(ids)
+        response_mask[:, -args.gen_length:] = 1  # responses all have length gen_length and sit at the right end
+        return ids.to(device), attn.to(device), response_mask.to(device)
+
+    # ---- training loop
+    from tqdm import tqdm
+    model.train()
+    bar = tqdm(total=args.max_steps, initial=step, desc="sft", disable=None)
+    t0 = time.time()
+    while step < args.max_steps:
+        total = 0.0
+        for micro in range(args.grad_accum):
+            ids, attn, response_mask = batch_at(step, micro)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = sft_loss(model, ids, attn, response_mask, mask_id, gen) / args.grad_accum
+            loss.backward()
+            total += loss.item()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        if torch.isfinite(gnorm):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.max_steps:
+            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4),
+                   "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
+            log_metrics(args.out_dir, row)
+            bar.write(json.dumps(row))
+        if step % args.save_every == 0 or step == args.max_steps:
+            save_checkpoint(args.out_dir, model, tokenizer, args,
+                            {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng_state(gen), "step": step})
+    bar.close()
+    print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
