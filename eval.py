@@ -1,0 +1,430 @@
+"""
+The diffusion sampler (with inpainting) and benchmark evaluation.
+
+A masked diffusion LM writes its answer by starting from a canvas of mask tokens and, step by step, committing
+the tokens it is most confident about (LLaDA's low-confidence remasking, NOTES.md §4). The canvas is cut into
+blocks that are filled left to right (semi-autoregressive decoding); inside a block the order is free.
+Inpainting is the same loop started from a canvas where some positions already hold fixed tokens (hints).
+igpo.py uses generate() for rollouts and grade() as its reward, so RL and evaluation share one code path.
+
+    python eval.py                                  # evaluates out/igpo (else out/sft) on the embedded test split
+    python eval.py --model out/sft --show --limit 1 # watch one canvas being denoised
+    python eval.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --task gsm8k --gen_length 256
+    python eval.py --grade generations.json --task gsm8k   # re-grade a saved file, no model needed
+
+Deviations from the paper (details in NOTES.md §3):
+1. Gumbel-max sampling is written as argmax(logits + T * Gumbel) in float64 instead of LLaDA's equivalent
+   argmax(exp(logits) / (-log u)^T); both pick the same token for the same uniform draw u.
+2. The mask token itself is never sampled (its logit is set to -inf). A trained LLaDA never ranks it first,
+   so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
+3. Only the logits of the current block are turned into probabilities: positions outside it can never be
+   unmasked at this step, so the result is identical and the cost is block_length / gen_length of it.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+from sft import MASK, fail, left_pad, load_model, make_prompt, pick_device, toy_dataset
+
+NEG_INF = float("-inf")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- model and task
+    p.add_argument("--model", default="", help="checkpoint folder or hub id (default: out/igpo, else out/sft)")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")
+    p.add_argument("--task", default="toy", help="toy | gsm8k | math500 | amc | minerva")
+    p.add_argument("--data", default="", help="local JSON/JSONL with the task's hub columns instead of the hub")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (0: all; toy: 500)")
+    # ---- sampler (NOTES.md §4)
+    p.add_argument("--gen_length", type=int, default=0, help="L: tokens generated (toy: 64; paper: 128/256/512)")
+    p.add_argument("--block_length", type=int, default=0, help="B: semi-autoregressive block (toy: 16; paper: 32)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps over the whole answer (default: L/2)")
+    p.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature; 0 is greedy (paper: 0; AMC: 0.1)")
+    p.add_argument("--num_samples", type=int, default=1, help="samples per question, accuracy averaged (AMC: 16)")
+    p.add_argument("--batch_size", type=int, default=64, help="sequences per generate() call")
+    # ---- run
+    p.add_argument("--out", default="", help="results JSON (default: out/eval_<task>.json)")
+    p.add_argument("--grade", default="", help="re-grade this results JSON instead of generating")
+    p.add_argument("--show", action="store_true", help="print the first canvas after every denoising step")
+    p.add_argument("--seed", type=int, default=0, help="random seed for temperature > 0")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sampler: LLaDA's semi-autoregressive low-confidence remasking, with fixed hint tokens (Eq. (9)).
+
+def check_lengths(gen_length, block_length, steps):
+    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
+        fail(f"gen_length ({gen_length}) must be a positive multiple of block_length ({block_length})")
+    if steps <= 0 or steps % (gen_length // block_length):
+        fail(f"steps ({steps}) must be a positive multiple of the number of blocks ({gen_length // block_length})")
+
+
+def num_transfer_tokens(mask_index, steps):
+    """How many tokens each row unmasks at each step of a block: the n masked positions spread as evenly as
+    possible over the steps, the remainder going to the first steps. (B, Lb) bool -> (B, steps) long."""
+    n = mask_index.sum(dim=1, keepdim=True)  # (B, 1)
+    base, rem = n // steps, n % steps
+    return base + (torch.arange(steps, device=mask_index.device) < rem).long()  # (B, steps)
+
+
+def sample_tokens(logits, temperature, generator=None):
+    """Draw x0 by Gumbel-max at the given temperature in float64 (low precision makes the Gumbel noise
+    coarse, which hurts quality), and return the model's probability of each drawn token as its confidence."""
+    logits = logits.double()  # (B, Lb, V)
+    if temperature > 0:
+        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+        x0 = (logits - temperature * torch.log(-torch.log(u))).argmax(-1)  # argmax(l/T + Gumbel)
+    else:
+        x0 = logits.argmax(-1)
+    logp = logits.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # log softmax at x0
+    return x0, logp.exp()
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, gen_length, block_length, steps, temperature, mask_id, hints=None,
+             attention_mask=None, generator=None, show=None):
+    """Fill gen_length masked positions after each prompt. prompt_ids (B, P), left-padded with attention_mask
+    (B, P). hints (B, gen_length): a token id where the answer is fixed in advance, mask_id elsewhere; hint
+    tokens are never candidates, never overwritten, and not counted in the unmasking schedule.
+    Returns the full sequences (B, P + gen_length). `show` (a tokenizer) prints the first canvas each step."""
+    check_lengths(gen_length, block_length, steps)
+    B, P = prompt_ids.shape
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt_ids.device)
+    x[:, :P] = prompt_ids
+    if hints is not None:
+        x[:, P:] = hints
+    if attention_mask is not None:  # the answer positions are always attended to
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, gen_length)], dim=1)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    for b in range(num_blocks):
+        s, e = P + b * block_length, P + (b + 1) * block_length
+        block = x[:, s:e]  # a view: writing to it writes x
+        n_transfer = num_transfer_tokens(block == mask_id, steps_per_block)  # (B, steps); hints excluded
+        for i in range(steps_per_block):
+            mask_index = block == mask_id  # (B, Lb)
+            logits = model(x, attention_mask=attention_mask).logits[:, s:e]  # (B, Lb, V): only this block can change
+            logits[..., mask_id] = NEG_INF  # never "unmask" a position into the mask token
+            x0, confidence = sample_tokens(logits, temperature, generator)
+            confidence = torch.where(mask_index, confidence, NEG_INF)  # committed and hint tokens stay put
+            # Commit the k most confident masked positions of each row, k = n_transfer[:, i] (vectorised top-k:
+            # take the largest k over the batch, keep the first k of each row).
+            k = n_transfer[:, i]  # (B,)
+            kmax = int(k.max())
+            if kmax == 0:
+                continue
+            top = confidence.topk(kmax, dim=1).indices  # (B, kmax)
+            keep = torch.arange(kmax, device=x.device) < k[:, None]  # (B, kmax)
+            transfer = torch.zeros_like(mask_index).scatter_(1, top, keep)  # (B, Lb)
+            block[transfer] = x0[transfer]
+            if show is not None:
+                print_canvas(show, x[0, P:], hints[0] if hints is not None else None, mask_id, f"block {b} step {i}")
+    return x
+
+
+def print_canvas(tokenizer, answer_ids, hints, mask_id, title):
+    """One line per denoising step: '_' for a mask, hint tokens underlined."""
+    out = []
+    for j, t in enumerate(answer_ids.tolist()):
+        c = "_" if t == mask_id else tokenizer.decode([t]).replace("\n", "⏎")
+        if len(c) > 1 and c.startswith("<|"):
+            c = "·"  # EOS / end-of-turn shown as a dot
+        out.append(f"\033[4m{c}\033[0m" if hints is not None and hints[j] != mask_id else c)
+    print(f"{title:>16} | {''.join(out)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grading: one function for the RL reward and every benchmark.
+
+#<<GRADER
+import re
+import signal
+import threading
+from fractions import Fraction
+
+from math_verify import parse, verify
+
+# One grading path for the RL reward and for benchmark accuracy. Every public
+# function is total: any input gives an answer quickly and nothing escapes.
+
+_SPECIAL = re.compile(r"<\|[^<>|]{0,64}\|>")  # <|eot_id|>, <|mdm_mask|>, ...
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BOX_BARE = re.compile(r"\\boxed +([^\s${}][^$\n]*)")  # "\boxed 5" (no braces)
+_NUM = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # 1,000 / 18.00 / .5
+_POW = re.compile(r"\^|\*\*")
+_LATEX_TASKS = {"math500", "amc", "minerva"}
+_NUMERIC_TASKS = {"toy", "gsm8k"}
+
+
+def strip_special(text) -> str:
+    return _SPECIAL.sub("", text if isinstance(text, str) else str(text or ""))
+
+
+def extract_answer(text):
+    """Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x'."""
+    text = strip_special(text)
+    opens = {m.end() - 1: m.start() for m in _BOX.finditer(text)}  # brace index -> box start
+    found, stack = [], []
+    for i, ch in enumerate(text):  # one linear pass; no recursion, so nesting depth is harmless
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            j = stack.pop()
+            if j in opens and text[j + 1:i].strip():
+                found.append((opens[j], text[j + 1:i].strip()))
+    found += [(m.start(), m.group(1).strip()) for m in _BOX_BARE.finditer(text)]
+    if found:  # rfind semantics: the box that *starts* last, i.e. the innermost/final one
+        return max(found)[1]
+    k = text.rfind("<answer>")
+    if k >= 0:
+        body = text[k + 8:].split("</answer>")[0].strip()
+        if body:
+            return body
+    k = text.rfind("####")
+    tail = text[k + 4:].strip().split("\n")[0].strip() if k >= 0 else ""
+    return tail or None
+
+
+def _to_number(s):
+    """Exact Fraction from '18', '$1,000.', '18 \\text{dollars}', 'x = 3/4', '\\frac{7}{2}'; else None."""
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        s = repr(s)
+    s = re.sub(r"\\[a-z]*frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", s.replace("{,}", ","))
+    s = s.split("=")[-1].replace("\\$", "").replace("$", "").strip()
+    m = re.fullmatch(r"(-?\d{1,15})\s*/\s*(\d{1,15})", s)
+    if m and int(m.group(2)):
+        return Fraction(int(m.group(1)), int(m.group(2)))
+    if re.fullmatch(r"-?\d+(?:\.\d+)?e[+-]?\d{1,3}", s):  # float gold such as 1e+20
+        return Fraction(s)
+    nums = _NUM.findall(s)  # units/words around the number are ignored; the last number wins
+    return Fraction(nums[-1].replace(",", "")) if nums and len(nums[-1]) <= 40 else None
+
+
+def _norm(s):
+    """Cheap canonical form for an exact string match before any sympy work."""
+    s = re.sub(r"\\(?:left|right|!|,|;|:|\$)|\$|\s|\^\{?\\circ\}?|\\?%", "", s)
+    s = re.sub(r"\\text\{(.*?)\}", r"\1", s.replace("dfrac", "frac").replace("tfrac", "frac"))
+    s = re.sub(r"^[a-zA-Z]\w{0,1}=", "", s)  # "x=5" -> "5"
+    return s.rstrip(".")
+
+
+def _group_before(s, i):
+    """Text of the bracketed group that ends just before s[i] (the base of a power), or ''."""
+    depth, j = 0, i - 1
+    while j >= 0:
+        depth += s[j] in ")]}"
+        depth -= s[j] in "([{"
+        if depth <= 0:
+            return s[j:i]
+        j -= 1
+    return s[:i]
+
+
+def _too_hard(s):
+    """True if sympy might do uninterruptible C big-int work (or deep recursion) on s."""
+    if len(s) > 400 or re.search(r"\d{50}|(?:\d{4}|[)}\]])\s*!", s):
+        return True  # giant literals; factorial of a big or composite argument
+    if ("binom" in s or "choose" in s) and re.search(r"\^|\d{5}", s):
+        return True
+    depth = 0
+    for ch in s:
+        depth = max(0, depth + (ch in "{([") - (ch in "})]"))
+        if depth > 12:
+            return True
+    for m in _POW.finditer(s):
+        rest = s[m.end():].lstrip()
+        exp = rest[:rest.find("}") + 1] if rest.startswith("{") else re.match(r"\d*.?", rest).group()
+        after = rest[len(exp):].lstrip()
+        base = _group_before(s, m.start()) if m.start() and s[m.start() - 1] in ")]}" else ""
+        # towers (9^9^9, 10^{10^{10}}, (2^9)^9) and exponents >= 1000 are the dangerous cases
+        if _POW.search(exp) or _POW.match(after) or _POW.search(base) or re.search(r"\d{4}", exp):
+            return True
+        if re.search(r"\d{3}", exp) and not s[m.start() - 1:m.start()].isdigit():
+            return True  # (x+1)^{999}: symbolic expansion takes seconds; 7^{999} is instant
+
+    return False
+
+
+class _Deadline(BaseException):  # BaseException so math_verify's `except Exception` cannot eat it
+    pass
+
+
+def _latex_equal(pred, gold, seconds=1.5):
+    # math_verify's own SIGALRM timeouts are off (None): they fail off the main thread and would
+    # cancel our timer. In the main thread one interval timer bounds the whole parse+verify.
+    use_timer = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+                 and signal.getitimer(signal.ITIMER_REAL)[0] == 0)  # never clobber a caller's alarm
+    old = signal.signal(signal.SIGALRM, _raise_deadline) if use_timer else None
+    try:
+        if use_timer:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            g = parse(f"${gold}$", parsing_timeout=None)
+            p = parse(f"${pred}$", parsing_timeout=None)
+            return bool(g and p and verify(g, p, timeout_seconds=None))
+        finally:
+            if use_timer:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    except (_Deadline, Exception):
+        return False
+    finally:
+        if use_timer:
+            signal.signal(signal.SIGALRM, old)
+
+
+def _raise_deadline(signum, frame):
+    raise _Deadline()
+
+
+def grade(text, ground_truth, task) -> bool:
+    if task not in _LATEX_TASKS and task not in _NUMERIC_TASKS:
+        raise ValueError(f"grade: unknown task {task!r}; expected one of toy, gsm8k, math500, amc, minerva")
+    try:
+        pred = extract_answer(text)
+        if pred is None:
+            return False
+        if task in _NUMERIC_TASKS:
+            a, b = _to_number(pred), _to_number(ground_truth)
+            return a is not None and b is not None and abs(a - b) <= Fraction(1, 10**6) * max(1, abs(b))
+        gold = strip_special(ground_truth).strip()
+        if _norm(pred) == _norm(gold) and _norm(gold):
+            return True
+        pred, gold = pred.replace("\\$", "").replace("$", ""), gold.replace("$", "")
+        return not _too_hard(pred) and not _too_hard(gold) and _latex_equal(pred, gold)
+    except Exception:  # malformed input of any kind is simply "not correct"
+        return False
+
+#GRADER>>
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks. Each reads the hub layout, or the same layout from a local --data file.
+
+def gsm8k_gold(answer):
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+TASKS = {  # task: (hub id, config, split, question column, answer column, gold-answer function)
+    "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer", gsm8k_gold),
+    "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", str),
+    "amc": ("AI-MO/aimo-validation-amc", None, "train", "problem", "answer", str),
+    "minerva": ("math-ai/minervamath", None, "test", "question", "answer", str),
+}
+DEFAULTS = {"toy": (64, 16, 500), "gsm8k": (256, 32, 0), "math500": (256, 32, 0), "amc": (256, 32, 0),
+            "minerva": (256, 32, 0)}  # task: (gen_length, block_length, limit)
+
+
+def load_task(task, data="", limit=0, seed=0):
+    """[(question, gold answer)] for a benchmark."""
+    from sft import load_rows
+    if task not in DEFAULTS:
+        fail(f"unknown task '{task}' (choose from {', '.join(DEFAULTS)})")
+    if task == "toy":
+        ds = toy_dataset("test", limit or DEFAULTS["toy"][2], seed=0)
+        return list(zip(ds["question"], ds["answer"]))
+    hub_id, config, split, qcol, acol, gold = TASKS[task]
+    ds = load_rows(data or hub_id, split, [qcol, acol], config)
+    items = [(q, gold(str(a))) for q, a in zip(ds[qcol], ds[acol])]
+    return items[:limit] if limit else items
+
+
+def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, temperature=0.0, num_samples=1,
+             batch_size=64, generator=None, show=False, progress=True):
+    """Generate num_samples answers per question and grade them. Returns (records, accuracy)."""
+    from tqdm import tqdm
+    mask_id = tokenizer.convert_tokens_to_ids(MASK)
+    device = next(model.parameters()).device
+    prompts = [tokenizer(make_prompt(tokenizer, q, task == "toy"), add_special_tokens=False).input_ids
+               for q, _ in items for _ in range(num_samples)]
+    texts = []
+    was_training = model.training
+    model.eval()
+    for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {task}", disable=not progress or None):
+        ids, attn = left_pad(prompts[i:i + batch_size], tokenizer.pad_token_id)
+        out = generate(model, ids.to(device), gen_length, block_length, steps, temperature, mask_id,
+                       attention_mask=attn.to(device), generator=generator,
+                       show=tokenizer if show and i == 0 else None)
+        texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=False)
+    model.train(was_training)
+    records = []
+    for j, (q, gold) in enumerate(items):
+        gens = texts[j * num_samples:(j + 1) * num_samples]
+        correct = [grade(g, gold, task) for g in gens]
+        records.append({"question": q, "generations": gens[0] if num_samples == 1 else gens,
+                        "ground_truth": gold, "correct": sum(correct) / num_samples})
+    return records, sum(r["correct"] for r in records) / max(1, len(records))
+
+
+def write_json(path, obj):
+    """Write via a temporary file and rename, so an interrupted run never leaves a half-written result."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def regrade(path, task):
+    """Re-grade a saved results file (d1's layout or ours) without a model."""
+    if not os.path.exists(path):
+        fail(f"results file not found: {path}")
+    try:
+        data = json.load(open(path))
+        records = data["generations"]
+        for r in records:
+            gens = r["generations"] if isinstance(r["generations"], list) else [r["generations"]]
+            r["correct"] = sum(grade(g, str(r["ground_truth"]), task) for g in gens) / len(gens)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        fail(f"{path} is not a results file with generations/ground_truth ({type(e).__name__}: {e})")
+    return data, records
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.task not in DEFAULTS:
+        fail(f"unknown task '{args.task}' (choose from {', '.join(DEFAULTS)})")
+    gen_length = args.gen_length or DEFAULTS[args.task][0]
+    block_length = args.block_length or min(DEFAULTS[args.task][1], gen_length)
+    steps = args.steps or gen_length // 2
+    out = args.out or f"out/eval_{args.task}.json"
+
+    if args.grade:
+        data, records = regrade(args.grade, args.task)
+        settings = {"graded": args.grade}
+    else:
+        check_lengths(gen_length, block_length, steps)
+        model_path = args.model or next((p for p in ("out/igpo", "out/sft") if os.path.isdir(p)), None)
+        if model_path is None:
+            fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
+        device = pick_device(args.device)
+        items = load_task(args.task, args.data, args.limit, args.seed)
+        model, tokenizer = load_model(model_path, args.trust_remote_code, device,
+                                      torch.bfloat16 if device.type == "cuda" else None)
+        print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "
+              f"L={gen_length} block={block_length} steps={steps} T={args.temperature}")
+        gen = torch.Generator(device).manual_seed(args.seed)
+        t0 = time.time()
+        records, _ = evaluate(model, tokenizer, items, args.task, gen_length, block_length, steps,
+                              args.temperature, args.num_samples, args.batch_size, gen, args.show)
+        settings = {"model_path": model_path, "gen_length": gen_length, "block_length": block_length,
+                    "diffusion_steps": steps, "temperature": args.temperature, "num_samples": args.num_samples,
+                    "seed": args.seed, "seconds": round(time.time() - t0, 1)}
+        data = {"generations": records}
+    correct = sum(r["correct"] for r in records)
+    data["metrics"] = {"accuracy": correct / max(1, len(records)), "correct": correct, "total": len(records),
+                       "task": args.task}
+    data.update(settings)
+    write_json(out, data)
+    print(f"{args.task}: accuracy {100 * data['metrics']['accuracy']:.1f}% ({correct:g}/{len(records)}) -> {out}")
+
+
+if __name__ == "__main__":
+    main()

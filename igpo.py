@@ -1,0 +1,432 @@
+"""
+IGPO: Inpainting-Guided Policy Optimization for masked diffusion language models.
+
+GRPO learns only from groups whose samples disagree: if all G answers to a prompt are wrong, every advantage
+is zero (Eq. (4)) and the prompt is wasted. A masked diffusion LM can *inpaint*: generate with some answer
+positions fixed in advance. IGPO uses this on exactly those groups. It reveals fragments of the ground-truth
+reasoning trace at their own positions (Eq. (7)), lets the model fill in the rest, and swaps correct inpainted
+samples in for some wrong ones (Eq. (8)). The group now has a correct sample, so its advantages are not zero.
+Injected tokens were not sampled by the policy, so only the most uncertain of them, by the policy's own
+entropy, are trained on (Eq. (10)).
+
+    python igpo.py                                  # embedded task; runs `python sft.py` first if out/sft is missing
+    python igpo.py --no_inpaint                     # plain GRPO baseline
+    python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
+    # paper scale, one GPU (README has the full command):
+    python igpo.py --init GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
+        --question_col query --trace_col response --gen_length 256 --block_length 32 --steps 128 \
+        --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 --grad_accum 64
+
+Deviations from the paper (details and reasons in NOTES.md §3):
+1. Loss normalisation follows the paper, (1/G) sum_i (1/|o_i|) sum_k, with |o_i| the tokens that enter the
+   loss; the official code instead averages over all tokens of the batch and uses a sequence-level ratio.
+2. Completions are scored up to and including their first end token (<|eot_id|> or EOS); the EOS padding
+   tail after it is left out of the loss, as in the official code and d1 (test: test_eos_tail_not_in_loss).
+3. The final-answer span of the trace is never revealed as a hint (the paper's rule; the official code's
+   default can reveal it).
+4. The policy's per-token log-probs come from one forward pass per *prompt*: the estimator's input
+   (prompt + fully masked answer, Eq. (5)) does not depend on the sample, so the G samples share it.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sft
+from eval import check_lengths, evaluate, extract_answer, generate, grade, load_task
+from sft import EOS, EOT, MASK, fail, left_pad, load_model, make_prompt
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # ---- model
+    p.add_argument("--init", default="out/sft", help="starting checkpoint: the SFT output, a hub id or a path")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")
+    p.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 trains every weight (paper: 128)")
+    p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
+    p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (saves activation memory)")
+    # ---- data
+    p.add_argument("--dataset", default="toy", help="'toy', a hub id, or a local .json/.jsonl (paper: MetaMathQA)")
+    p.add_argument("--split", default="train", help="dataset split")
+    p.add_argument("--question_col", default="question", help="question column (MetaMathQA: query)")
+    p.add_argument("--trace_col", default="trace", help="ground-truth trace column y* (MetaMathQA: response)")
+    p.add_argument("--answer_col", default="", help="answer column; empty: taken from the end of the trace")
+    # ---- rollouts (sampler: NOTES.md §4)
+    p.add_argument("--batch_prompts", type=int, default=8, help="prompts per optimizer step (paper: 64)")
+    p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt (paper: 8)")
+    p.add_argument("--gen_length", type=int, default=64, help="L: completion length (paper: 256)")
+    p.add_argument("--block_length", type=int, default=16, help="semi-autoregressive block (paper: 32)")
+    p.add_argument("--steps", type=int, default=32, help="denoising steps per completion (paper: 128)")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.2)")
+    # ---- inpainting (Eq. (7), (8), (10))
+    p.add_argument("--no_inpaint", action="store_true", help="plain GRPO: leave all-wrong groups alone")
+    p.add_argument("--eta_low", type=float, default=0.2, help="eta ~ U[eta_low, eta_high]: revealed chunk fraction (paper: 0.2)")
+    p.add_argument("--eta_high", type=float, default=0.6, help="(paper: 0.6); 0/0 is the resampling control, 1/1 full hints")
+    p.add_argument("--chunk_min", type=int, default=3, help="s_min: shortest hint chunk in tokens (paper code: 5)")
+    p.add_argument("--chunk_max", type=int, default=6, help="s_max: longest hint chunk in tokens (paper code: 10)")
+    p.add_argument("--max_replace_frac", type=float, default=0.5, help="lambda: at most floor(lambda G) replaced (paper: 0.5)")
+    p.add_argument("--entropy_keep", type=float, default=0.2, help="tau: fraction of hint tokens kept by entropy (paper: 0.2)")
+    # ---- policy optimisation (Eq. (6))
+    p.add_argument("--num_iterations", type=int, default=2, help="mu: gradient steps per batch of rollouts (paper: 4)")
+    p.add_argument("--epsilon", type=float, default=0.2, help="epsilon: ratio clip (paper: 0.2)")
+    p.add_argument("--beta", type=float, default=0.01, help="beta: KL weight, k3 estimator (paper: 0.01)")
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate (paper: 5e-7 with LoRA on LLaDA-8B)")
+    p.add_argument("--warmup_steps", type=int, default=5, help="linear warmup steps (paper: 50)")
+    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
+    p.add_argument("--grad_clip", type=float, default=0.2, help="gradient-norm clip (paper: 0.2)")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches the prompts are split into for updates")
+    # ---- run
+    p.add_argument("--max_steps", type=int, default=60, help="optimizer steps (batches of rollouts)")
+    p.add_argument("--out_dir", default="out/igpo", help="checkpoint folder; metrics.jsonl goes inside")
+    p.add_argument("--save_every", type=int, default=20, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
+    p.add_argument("--eval_limit", type=int, default=500, help="embedded test questions for the before/after eval (0: skip)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = p.parse_args(argv)
+    check_lengths(args.gen_length, args.block_length, args.steps)
+    if not (0 <= args.eta_low <= args.eta_high <= 1):
+        fail(f"need 0 <= eta_low <= eta_high <= 1 (got {args.eta_low}, {args.eta_high})")
+    if args.chunk_min < 1 or args.chunk_min > args.chunk_max:
+        fail(f"need 1 <= chunk_min <= chunk_max (got {args.chunk_min}, {args.chunk_max})")
+    if args.batch_prompts % args.grad_accum:
+        fail(f"batch_prompts ({args.batch_prompts}) must be divisible by grad_accum ({args.grad_accum})")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Notation (NOTES.md §2)           code
+#   q, o_i, G                      prompt ids, completion ids (B*G, L), args.num_generations
+#   r(o_i), A_i                    reward, adv
+#   y*, eta, s_min/s_max           trace_ids, eta, chunk_min/chunk_max
+#   lambda, tau, mu                max_replace_frac, entropy_keep, num_iterations
+#   log pi_theta, pi_old, pi_ref   logp, logp_old, logp_ref (B*G, L) per token, from Eq. (5)
+#   H                              entropy (B, L), per prompt and position under pi_old
+
+ANSWER_START = re.compile(r"\\boxed|The answer is|<answer>")
+
+
+def answer_from_trace(trace):
+    """Gold answer when the data has no answer column (MetaMathQA ends with 'The answer is: X')."""
+    boxed = extract_answer(trace)
+    if boxed is not None:
+        return boxed
+    m = re.search(r"The answer is:?\s*(.+?)\s*$", trace.strip())
+    return m.group(1) if m else None
+
+
+def hintable_trace_ids(tokenizer, trace, gen_length):
+    """Token ids of y* that may be revealed: everything before the final-answer statement (Eq. (7): the
+    answer itself is never a hint), cut to the completion length."""
+    starts = [m.start() for m in ANSWER_START.finditer(trace)]
+    prefix = trace[:starts[-1]] if starts else trace
+    return tokenizer(prefix, add_special_tokens=False).input_ids[:gen_length]
+
+
+def make_hints(trace_ids, gen_length, eta, chunk_min, chunk_max, mask_id, gen):
+    """Eq. (7): cut y* into consecutive chunks of U[s_min, s_max] tokens, reveal round(eta * #chunks) of them,
+    chosen at random, at their own positions. Returns a (gen_length,) canvas: token ids at hints, mask elsewhere."""
+    hints = torch.full((gen_length,), mask_id, dtype=torch.long)
+    chunks, pos = [], 0
+    while pos < len(trace_ids):
+        size = int(torch.randint(chunk_min, chunk_max + 1, (1,), generator=gen))
+        chunks.append((pos, min(pos + size, len(trace_ids))))
+        pos += size
+    n_reveal = round(eta * len(chunks))
+    for c in torch.randperm(len(chunks), generator=gen)[:n_reveal].tolist():
+        a, b = chunks[c]
+        hints[a:b] = torch.tensor(trace_ids[a:b])
+    return hints
+
+
+def completion_mask(completions, end_ids):
+    """(N, L) bool: positions up to and including the first end token (<|eot_id|> or EOS). The EOS padding
+    tail after it is not scored (deviation 2)."""
+    is_end = torch.isin(completions, end_ids)  # (N, L)
+    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # strictly after the first end token
+    return ~after_end
+
+
+def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_entropy=False):
+    """Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L): ONE forward with the prompt clean and the whole
+    completion masked. That input is the same for all G samples of a prompt, so the forward runs once per
+    prompt and the G completions are read off the same distributions.
+    prompt_ids (B, P), completions (B*G, L) -> logp (B*G, L) [, entropy (B, L) for Eq. (10)]."""
+    B, P = prompt_ids.shape
+    L = completions.shape[1]
+    x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=torch.long, device=prompt_ids.device)], 1)
+    attn = torch.cat([prompt_attn, prompt_attn.new_ones(B, L)], 1)
+    logits = model(x, attention_mask=attn).logits[:, P:].float()  # (B, L, V)
+    lse = logits.logsumexp(-1, keepdim=True)  # (B, L, 1)
+    index = completions.view(B, G, L).transpose(1, 2)  # (B, L, G): the G sampled tokens at each position
+    logp = (logits.gather(-1, index) - lse).transpose(1, 2).reshape(B * G, L)  # (B*G, L)
+    if not with_entropy:
+        return logp
+    entropy = lse.squeeze(-1) - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp - E_p[logit], (B, L)
+    return logp, entropy
+
+
+def entropy_filter(entropy, hint_mask, keep_frac):
+    """Eq. (10): among each sample's hint positions keep the max(1, floor(tau * n_hint)) with the highest
+    entropy under pi_old; the rest are dropped from the loss. entropy, hint_mask (N, L) -> keep (N, L) bool."""
+    n_hint = hint_mask.sum(1, keepdim=True)  # (N, 1)
+    k = torch.clamp(torch.floor(keep_frac * n_hint), min=1)
+    score = torch.where(hint_mask, entropy, float("-inf"))
+    rank = score.argsort(1, descending=True).argsort(1)  # rank of each position by entropy, 0 = highest
+    return hint_mask & (rank < k)
+
+
+def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
+    """Eq. (6)/(9): clipped surrogate + beta * k3 KL, per token, then
+        loss = (1/N) sum_i (1/|o_i|) sum_k loss_mask_ik * l_ik      (|o_i| = sum_k loss_mask_ik)
+    logp, logp_old, logp_ref, loss_mask (N, L); adv (N,). Returns (loss, kl, clip_frac)."""
+    ratio = torch.exp(logp - logp_old)
+    a = adv[:, None]
+    surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)
+    kl = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1 if beta else torch.zeros_like(logp)
+    per_token = -surrogate + beta * kl  # (N, L)
+    m = loss_mask.float()
+    n_tokens = m.sum(1).clamp(min=1)
+    loss = ((per_token * m).sum(1) / n_tokens).mean()
+    kl_mean = ((kl * m).sum(1) / n_tokens).mean()
+    clipped = ((ratio - 1).abs() > epsilon).float()
+    return loss, kl_mean.detach(), ((clipped * m).sum() / m.sum().clamp(min=1)).detach()
+
+
+def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None):
+    """Sample one completion per row of prompts (N, P) with the diffusion sampler; returns (N, L)."""
+    out = generate(model, prompts, args.gen_length, args.block_length, args.steps, args.temperature, mask_id,
+                   hints=hints, attention_mask=prompt_attn, generator=gen)
+    return out[:, prompts.shape[1]:]
+
+
+def inpaint_all_wrong(model, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args,
+                      mask_id, task, gen, hint_gen):
+    """Eq. (7)-(8) for the groups listed in all_wrong (indices into batch): G hint canvases per group from the
+    group's own trace, one batched inpainting rollout for all of them, then K = min(#correct, floor(lambda G))
+    of the group's wrong samples are replaced by correct inpainted ones. completions (B*G, L), reward (B, G)
+    and texts are updated in place. Returns (hint_mask (B*G, L) bool, rescued groups, #replaced, example)."""
+    G = args.num_generations
+    hint_mask = torch.zeros(completions.shape, dtype=torch.bool, device=completions.device)
+    if not all_wrong or args.no_inpaint:
+        return hint_mask, [], 0, None
+    canvases = []
+    for b in all_wrong:
+        trace_ids = hintable_trace_ids(tokenizer, batch[b][1], args.gen_length)
+        for _ in range(G):
+            eta = args.eta_low + (args.eta_high - args.eta_low) * float(torch.rand(1, generator=hint_gen))
+            canvases.append(make_hints(trace_ids, args.gen_length, eta, args.chunk_min, args.chunk_max, mask_id,
+                                       hint_gen))
+    hints = torch.stack(canvases).to(completions.device)  # (n_groups*G, L)
+    idx = torch.tensor(all_wrong, device=prompts.device)
+    inpainted = rollout(model, prompts[idx].repeat_interleave(G, 0), prompt_attn[idx].repeat_interleave(G, 0),
+                        args, mask_id, gen, hints=hints)
+    inpainted_texts = tokenizer.batch_decode(inpainted)
+    rescued, n_replaced, example = [], 0, None
+    for g, b in enumerate(all_wrong):
+        rows = range(g * G, (g + 1) * G)
+        correct = [j for j in rows if grade(inpainted_texts[j], batch[b][2], task)]
+        K = min(len(correct), math.floor(args.max_replace_frac * G))  # Eq. (8)
+        for slot, j in enumerate(correct[:K]):  # all G originals are wrong: which K are replaced is immaterial
+            completions[b * G + slot] = inpainted[j]
+            hint_mask[b * G + slot] = hints[j] != mask_id
+            reward[b, slot] = 1.0
+            texts[b * G + slot] = inpainted_texts[j]
+        if K:
+            rescued.append(b)
+            n_replaced += K
+            if example is None:  # kept for NOTES.md's worked example
+                example = {"question": batch[b][0], "trace": batch[b][1], "answer": batch[b][2], "group": b,
+                           "hint_canvases": [tokenizer.decode(hints[j]) for j in rows],
+                           "inpainted": [inpainted_texts[j] for j in rows],
+                           "inpainted_correct": [j in correct for j in rows], "replaced": K}
+    return hint_mask, rescued, n_replaced, example
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = sft.pick_device(args.device)
+    toy = args.dataset == "toy"
+    task = "toy" if toy else "math500"  # rewards: numeric for the toy, LaTeX-aware equivalence for real data
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(args.seed)  # rollouts
+    hint_gen = torch.Generator().manual_seed(args.seed + 1)  # eta, chunks, revealed chunks
+    if args.init == "out/sft" and not os.path.isdir("out/sft"):
+        print("out/sft not found: running `python sft.py` (default length-aligned SFT) first")
+        sft.main([])
+    if not os.path.isdir(args.init) and os.path.exists(args.init):
+        fail(f"--init {args.init} is not a checkpoint folder")
+    resuming = sft.prepare_out_dir(args.out_dir, args.resume, args.overwrite)
+
+    # ---- model: policy, and the reference for the KL term
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    model, tokenizer = load_model(args.init, args.trust_remote_code, device, dtype)
+    mask_id = tokenizer.convert_tokens_to_ids(MASK)
+    end_ids = torch.tensor([tokenizer.convert_tokens_to_ids(EOT), tokenizer.convert_tokens_to_ids(EOS)], device=device)
+    ref_model = None
+    if args.beta and not args.lora_r:  # with LoRA the reference is the same model with its adapter disabled
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.grad_ckpt:
+        sft.enable_grad_ckpt(model)
+    if args.lora_r:
+        model = sft.add_lora(model, args.lora_r, args.lora_alpha)
+    if resuming:
+        trained, _ = load_model(args.out_dir, args.trust_remote_code, device, dtype) if not args.lora_r else (None, None)
+        if trained is not None:
+            model.load_state_dict(trained.state_dict())
+        else:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+            set_peft_model_state_dict(model, load_file(os.path.join(args.out_dir, "adapter_model.safetensors")))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
+    step, skipped = 0, 0
+    if resuming:
+        state = sft.load_state(args.out_dir)
+        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        sft.set_rng_state(gen, state["rng"]); hint_gen.set_state(state["hint_gen"])
+        step, skipped = state["step"], state["skipped"]
+        sft.truncate_metrics(args.out_dir, step)
+        print(f"resumed {args.out_dir} at step {step}")
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    def reference_logps(prompts, attn, completions):
+        with torch.no_grad():
+            if ref_model is not None:
+                return token_logps(ref_model, prompts, attn, completions, G, mask_id)
+            with model.disable_adapter():
+                return token_logps(model, prompts, attn, completions, G, mask_id)
+
+    # ---- data: (prompt ids, trace, gold answer) per training question
+    if toy:
+        ds = sft.toy_dataset("train", 20000, seed=args.seed)
+        questions, traces, answers = ds["question"], ds["trace"], ds["answer"]
+    else:
+        cols = [args.question_col, args.trace_col] + ([args.answer_col] if args.answer_col else [])
+        ds = sft.load_rows(args.dataset, args.split, cols)
+        questions, traces = ds[args.question_col], ds[args.trace_col]
+        answers = ds[args.answer_col] if args.answer_col else [answer_from_trace(t) for t in traces]
+    data = [(q, t, str(a)) for q, t, a in zip(questions, traces, answers) if a is not None]
+    if not data:
+        fail(f"no usable (question, trace, answer) rows in {args.dataset}")
+    G = args.num_generations
+
+    def batch_at(step):
+        """The prompts of a step are a pure function of (seed, step): resuming needs no data position."""
+        per_epoch = len(data) // args.batch_prompts
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 100003 + step // per_epoch))
+        return [data[i] for i in perm[(step % per_epoch) * args.batch_prompts:][:args.batch_prompts].tolist()]
+
+    acc_before = None
+    if args.eval_limit and toy and not resuming:
+        items = load_task("toy", limit=args.eval_limit)
+        _, acc_before = evaluate(model, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        print(f"accuracy before RL: {100 * acc_before:.1f}% on {len(items)} test questions")
+
+    from tqdm import tqdm
+    bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None)
+    while step < args.max_steps:
+        t0 = time.time()
+        batch = batch_at(step)
+        B = len(batch)
+        prompts, prompt_attn = left_pad([tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids
+                                         for q, _, _ in batch], tokenizer.pad_token_id)
+        prompts, prompt_attn = prompts.to(device), prompt_attn.to(device)
+        rep = lambda t: t.repeat_interleave(G, 0)  # (B, ...) -> (B*G, ...): row b*G + i is sample i of prompt b
+
+        # ================================ the IGPO step (NOTES.md §5) ================================
+        # 1. G rollouts per prompt, all prompts in one batched sampler call; binary correctness reward.
+        model.eval()
+        completions = rollout(model, rep(prompts), rep(prompt_attn), args, mask_id, gen)  # (B*G, L)
+        texts = tokenizer.batch_decode(completions)
+        reward = torch.tensor([float(grade(texts[j], batch[j // G][2], task)) for j in range(B * G)]).view(B, G)
+        own_reward = reward.mean().item()  # the policy's own success rate, before any rescue
+
+        # 2. Eq. (7)-(8): groups with every sample wrong are rescued by inpainting with their own trace.
+        all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
+        hint_mask, rescued, n_replaced, example = inpaint_all_wrong(
+            model, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args, mask_id,
+            task, gen, hint_gen)
+
+        # 3. Eq. (3): group-relative advantages on the (augmented) group; all-equal groups get exactly 0.
+        adv = (reward - reward.mean(1, keepdim=True)).flatten().to(device)  # (B*G,)
+
+        # 4. Old-policy log-probs and entropies (Eq. (5), (10)), reference log-probs for the KL term.
+        with torch.no_grad():
+            logp_old, entropy = token_logps(model, prompts, prompt_attn, completions, G, mask_id, with_entropy=True)
+        logp_ref = reference_logps(prompts, prompt_attn, completions) if args.beta else logp_old
+        valid = completion_mask(completions, end_ids)  # (B*G, L): up to the first end token
+        keep_hint = entropy_filter(rep(entropy), hint_mask & valid, args.entropy_keep)  # Eq. (10)
+        loss_mask = valid & (~hint_mask | keep_hint)  # self-generated tokens always count
+
+        # 5. mu gradient steps on the clipped surrogate (Eq. (6)/(9)), prompts split into grad_accum micro-batches.
+        model.train()
+        mb = B // args.grad_accum
+        for _ in range(args.num_iterations):
+            stats = torch.zeros(3)
+            for a in range(0, B, mb):
+                s = slice(a * G, (a + mb) * G)  # the rows of these prompts' samples
+                logp = token_logps(model, prompts[a:a + mb], prompt_attn[a:a + mb], completions[s], G, mask_id)
+                loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s],
+                                                args.epsilon, args.beta)
+                (loss / args.grad_accum).backward()
+                stats += torch.tensor([loss.item(), kl.item(), clip_frac.item()]) / args.grad_accum
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if torch.isfinite(gnorm) and torch.isfinite(stats).all():
+                opt.step()
+            else:  # a non-finite update is skipped, counted, and stops the run if it keeps happening
+                skipped += 1
+                if skipped > 3:
+                    fail(f"non-finite loss or gradient in {skipped} updates; stopping (last good checkpoint kept)")
+            opt.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        # ============================ everything below is bookkeeping ============================
+
+        n_loss = loss_mask.sum().clamp(min=1)
+        row = {"step": step, "reward": round(own_reward, 4),
+               "all_wrong": round(len(all_wrong) / B, 4), "all_wrong_after": round((len(all_wrong) - len(rescued)) / B, 4),
+               "inpainted_groups": len(all_wrong) if not args.no_inpaint else 0, "replaced": n_replaced,
+               "hint_frac": round(((hint_mask & loss_mask).sum() / n_loss).item(), 4),
+               "entropy": round(entropy.mean().item(), 4), "loss": round(stats[0].item(), 5),
+               "kl": round(stats[1].item(), 5), "clip_frac": round(stats[2].item(), 4), "skipped": skipped,
+               "seconds": round(time.time() - t0, 2)}
+        sft.log_metrics(args.out_dir, row)
+        if example is not None and not os.path.exists(os.path.join(args.out_dir, "example.json")):
+            example.update(step=step, group_rewards=reward[example["group"]].tolist(),
+                           group_adv=adv[example["group"] * G:(example["group"] + 1) * G].tolist(),
+                           new_group=[texts[example["group"] * G + i] for i in range(G)],
+                           kept_hint_positions=[keep_hint[example["group"] * G + i].nonzero().flatten().tolist()
+                                                for i in range(G)],
+                           hint_positions=[hint_mask[example["group"] * G + i].nonzero().flatten().tolist()
+                                           for i in range(G)])
+            with open(os.path.join(args.out_dir, "example.json"), "w") as f:
+                json.dump(example, f, indent=1)
+        bar.update(1)
+        bar.write(" | ".join(f"{k} {v}" for k, v in row.items()))
+        if step % args.save_every == 0 or step == args.max_steps:
+            sft.save_checkpoint(args.out_dir, model, tokenizer, args,
+                                {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": sft.rng_state(gen),
+                                 "hint_gen": hint_gen.get_state(), "step": step, "skipped": skipped})
+    bar.close()
+
+    if args.eval_limit and toy:
+        items = load_task("toy", limit=args.eval_limit)
+        _, acc_after = evaluate(model, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
+        print(f"accuracy on {len(items)} test questions: {before}{100 * acc_after:.1f}%")
+        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+            json.dump({"accuracy_before": acc_before, "accuracy_after": acc_after, "n": len(items)}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""igpo.py: advantages, inpainting and replacement, the estimator, the entropy filter, the loss, and a short
+end-to-end run."""
+import json
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import igpo
+import sft
+from conftest import tiny_model
+
+
+def make_args(**kw):
+    args = igpo.get_args(["--eval_limit", "0"])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_all_wrong_group_has_zero_advantage():
+    reward = torch.tensor([[0.0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]])
+    adv = reward - reward.mean(1, keepdim=True)  # Eq. (3), exactly as in main()
+    assert torch.equal(adv[0], torch.zeros(4)) and torch.equal(adv[2], torch.zeros(4))
+    assert adv[1].tolist() == [0.5, -0.5, 0.5, -0.5]
+    # and such groups contribute no policy gradient: the surrogate is 0 whatever the log-probs
+    logp = torch.randn(4, 5, requires_grad=True)
+    loss, _, _ = igpo.grpo_loss(logp, logp.detach(), logp.detach(), adv[0], torch.ones(4, 5, dtype=torch.bool), 0.2, 0.0)
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(4, 5))
+
+
+def test_make_hints_chunks_eta_and_positions(tokenizer):
+    trace = tokenizer("12+30=42\n42-5=37\n37*2=74\n", add_special_tokens=False).input_ids
+    mask_id, L = tokenizer.mask_token_id, 32
+    g = torch.Generator().manual_seed(0)
+    for eta in [0.0, 0.3, 0.5, 1.0]:
+        for _ in range(20):
+            h = igpo.make_hints(trace, L, eta, 3, 6, mask_id, g)
+            shown = (h != mask_id).nonzero().flatten().tolist()
+            assert all(h[i] == trace[i] for i in shown)  # each revealed token sits at its own position
+            if eta == 0:
+                assert shown == []
+            if eta == 1:
+                assert shown == list(range(len(trace)))
+            # revealed positions form runs of whole chunks: about eta of the trace
+            assert abs(len(shown) - eta * len(trace)) <= 6 + 0.5 * 6
+
+
+def test_hints_never_contain_the_answer(tokenizer):
+    trace = "12+30=42\n42-5=37\n\\boxed{37}"
+    ids = igpo.hintable_trace_ids(tokenizer, trace, 64)
+    assert tokenizer.decode(ids) == "12+30=42\n42-5=37\n"
+    metamath = "Tom has 3 and buys 4, so 3+4=7.\nThe answer is: 7"
+    assert tokenizer.decode(igpo.hintable_trace_ids(tokenizer, metamath, 64)) == "Tom has 3 and buys 4, so 3+4=7.\n"
+    assert igpo.answer_from_trace(metamath) == "7" and igpo.answer_from_trace(trace) == "37"
+
+
+def fake_batch(tokenizer, answers, B, G):
+    batch = [(f"Q{b}?", f"{10 + b}+{b}={10 + 2 * b}\n\\boxed{{{answers[b]}}}", str(answers[b])) for b in range(B)]
+    prompts, attn = sft.left_pad([tokenizer(q, add_special_tokens=False).input_ids for q, _, _ in batch],
+                                 tokenizer.pad_token_id)
+    return batch, prompts, attn
+
+
+@pytest.mark.parametrize("n_correct,expected_K", [(0, 0), (1, 1), (3, 3), (4, 4), (8, 4)])
+def test_replacement_rule_and_own_trace(tokenizer, monkeypatch, n_correct, expected_K):
+    """Only all-wrong groups are inpainted, each from its own trace, and K = min(#correct, floor(lambda G))."""
+    B, G, L = 3, 8, 24
+    mask_id = tokenizer.mask_token_id
+    args = make_args(num_generations=G, gen_length=L, block_length=8, steps=8, max_replace_frac=0.5,
+                     eta_low=0.5, eta_high=0.5, chunk_min=2, chunk_max=3)
+    batch, prompts, attn = fake_batch(tokenizer, [11, 13, 15], B, G)
+    seen = {}
+
+    def fake_rollout(model, p, a, args_, mask_id_, gen, hints=None):
+        seen["prompts"], seen["hints"] = p, hints
+        return torch.where(hints == mask_id, tokenizer.eos_token_id, hints)
+
+    def fake_grade(text, gold, task):  # the first n_correct inpainted samples of each group are "correct"
+        fake_grade.calls += 1
+        return (fake_grade.calls - 1) % G < n_correct
+    fake_grade.calls = 0
+    monkeypatch.setattr(igpo, "rollout", fake_rollout)
+    monkeypatch.setattr(igpo, "grade", fake_grade)
+    completions = torch.full((B * G, L), tokenizer.eos_token_id)
+    reward = torch.zeros(B, G)
+    reward[1, 0] = 1.0  # group 1 is not all-wrong and must be left alone
+    texts = ["x"] * (B * G)
+    before = completions.clone()
+    hint_mask, rescued, n_replaced, _ = igpo.inpaint_all_wrong(
+        None, tokenizer, batch, [0, 2], prompts, attn, completions, reward, texts, args, mask_id, "toy",
+        None, torch.Generator().manual_seed(0))
+    assert seen["hints"].shape == (2 * G, L)
+    for g, b in enumerate([0, 2]):  # group b's canvases hold only tokens of b's own trace, never its answer
+        own = igpo.hintable_trace_ids(tokenizer, batch[b][1], L)
+        assert torch.equal(seen["prompts"][g * G], prompts[b])
+        for row in seen["hints"][g * G:(g + 1) * G]:
+            for i in (row != mask_id).nonzero().flatten().tolist():
+                assert row[i] == own[i]
+    assert n_replaced == 2 * expected_K and rescued == ([0, 2] if expected_K else [])
+    for b in [0, 2]:
+        assert reward[b].sum() == expected_K
+        assert hint_mask[b * G:b * G + expected_K].any(1).all() and not hint_mask[b * G + expected_K:(b + 1) * G].any()
+    assert torch.equal(completions[G:2 * G], before[G:2 * G]) and reward[1].tolist() == [1] + [0] * 7
+    adv = reward - reward.mean(1, keepdim=True)
+    assert (adv[0].abs().sum() > 0) == (expected_K > 0)  # a rescued group now has a learning signal
+
+
+def test_estimator_equals_per_sample_hand_computation(tokenizer):
+    model = tiny_model(tokenizer)
+    G, L, mask_id = 3, 10, tokenizer.mask_token_id
+    seqs = [tokenizer(sft.make_prompt(tokenizer, q, True), add_special_tokens=False).input_ids
+            for q in ["Ann has 3 pens. How many?", "Jo has 41 eggs. Sells 9. How many eggs now?"]]
+    prompts, attn = sft.left_pad(seqs, tokenizer.pad_token_id)
+    completions = torch.randint(7, 100, (2 * G, L))
+    with torch.no_grad():
+        logp, entropy = igpo.token_logps(model, prompts, attn, completions, G, mask_id, with_entropy=True)
+        for b, s in enumerate(seqs):  # each sample alone, unpadded, the obvious way
+            x = torch.tensor([s + [mask_id] * L])
+            logprobs = F.log_softmax(model(x).logits[0, len(s):].double(), -1)  # (L, V)
+            H = -(logprobs.exp() * logprobs).sum(-1)
+            assert torch.allclose(entropy[b].double(), H, atol=1e-4)
+            for i in range(G):
+                o = completions[b * G + i]
+                assert torch.allclose(logp[b * G + i].double(), logprobs[torch.arange(L), o], atol=1e-4)
+
+
+def test_entropy_filter_keeps_top_tau_hints():
+    entropy = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.4, 0.6, 1.0]])
+    hint = torch.tensor([[0, 1, 1, 1, 0, 1, 1, 1, 1, 0]], dtype=torch.bool)  # 7 hints
+    for tau, expected in [(0.2, [1]), (0.3, [1, 6]), (0.5, [1, 3, 6]), (1.0, [1, 2, 3, 5, 6, 7, 8]), (0.01, [1])]:
+        keep = igpo.entropy_filter(entropy, hint, tau)
+        assert keep.nonzero()[:, 1].tolist() == expected  # floor(tau * 7), at least one, highest entropy
+    assert not igpo.entropy_filter(entropy, torch.zeros_like(hint), 0.2).any()  # no hints: nothing kept
+
+
+def test_surrogate_equals_hand_computation():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -2.2]])
+    logp_old = torch.tensor([[-1.1, -1.5, -0.5], [-0.6, -1.0, -2.0]])
+    logp_ref = torch.tensor([[-1.0, -1.8, -0.7], [-0.4, -1.2, -2.5]])
+    adv = torch.tensor([0.5, -0.5])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    eps, beta = 0.2, 0.1
+    total = 0.0
+    for i in range(2):
+        terms = []
+        for k in range(3):
+            if not mask[i, k]:
+                continue
+            r = math.exp(logp[i, k] - logp_old[i, k])
+            a = adv[i].item()
+            surr = min(r * a, max(min(r, 1 + eps), 1 - eps) * a)
+            d = (logp_ref[i, k] - logp[i, k]).item()
+            terms.append(-surr + beta * (math.exp(d) - d - 1))
+        total += sum(terms) / len(terms)
+    loss, kl, clip = igpo.grpo_loss(logp, logp_old, logp_ref, adv, mask, eps, beta)
+    assert loss.item() == pytest.approx(total / 2, rel=1e-5)
+    # clipped tokens: |ratio - 1| > eps
+    ratios = [math.exp(a - b) for a, b, m in zip(logp.flatten(), logp_old.flatten(), mask.flatten()) if m]
+    assert clip.item() == pytest.approx(sum(abs(r - 1) > eps for r in ratios) / 5)
+
+
+def test_kl_zero_when_policy_equals_reference():
+    logp = torch.randn(4, 7)
+    _, kl, _ = igpo.grpo_loss(logp, logp, logp.clone(), torch.randn(4), torch.ones(4, 7, dtype=torch.bool), 0.2, 0.5)
+    assert kl.item() == 0.0
+
+
+def test_eos_tail_not_in_loss(tokenizer):
+    eot, eos = tokenizer.convert_tokens_to_ids(sft.EOT), tokenizer.eos_token_id
+    end_ids = torch.tensor([eot, eos])
+    c = torch.tensor([[20, 21, eot, eos, eos, eos], [20, 21, 22, 23, 24, 25], [eos, 30, 31, eos, 32, 33]])
+    assert igpo.completion_mask(c, end_ids).tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0]]
+    # changing log-probs in the tail changes nothing
+    logp = torch.randn(3, 6)
+    mask = igpo.completion_mask(c, end_ids)
+    loss1, _, _ = igpo.grpo_loss(logp, logp - 0.1, logp, torch.tensor([1.0, -1, 0.5]), mask, 0.2, 0.0)
+    logp2 = logp.clone()
+    logp2[~mask] += 5
+    loss2, _, _ = igpo.grpo_loss(logp2, logp - 0.1, logp, torch.tensor([1.0, -1, 0.5]), mask, 0.2, 0.0)
+    assert loss1.item() == loss2.item()
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("init")
+    tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_end_to_end_short_run(tiny_init, tmp_path, mu):
+    out = tmp_path / "igpo"
+    igpo.main(["--init", tiny_init, "--out_dir", str(out), "--max_steps", "2", "--batch_prompts", "2",
+               "--num_generations", "4", "--gen_length", "16", "--block_length", "8", "--steps", "8",
+               "--num_iterations", str(mu), "--eval_limit", "0", "--save_every", "1"])
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    keys = {"step", "reward", "all_wrong", "all_wrong_after", "inpainted_groups", "replaced", "hint_frac",
+            "entropy", "loss", "kl", "clip_frac", "seconds"}
+    assert [r["step"] for r in rows] == [1, 2] and all(keys <= set(r) for r in rows)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert json.load(open(out / "args.json"))["num_iterations"] == mu
+    model, _ = sft.load_model(str(out))  # the checkpoint loads back
+    assert model is not None

@@ -1,0 +1,157 @@
+"""sft.py: the embedded world (tokenizer, model, task), the Eq. (2) loss, data loading and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_tokenizer_round_trip_and_save(tokenizer, tmp_path):
+    text = "Ann has 23 coins.\n23+17=40\n\\boxed{40} ~!@#$%^&*()_{}|<>?"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) == len(text)  # one token per character
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.mask_token_id != tokenizer.pad_token_id
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    assert back(text, add_special_tokens=False).input_ids == ids
+    assert back.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False) \
+        == "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>" \
+           "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_model_is_bidirectional_after_reload(tokenizer, tmp_path):
+    sft.build_toy_model(tokenizer, hidden=32, layers=2, heads=2).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, _ = sft.load_model(str(tmp_path))  # plain Auto classes under the hood
+    model.eval()
+    x = torch.tensor([tokenizer("12+5=17", add_special_tokens=False).input_ids])
+    y = x.clone()
+    y[0, -1] = tokenizer.convert_tokens_to_ids("9")
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits[0, 0], model(y).logits[0, 0])  # the future is visible
+
+
+def test_encode_response_pads_to_gen_length(tokenizer):
+    eot, eos = tokenizer.convert_tokens_to_ids(sft.EOT), tokenizer.eos_token_id
+    resp = sft.encode_response(tokenizer, "1+2=3", 12)
+    assert len(resp) == 12
+    assert resp[:6] == tokenizer("1+2=3", add_special_tokens=False).input_ids + [eot]
+    assert resp[6:] == [eos] * 6
+    assert sft.encode_response(tokenizer, "1+2=3", 6) is not None  # exactly fits: 5 chars + end of turn
+    assert sft.encode_response(tokenizer, "1+2=3", 5) is None
+
+
+def test_toy_splits_disjoint_and_traces_correct():
+    train, test = sft.toy_dataset("train", 3000), sft.toy_dataset("test", 300)
+    assert not set(train["question"]) & set(test["question"])
+    for row in list(train)[:500]:
+        x = None
+        for line in row["trace"].split("\n")[:-1]:  # every step's arithmetic is right and chained
+            lhs, rhs = line.split("=")
+            a, op, b = __import__("re").match(r"(\d+)([-+*])(\d+)", lhs).groups()
+            assert x is None or int(a) == x
+            x = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            assert x == int(rhs)
+        assert row["trace"].endswith(f"\\boxed{{{row['answer']}}}") and int(row["answer"]) == x
+        assert len(row["verbose"]) > 2 * len(row["trace"])
+
+
+class UniformModel(torch.nn.Module):
+    """Uniform predictions: every masked token costs exactly log V, so the loss has a closed form."""
+    def __init__(self, V):
+        super().__init__()
+        self.V, self.seen = V, []
+
+    def forward(self, x, attention_mask=None):
+        self.seen.append(x.clone())
+        return type("Out", (), {"logits": torch.zeros(*x.shape, self.V, requires_grad=True)})
+
+
+def test_sft_loss_matches_hand_computation():
+    B, P, L, V, mask_id = 3, 4, 6, 11, 10
+    ids = torch.randint(0, 10, (B, P + L))
+    response_mask = torch.zeros(B, P + L, dtype=torch.long)
+    response_mask[:, P:] = 1
+    model = UniformModel(V)
+    loss = sft.sft_loss(model, ids, None, response_mask, mask_id, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # replay the same draws by hand
+    t = torch.rand(B, 1, generator=g)
+    u = torch.rand(B, P + L, generator=g)
+    expected = 0.0
+    for b in range(B):
+        p = (1 - 1e-3) * t[b, 0].item() + 1e-3
+        n_masked = sum(1 for i in range(P, P + L) if u[b, i].item() < p)
+        expected += n_masked * math.log(V) / (p * L)
+    assert loss.item() == pytest.approx(expected / B, rel=1e-5)
+    noisy = model.seen[0]
+    assert torch.equal(noisy[:, :P], ids[:, :P])  # the prompt is never masked
+
+
+def test_prompt_never_masked_over_many_draws(tokenizer):
+    model = UniformModel(len(tokenizer))
+    ids = torch.randint(10, 90, (8, 30))
+    response_mask = torch.zeros_like(ids)
+    response_mask[:, 20:] = 1
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        sft.sft_loss(model, ids, None, response_mask, tokenizer.mask_token_id, g)
+    seen = torch.stack(model.seen)
+    assert not (seen[:, :, :20] == tokenizer.mask_token_id).any()
+    assert (seen[:, :, 20:] == tokenizer.mask_token_id).any()
+
+
+def args_for(tmp_path, *extra):
+    return sft.get_args(["--out_dir", str(tmp_path / "run"), "--toy_size", "64", *extra])
+
+
+def test_local_jsonl_with_renamed_columns_and_length_filter(tokenizer, tmp_path, capsys):
+    path = tmp_path / "data.jsonl"
+    rows = [{"query": "What is 2+3?", "response": "2+3=5. The answer is: 5"},
+            {"query": "Long one?", "response": "x" * 100}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    args = args_for(tmp_path, "--dataset", str(path), "--question_col", "query", "--trace_col", "response",
+                    "--gen_length", "32")
+    data = sft.build_sft_data(args, tokenizer, toy=False)
+    assert len(data) == 1 and "1 longer ones dropped" in capsys.readouterr().out
+    prompt, resp = data[0]
+    assert "What is 2+3?" in tokenizer.decode(prompt) and sft.REASONING_PROMPT.split("\n")[0] in tokenizer.decode(prompt)
+    assert len(resp) == 32
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dataset", "missing.jsonl"], "dataset file not found: missing.jsonl"),
+    (["--dataset", "{tmp}/bad.jsonl", "--trace_col", "solution"], "has no column 'solution'"),
+    (["--gen_length", "8"], "no trace fits --gen_length 8"),
+])
+def test_bad_input_one_line_error(tmp_path, flags, message):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "trace": "t"}) + "\n")
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    r = subprocess.run([sys.executable, "sft.py", "--out_dir", str(tmp_path / "o"), "--toy_size", "32", *flags],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 1
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_end_to_end_tiny_run_loads_back(tmp_path):
+    sft.main(["--out_dir", str(tmp_path / "run"), "--toy_size", "64", "--max_steps", "3", "--batch_size", "4",
+              "--save_every", "2", "--log_every", "1"])
+    run = tmp_path / "run"
+    from transformers import AutoModelForMaskedLM
+    model = AutoModelForMaskedLM.from_pretrained(run)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert json.load(open(run / "args.json"))["max_steps"] == 3
+    lines = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    assert [l["step"] for l in lines] == [1, 2, 3] and all(math.isfinite(l["loss"]) for l in lines)
+    with pytest.raises(SystemExit, match="already holds a run"):  # never clobber a finished run by accident
+        sft.main(["--out_dir", str(run), "--toy_size", "64", "--max_steps", "3"])
