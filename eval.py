@@ -21,15 +21,17 @@ Deviations from the paper (details in NOTES.md §3):
    unmasked at this step, so the result is identical and the cost is block_length / gen_length of it.
 """
 import argparse
+import ctypes
 import json
 import os
 import re
-import sys
+import threading
 import time
+from fractions import Fraction
 
 import torch
 
-from sft import MASK, fail, left_pad, load_model, make_prompt, pick_device, toy_dataset
+from sft import MASK, fail, init_distributed, left_pad, load_model, make_prompt, toy_dataset
 
 NEG_INF = float("-inf")
 
@@ -145,67 +147,54 @@ def print_canvas(tokenizer, answer_ids, hints, mask_id, title):
 # ----------------------------------------------------------------------------------------------------------
 # Grading: one function for the RL reward and every benchmark.
 
-#<<GRADER
-import re
-import signal
-import threading
-from fractions import Fraction
+# One grading path for the RL reward and for benchmark accuracy. Every public function is total:
+# any input gives an answer within a bounded time (about 1.5 s worst case) and nothing escapes.
 
-from math_verify import parse, verify
-
-# One grading path for the RL reward and for benchmark accuracy. Every public
-# function is total: any input gives an answer quickly and nothing escapes.
-
-_SPECIAL = re.compile(r"<\|[^<>|]{0,64}\|>")  # <|eot_id|>, <|mdm_mask|>, ...
+_SPECIAL = re.compile(r"<\|[^<>|]{0,64}\|>")  # <|eot_id|>, <|mdm_mask|>, <|start_header_id|>, ...
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_BOX_BARE = re.compile(r"\\boxed +([^\s${}][^$\n]*)")  # "\boxed 5" (no braces)
+_BOX_BARE = re.compile(r"\\boxed +([^\s${}][^$\n]*)")  # "\boxed 5$" (no braces)
 _NUM = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # 1,000 / 18.00 / .5
 _POW = re.compile(r"\^|\*\*")
-_LATEX_TASKS = {"math500", "amc", "minerva"}
-_NUMERIC_TASKS = {"toy", "gsm8k"}
+_LATEX_TASKS, _NUMERIC_TASKS = {"math500", "amc", "minerva"}, {"toy", "gsm8k"}
 
 
 def strip_special(text) -> str:
-    return _SPECIAL.sub("", text if isinstance(text, str) else str(text or ""))
+    return _SPECIAL.sub("", "" if text is None else str(text))
 
 
 def extract_answer(text):
     """Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x'."""
     text = strip_special(text)
     opens = {m.end() - 1: m.start() for m in _BOX.finditer(text)}  # brace index -> box start
-    found, stack = [], []
-    for i, ch in enumerate(text):  # one linear pass; no recursion, so nesting depth is harmless
+    spans, stack = [], []  # (box start, content start, content end); slice only at the end
+    for i, ch in enumerate(text):  # one linear pass, no recursion: nesting depth is harmless
         if ch == "{":
             stack.append(i)
         elif ch == "}" and stack:
             j = stack.pop()
-            if j in opens and text[j + 1:i].strip():
-                found.append((opens[j], text[j + 1:i].strip()))
-    found += [(m.start(), m.group(1).strip()) for m in _BOX_BARE.finditer(text)]
-    if found:  # rfind semantics: the box that *starts* last, i.e. the innermost/final one
-        return max(found)[1]
-    k = text.rfind("<answer>")
-    if k >= 0:
-        body = text[k + 8:].split("</answer>")[0].strip()
-        if body:
-            return body
+            if j in opens:
+                spans.append((opens[j], j + 1, i))
+    spans += [(m.start(1), m.start(1), m.end(1)) for m in _BOX_BARE.finditer(text)]
+    for _, a, b in sorted(spans, reverse=True):  # rfind semantics: the box starting last wins
+        if text[a:b].strip():
+            return text[a:b].strip()
+    k = text.rfind("<answer>")  # an unclosed final <answer> still counts: generations get cut off
+    body = text[k + 8:].split("</answer>")[0].strip() if k >= 0 else ""
     k = text.rfind("####")
-    tail = text[k + 4:].strip().split("\n")[0].strip() if k >= 0 else ""
-    return tail or None
+    return body or (text[k + 4:].strip().split("\n")[0].strip() if k >= 0 else "") or None
 
 
 def _to_number(s):
     """Exact Fraction from '18', '$1,000.', '18 \\text{dollars}', 'x = 3/4', '\\frac{7}{2}'; else None."""
-    if isinstance(s, (int, float)) and not isinstance(s, bool):
-        s = repr(s)
+    s = repr(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else s
     s = re.sub(r"\\[a-z]*frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", s.replace("{,}", ","))
-    s = s.split("=")[-1].replace("\\$", "").replace("$", "").strip()
+    s = s.split("=")[-1].replace("\\$", "").replace("$", "").strip()  # "5 \times 3 = 15" -> 15
     m = re.fullmatch(r"(-?\d{1,15})\s*/\s*(\d{1,15})", s)
     if m and int(m.group(2)):
         return Fraction(int(m.group(1)), int(m.group(2)))
-    if re.fullmatch(r"-?\d+(?:\.\d+)?e[+-]?\d{1,3}", s):  # float gold such as 1e+20
+    if re.fullmatch(r"-?\d+(?:\.\d+)?e[+-]?\d{1,3}", s):  # a float gold such as 1e+20
         return Fraction(s)
-    nums = _NUM.findall(s)  # units/words around the number are ignored; the last number wins
+    nums = _NUM.findall(s)  # units and words around the number are ignored; the last number wins
     return Fraction(nums[-1].replace(",", "")) if nums and len(nums[-1]) <= 40 else None
 
 
@@ -213,26 +202,14 @@ def _norm(s):
     """Cheap canonical form for an exact string match before any sympy work."""
     s = re.sub(r"\\(?:left|right|!|,|;|:|\$)|\$|\s|\^\{?\\circ\}?|\\?%", "", s)
     s = re.sub(r"\\text\{(.*?)\}", r"\1", s.replace("dfrac", "frac").replace("tfrac", "frac"))
-    s = re.sub(r"^[a-zA-Z]\w{0,1}=", "", s)  # "x=5" -> "5"
-    return s.rstrip(".")
-
-
-def _group_before(s, i):
-    """Text of the bracketed group that ends just before s[i] (the base of a power), or ''."""
-    depth, j = 0, i - 1
-    while j >= 0:
-        depth += s[j] in ")]}"
-        depth -= s[j] in "([{"
-        if depth <= 0:
-            return s[j:i]
-        j -= 1
-    return s[:i]
+    return re.sub(r"^[a-zA-Z]\w?=", "", s).rstrip(".")  # "x=5." -> "5"
 
 
 def _too_hard(s):
-    """True if sympy might do uninterruptible C big-int work (or deep recursion) on s."""
+    """True if sympy might do uninterruptible C big-int work (or deep recursion) on s.
+    The deadline in _latex_equal cannot stop C code, so such inputs must never reach sympy."""
     if len(s) > 400 or re.search(r"\d{50}|(?:\d{4}|[)}\]])\s*!", s):
-        return True  # giant literals; factorial of a big or composite argument
+        return True  # giant literals; factorial of a big or compound argument
     if ("binom" in s or "choose" in s) and re.search(r"\^|\d{5}", s):
         return True
     depth = 0
@@ -243,14 +220,16 @@ def _too_hard(s):
     for m in _POW.finditer(s):
         rest = s[m.end():].lstrip()
         exp = rest[:rest.find("}") + 1] if rest.startswith("{") else re.match(r"\d*.?", rest).group()
-        after = rest[len(exp):].lstrip()
-        base = _group_before(s, m.start()) if m.start() and s[m.start() - 1] in ")]}" else ""
-        # towers (9^9^9, 10^{10^{10}}, (2^9)^9) and exponents >= 1000 are the dangerous cases
-        if _POW.search(exp) or _POW.match(after) or _POW.search(base) or re.search(r"\d{4}", exp):
+        base, depth, j = "", 0, m.start() - 1  # a bracketed base just before the power, if any
+        while j >= 0 and s[m.start() - 1] in ")]}":
+            depth += (s[j] in ")]}") - (s[j] in "([{")
+            if depth <= 0:
+                base = s[j:m.start()]
+                break
+            j -= 1
+        # towers (9^9^9, 10^{10^{10}}, (2^9)^9) and exponents >= 1000 blow up in C
+        if _POW.search(exp + base) or _POW.match(rest[len(exp):].lstrip()) or re.search(r"\d{4}", exp):
             return True
-        if re.search(r"\d{3}", exp) and not s[m.start() - 1:m.start()].isdigit():
-            return True  # (x+1)^{999}: symbolic expansion takes seconds; 7^{999} is instant
-
     return False
 
 
@@ -259,30 +238,26 @@ class _Deadline(BaseException):  # BaseException so math_verify's `except Except
 
 
 def _latex_equal(pred, gold, seconds=1.5):
-    # math_verify's own SIGALRM timeouts are off (None): they fail off the main thread and would
-    # cancel our timer. In the main thread one interval timer bounds the whole parse+verify.
-    use_timer = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-                 and signal.getitimer(signal.ITIMER_REAL)[0] == 0)  # never clobber a caller's alarm
-    old = signal.signal(signal.SIGALRM, _raise_deadline) if use_timer else None
-    try:
-        if use_timer:
-            signal.setitimer(signal.ITIMER_REAL, seconds)
+    # math_verify's own timeouts use SIGALRM: main thread only, and they would clobber a caller's
+    # alarm. So they are off (None) and sympy runs in a helper thread we wait on for `seconds`; if it
+    # is still busy we raise _Deadline inside it (delivered at its next bytecode) and answer False.
+    # This bounds the call from any thread, the main one included.
+    from math_verify import parse, verify
+    result = []
+
+    def work():
         try:
-            g = parse(f"${gold}$", parsing_timeout=None)
-            p = parse(f"${pred}$", parsing_timeout=None)
-            return bool(g and p and verify(g, p, timeout_seconds=None))
-        finally:
-            if use_timer:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-    except (_Deadline, Exception):
-        return False
-    finally:
-        if use_timer:
-            signal.signal(signal.SIGALRM, old)
+            g, p = parse(f"${gold}$", parsing_timeout=None), parse(f"${pred}$", parsing_timeout=None)
+            result.append(bool(g and p and verify(g, p, timeout_seconds=None)))
+        except BaseException:
+            pass
 
-
-def _raise_deadline(signum, frame):
-    raise _Deadline()
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_Deadline))
+    return bool(result and result[0])
 
 
 def grade(text, ground_truth, task) -> bool:
@@ -290,20 +265,18 @@ def grade(text, ground_truth, task) -> bool:
         raise ValueError(f"grade: unknown task {task!r}; expected one of toy, gsm8k, math500, amc, minerva")
     try:
         pred = extract_answer(text)
-        if pred is None:
+        if pred is None or len(pred) > 1000:  # no real final answer is longer; keeps regexes linear
             return False
-        if task in _NUMERIC_TASKS:
+        if task in _NUMERIC_TASKS:  # exact rationals, relative tolerance 1e-6 for rounded decimals
             a, b = _to_number(pred), _to_number(ground_truth)
             return a is not None and b is not None and abs(a - b) <= Fraction(1, 10**6) * max(1, abs(b))
-        gold = strip_special(ground_truth).strip()
-        if _norm(pred) == _norm(gold) and _norm(gold):
+        gold = strip_special(ground_truth).strip()[:1000]
+        if _norm(gold) and _norm(pred) == _norm(gold):
             return True
-        pred, gold = pred.replace("\\$", "").replace("$", ""), gold.replace("$", "")
+        pred, gold = pred.replace("\\$", "").replace("$", ""), gold.replace("\\$", "").replace("$", "")
         return not _too_hard(pred) and not _too_hard(gold) and _latex_equal(pred, gold)
     except Exception:  # malformed input of any kind is simply "not correct"
         return False
-
-#GRADER>>
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,8 +312,11 @@ def load_task(task, data="", limit=0, seed=0):
 
 def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, temperature=0.0, num_samples=1,
              batch_size=64, generator=None, show=False, progress=True):
-    """Generate num_samples answers per question and grade them. Returns (records, accuracy)."""
+    """Generate num_samples answers per question and grade them. Returns (records, accuracy). Under torchrun
+    each rank takes every world-th question and the records are gathered back into the original order."""
     from tqdm import tqdm
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
+    all_items, items = items, items[rank::world]
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
     device = next(model.parameters()).device
     prompts = [tokenizer(make_prompt(tokenizer, q, task == "toy"), add_special_tokens=False).input_ids
@@ -348,7 +324,7 @@ def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, tem
     texts = []
     was_training = model.training
     model.eval()
-    for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {task}", disable=not progress or None):
+    for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {task}", disable=not progress or rank or None):
         ids, attn = left_pad(prompts[i:i + batch_size], tokenizer.pad_token_id)
         out = generate(model, ids.to(device), gen_length, block_length, steps, temperature, mask_id,
                        attention_mask=attn.to(device), generator=generator,
@@ -361,6 +337,10 @@ def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, tem
         correct = [grade(g, gold, task) for g in gens]
         records.append({"question": q, "generations": gens[0] if num_samples == 1 else gens,
                         "ground_truth": gold, "correct": sum(correct) / num_samples})
+    if world > 1:
+        shards = [None] * world
+        torch.distributed.all_gather_object(shards, records)
+        records = [shards[j % world][j // world] for j in range(len(all_items))]
     return records, sum(r["correct"] for r in records) / max(1, len(records))
 
 
@@ -404,13 +384,13 @@ def main(argv=None):
         model_path = args.model or next((p for p in ("out/igpo", "out/sft") if os.path.isdir(p)), None)
         if model_path is None:
             fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
-        device = pick_device(args.device)
+        rank, world, device = init_distributed(args.device)  # under torchrun, questions are sharded over ranks
         items = load_task(args.task, args.data, args.limit, args.seed)
         model, tokenizer = load_model(model_path, args.trust_remote_code, device,
                                       torch.bfloat16 if device.type == "cuda" else None)
         print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "
               f"L={gen_length} block={block_length} steps={steps} T={args.temperature}")
-        gen = torch.Generator(device).manual_seed(args.seed)
+        gen = torch.Generator(device).manual_seed(args.seed + rank)
         t0 = time.time()
         records, _ = evaluate(model, tokenizer, items, args.task, gen_length, block_length, steps,
                               args.temperature, args.num_samples, args.batch_size, gen, args.show)
@@ -418,6 +398,8 @@ def main(argv=None):
                     "diffusion_steps": steps, "temperature": args.temperature, "num_samples": args.num_samples,
                     "seed": args.seed, "seconds": round(time.time() - t0, 1)}
         data = {"generations": records}
+        if rank:
+            return
     correct = sum(r["correct"] for r in records)
     data["metrics"] = {"accuracy": correct / max(1, len(records)), "correct": correct, "total": len(records),
                        "task": args.task}

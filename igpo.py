@@ -251,20 +251,34 @@ def inpaint_all_wrong(model, tokenizer, batch, all_wrong, prompts, prompt_attn, 
     return hint_mask, rescued, n_replaced, example
 
 
+def save_example(out_dir, example, step, reward, adv, texts, hint_mask, keep_hint, G):
+    """The first rescued group of the run, in full, for NOTES.md's worked example."""
+    rows = range(example["group"] * G, (example["group"] + 1) * G)
+    example.update(step=step, new_group=[texts[i] for i in rows], new_rewards=reward[example["group"]].tolist(),
+                   advantages=[round(adv[i].item(), 4) for i in rows],
+                   hint_positions=[hint_mask[i].nonzero().flatten().tolist() for i in rows],
+                   kept_hint_positions=[keep_hint[i].nonzero().flatten().tolist() for i in rows])
+    with open(os.path.join(out_dir, "example.json"), "w") as f:
+        json.dump(example, f, indent=1)
+
+
 def main(argv=None):
     args = get_args(argv)
-    device = sft.pick_device(args.device)
+    rank, world, device = sft.init_distributed(args.device)  # world > 1 under torchrun
     toy = args.dataset == "toy"
     task = "toy" if toy else "math500"  # rewards: numeric for the toy, LaTeX-aware equivalence for real data
     torch.manual_seed(args.seed)
-    gen = torch.Generator(device).manual_seed(args.seed)  # rollouts
-    hint_gen = torch.Generator().manual_seed(args.seed + 1)  # eta, chunks, revealed chunks
+    gen = torch.Generator(device).manual_seed(args.seed + 1000 * rank)  # rollouts
+    hint_gen = torch.Generator().manual_seed(args.seed + 1000 * rank + 1)  # eta, chunks, revealed chunks
     if args.init == "out/sft" and not os.path.isdir("out/sft"):
         print("out/sft not found: running `python sft.py` (default length-aligned SFT) first")
         sft.main([])
     if not os.path.isdir(args.init) and os.path.exists(args.init):
         fail(f"--init {args.init} is not a checkpoint folder")
-    resuming = sft.prepare_out_dir(args.out_dir, args.resume, args.overwrite)
+    if rank == 0:
+        sft.prepare_out_dir(args.out_dir, args.resume, args.overwrite)
+    sft.barrier(world)
+    resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt"))
 
     # ---- model: policy, and the reference for the KL term
     dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -286,6 +300,9 @@ def main(argv=None):
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
             set_peft_model_state_dict(model, load_file(os.path.join(args.out_dir, "adapter_model.safetensors")))
+    policy = model  # rollouts and no-grad passes use the bare model; gradients go through the DDP wrapper
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
@@ -293,9 +310,10 @@ def main(argv=None):
     if resuming:
         state = sft.load_state(args.out_dir)
         opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        sft.set_rng_state(gen, state["rng"]); hint_gen.set_state(state["hint_gen"])
+        sft.set_rng_state(gen, state["rng"][rank]); hint_gen.set_state(state["hint_gen"][rank])
         step, skipped = state["step"], state["skipped"]
-        sft.truncate_metrics(args.out_dir, step)
+        if rank == 0:
+            sft.truncate_metrics(args.out_dir, step)
         print(f"resumed {args.out_dir} at step {step}")
     os.makedirs(args.out_dir, exist_ok=True)
 
@@ -303,8 +321,8 @@ def main(argv=None):
         with torch.no_grad():
             if ref_model is not None:
                 return token_logps(ref_model, prompts, attn, completions, G, mask_id)
-            with model.disable_adapter():
-                return token_logps(model, prompts, attn, completions, G, mask_id)
+            with policy.disable_adapter():
+                return token_logps(policy, prompts, attn, completions, G, mask_id)
 
     # ---- data: (prompt ids, trace, gold answer) per training question
     if toy:
@@ -321,19 +339,21 @@ def main(argv=None):
     G = args.num_generations
 
     def batch_at(step):
-        """The prompts of a step are a pure function of (seed, step): resuming needs no data position."""
+        """The prompts of a step are a pure function of (seed, step, rank): resuming needs no data position.
+        Under torchrun each rank rolls out its own batch_prompts prompts."""
         per_epoch = len(data) // args.batch_prompts
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 100003 + step // per_epoch))
-        return [data[i] for i in perm[(step % per_epoch) * args.batch_prompts:][:args.batch_prompts].tolist()]
+        k = step * world + rank
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch))
+        return [data[i] for i in perm[(k % per_epoch) * args.batch_prompts:][:args.batch_prompts].tolist()]
 
     acc_before = None
     if args.eval_limit and toy and not resuming:
         items = load_task("toy", limit=args.eval_limit)
-        _, acc_before = evaluate(model, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        _, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
         print(f"accuracy before RL: {100 * acc_before:.1f}% on {len(items)} test questions")
 
     from tqdm import tqdm
-    bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None)
+    bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None if rank == 0 else True)
     while step < args.max_steps:
         t0 = time.time()
         batch = batch_at(step)
@@ -345,8 +365,8 @@ def main(argv=None):
 
         # ================================ the IGPO step (NOTES.md §5) ================================
         # 1. G rollouts per prompt, all prompts in one batched sampler call; binary correctness reward.
-        model.eval()
-        completions = rollout(model, rep(prompts), rep(prompt_attn), args, mask_id, gen)  # (B*G, L)
+        policy.eval()
+        completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen)  # (B*G, L)
         texts = tokenizer.batch_decode(completions)
         reward = torch.tensor([float(grade(texts[j], batch[j // G][2], task)) for j in range(B * G)]).view(B, G)
         own_reward = reward.mean().item()  # the policy's own success rate, before any rescue
@@ -354,7 +374,7 @@ def main(argv=None):
         # 2. Eq. (7)-(8): groups with every sample wrong are rescued by inpainting with their own trace.
         all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
         hint_mask, rescued, n_replaced, example = inpaint_all_wrong(
-            model, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args, mask_id,
+            policy, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args, mask_id,
             task, gen, hint_gen)
 
         # 3. Eq. (3): group-relative advantages on the (augmented) group; all-equal groups get exactly 0.
@@ -362,14 +382,14 @@ def main(argv=None):
 
         # 4. Old-policy log-probs and entropies (Eq. (5), (10)), reference log-probs for the KL term.
         with torch.no_grad():
-            logp_old, entropy = token_logps(model, prompts, prompt_attn, completions, G, mask_id, with_entropy=True)
+            logp_old, entropy = token_logps(policy, prompts, prompt_attn, completions, G, mask_id, with_entropy=True)
         logp_ref = reference_logps(prompts, prompt_attn, completions) if args.beta else logp_old
         valid = completion_mask(completions, end_ids)  # (B*G, L): up to the first end token
         keep_hint = entropy_filter(rep(entropy), hint_mask & valid, args.entropy_keep)  # Eq. (10)
         loss_mask = valid & (~hint_mask | keep_hint)  # self-generated tokens always count
 
         # 5. mu gradient steps on the clipped surrogate (Eq. (6)/(9)), prompts split into grad_accum micro-batches.
-        model.train()
+        policy.train()
         mb = B // args.grad_accum
         for _ in range(args.num_iterations):
             stats = torch.zeros(3)
@@ -393,39 +413,40 @@ def main(argv=None):
         # ============================ everything below is bookkeeping ============================
 
         n_loss = loss_mask.sum().clamp(min=1)
-        row = {"step": step, "reward": round(own_reward, 4),
-               "all_wrong": round(len(all_wrong) / B, 4), "all_wrong_after": round((len(all_wrong) - len(rescued)) / B, 4),
-               "inpainted_groups": len(all_wrong) if not args.no_inpaint else 0, "replaced": n_replaced,
-               "hint_frac": round(((hint_mask & loss_mask).sum() / n_loss).item(), 4),
-               "entropy": round(entropy.mean().item(), 4), "loss": round(stats[0].item(), 5),
-               "kl": round(stats[1].item(), 5), "clip_frac": round(stats[2].item(), 4), "skipped": skipped,
+        means = {"reward": own_reward, "all_wrong": len(all_wrong) / B, "all_wrong_after": (len(all_wrong) - len(rescued)) / B,
+                 "hint_frac": ((hint_mask & loss_mask).sum() / n_loss).item(), "entropy": entropy.mean().item(),
+                 "loss": stats[0].item(), "kl": stats[1].item(), "clip_frac": stats[2].item()}
+        counts = {"inpainted_groups": 0 if args.no_inpaint else len(all_wrong), "replaced": n_replaced}
+        if world > 1:  # means over ranks, counts summed over ranks
+            vals = torch.tensor(list(means.values()) + list(counts.values()), dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(vals)
+            means = dict(zip(means, (vals[:len(means)] / world).tolist()))
+            counts = dict(zip(counts, vals[len(means):].long().tolist()))
+        row = {"step": step, **{k: round(v, 5) for k, v in means.items()}, **counts, "skipped": skipped,
                "seconds": round(time.time() - t0, 2)}
-        sft.log_metrics(args.out_dir, row)
-        if example is not None and not os.path.exists(os.path.join(args.out_dir, "example.json")):
-            example.update(step=step, group_rewards=reward[example["group"]].tolist(),
-                           group_adv=adv[example["group"] * G:(example["group"] + 1) * G].tolist(),
-                           new_group=[texts[example["group"] * G + i] for i in range(G)],
-                           kept_hint_positions=[keep_hint[example["group"] * G + i].nonzero().flatten().tolist()
-                                                for i in range(G)],
-                           hint_positions=[hint_mask[example["group"] * G + i].nonzero().flatten().tolist()
-                                           for i in range(G)])
-            with open(os.path.join(args.out_dir, "example.json"), "w") as f:
-                json.dump(example, f, indent=1)
-        bar.update(1)
-        bar.write(" | ".join(f"{k} {v}" for k, v in row.items()))
+        if rank == 0:
+            sft.log_metrics(args.out_dir, row)
+            bar.update(1)
+            bar.write(" | ".join(f"{k} {v}" for k, v in row.items()))
+            if example is not None and not os.path.exists(os.path.join(args.out_dir, "example.json")):
+                save_example(args.out_dir, example, step, reward, adv, texts, hint_mask, keep_hint, G)
         if step % args.save_every == 0 or step == args.max_steps:
-            sft.save_checkpoint(args.out_dir, model, tokenizer, args,
-                                {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": sft.rng_state(gen),
-                                 "hint_gen": hint_gen.get_state(), "step": step, "skipped": skipped})
+            rngs, hint_rngs = sft.gather_objects(sft.rng_state(gen), world), sft.gather_objects(hint_gen.get_state(), world)
+            if rank == 0:
+                sft.save_checkpoint(args.out_dir, policy, tokenizer, args,
+                                    {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rngs,
+                                     "hint_gen": hint_rngs, "step": step, "skipped": skipped})
+            sft.barrier(world)
     bar.close()
 
     if args.eval_limit and toy:
         items = load_task("toy", limit=args.eval_limit)
-        _, acc_after = evaluate(model, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        _, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
         before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
         print(f"accuracy on {len(items)} test questions: {before}{100 * acc_after:.1f}%")
-        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-            json.dump({"accuracy_before": acc_before, "accuracy_after": acc_after, "n": len(items)}, f)
+        if rank == 0:
+            with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+                json.dump({"accuracy_before": acc_before, "accuracy_after": acc_after, "n": len(items)}, f)
 
 
 if __name__ == "__main__":

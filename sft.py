@@ -179,7 +179,9 @@ def toy_dataset(split, n, seed=0, traces="concise"):
 
 def load_rows(dataset, split, columns, config=None):
     """Load a dataset and check that the columns we need exist (one-line error otherwise)."""
+    import datasets
     from datasets import load_dataset
+    datasets.disable_progress_bars()  # keeps stderr for errors
     if dataset.endswith((".json", ".jsonl")):
         if not os.path.exists(dataset):
             fail(f"dataset file not found: {dataset}")
@@ -232,6 +234,37 @@ def pick_device(name="auto"):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def init_distributed(device_name="auto"):
+    """(rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
+    process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    import torch.distributed as dist
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather_objects(obj, world):
+    """The list of obj from every rank (just [obj] in a single process)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
@@ -415,12 +448,15 @@ def rewrite_traces(ds, args):
 
 def main(argv=None):
     args = get_args(argv)
-    device = pick_device(args.device)
+    rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights + autocast on GPU only
     toy = args.dataset == "toy"
     torch.manual_seed(args.seed)
-    gen = torch.Generator(device).manual_seed(args.seed)  # every random draw of the run comes from here
-    resuming = prepare_out_dir(args.out_dir, args.resume, args.overwrite)
+    gen = torch.Generator(device).manual_seed(args.seed + rank)  # every random draw of the run comes from here
+    if rank == 0:
+        prepare_out_dir(args.out_dir, args.resume, args.overwrite)
+    barrier(world)
+    resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt"))
 
     # ---- data
     tokenizer = load_model(args.model, args.trust_remote_code, "cpu")[1] if args.model != "toy" else build_toy_tokenizer()
@@ -438,6 +474,9 @@ def main(argv=None):
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
             set_peft_model_state_dict(model, load_file(os.path.join(args.out_dir, "adapter_model.safetensors")))
+    raw_model = model
+    if world > 1:  # gradients are averaged over ranks inside backward()
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"model: {args.model} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device}")
@@ -447,15 +486,16 @@ def main(argv=None):
     if resuming:
         state = load_state(args.out_dir)
         opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        set_rng_state(gen, state["rng"]); step = state["step"]
-        truncate_metrics(args.out_dir, step)
+        set_rng_state(gen, state["rng"][rank]); step = state["step"]
+        if rank == 0:
+            truncate_metrics(args.out_dir, step)
         print(f"resumed {args.out_dir} at step {step}")
     os.makedirs(args.out_dir, exist_ok=True)
 
     def batch_at(step, micro):
         """Data order is a pure function of (seed, step): resuming needs no saved data position."""
         per_epoch = len(rows) // args.batch_size
-        k = step * args.grad_accum + micro
+        k = (step * args.grad_accum + micro) * world + rank  # each rank reads its own micro-batches
         perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch))
         chosen = [rows[i] for i in perm[(k % per_epoch) * args.batch_size:][:args.batch_size].tolist()]
         ids, attn = left_pad([q + r for q, r in chosen], tokenizer.pad_token_id)
@@ -466,7 +506,7 @@ def main(argv=None):
     # ---- training loop
     from tqdm import tqdm
     model.train()
-    bar = tqdm(total=args.max_steps, initial=step, desc="sft", disable=None)
+    bar = tqdm(total=args.max_steps, initial=step, desc="sft", disable=None if rank == 0 else True)
     t0 = time.time()
     while step < args.max_steps:
         total = 0.0
@@ -483,16 +523,20 @@ def main(argv=None):
         sched.step()
         step += 1
         bar.update(1)
-        if step % args.log_every == 0 or step == args.max_steps:
+        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
             row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4),
                    "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
             log_metrics(args.out_dir, row)
             bar.write(json.dumps(row))
         if step % args.save_every == 0 or step == args.max_steps:
-            save_checkpoint(args.out_dir, model, tokenizer, args,
-                            {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng_state(gen), "step": step})
+            rngs = gather_objects(rng_state(gen), world)  # every rank's RNG, so a resume continues each stream
+            if rank == 0:
+                save_checkpoint(args.out_dir, raw_model, tokenizer, args,
+                                {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rngs, "step": step})
+            barrier(world)
     bar.close()
-    print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")
+    if rank == 0:
+        print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":
