@@ -318,12 +318,17 @@ def prepare_out_dir(out_dir, resume, overwrite):
     old, tmp = out_dir + ".old", out_dir + ".tmp"
     if not os.path.exists(out_dir) and os.path.exists(old):
         os.rename(old, out_dir)  # killed between the two renames of save_checkpoint: the old one is intact
+    shutil.rmtree(old, ignore_errors=True)  # killed before deleting it: out_dir already holds the new one
     shutil.rmtree(tmp, ignore_errors=True)
     has_run = os.path.exists(os.path.join(out_dir, "args.json"))
     if has_run and not (resume or overwrite):
         fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if overwrite and not resume:
         shutil.rmtree(out_dir, ignore_errors=True)
+    elif not has_run:  # a run killed before its first checkpoint: its metric lines would be logged twice
+        for name in ("metrics.jsonl", "example.json"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
     return has_run and resume
 
 
@@ -341,9 +346,9 @@ def save_checkpoint(out_dir, model, tokenizer, args, state):
         json.dump(vars(args), f, indent=1)
     if state is not None:
         torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(metrics):
-        shutil.copy(metrics, tmp)
+    for name in ("metrics.jsonl", "example.json"):  # files the run writes between saves: carry them over
+        if os.path.exists(os.path.join(out_dir, name)):
+            shutil.copy(os.path.join(out_dir, name), tmp)
     if os.path.exists(out_dir):
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)

@@ -1,0 +1,354 @@
+"""Reliability: exact resume after SIGKILL, atomic checkpoints, determinism, non-finite updates, and the
+safety rules for loading and saving (no eval/exec, weights-only torch.load, safetensors, no remote code)."""
+import ast
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as evaluation
+import igpo
+import sft
+from conftest import tiny_model
+
+REAL_GRPO_LOSS = igpo.grpo_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["sft.py", "igpo.py", "eval.py"]
+# Subprocesses and the in-process reference runs both use one thread, so their float sums agree bit for bit.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+SFT_ARGS = ["--toy_size", "64", "--batch_size", "4", "--max_steps", "6", "--save_every", "2", "--log_every", "1"]
+
+# Runs the script's main() but SIGKILLs the process right after the metric line of step {step} is written:
+# a deterministic point between two checkpoints, with no chance for cleanup code to run.
+KILLED_RUN = """
+import os, signal, sys
+import sft, {module}
+log_metrics = sft.log_metrics
+def log_then_die(out_dir, row):
+    log_metrics(out_dir, row)
+    if row["step"] == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+sft.log_metrics = log_then_die
+{module}.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def weights(run):
+    return load_file(os.path.join(run, "model.safetensors"))
+
+
+def metric_rows(run):
+    """metrics.jsonl without the wall-clock field."""
+    rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+    for r in rows:
+        r.pop("seconds")
+    return rows
+
+
+def assert_same_run(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
+    assert metric_rows(a) == metric_rows(b)
+
+
+def run_killed_then_resumed(module, args, out, kill_step):
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN.format(module=module, step=kill_step), *args,
+                             "--out_dir", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert metric_rows(out)[-1]["step"] == kill_step  # the line after the last checkpoint is on disk
+    resumed = subprocess.run([sys.executable, f"{module}.py", *args, "--out_dir", str(out), "--resume"],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed" in resumed.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared tiny IGPO setup: a random model, and data on which inpainting rescues groups, so the rescue path
+# (hint RNG, replacement, entropy filter) is part of what a resume must reproduce.
+
+@pytest.fixture(scope="module")
+def igpo_setup(tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("igpo")
+    tiny_model(tokenizer).save_pretrained(root / "init")
+    tokenizer.save_pretrained(root / "init")
+    with open(root / "add.jsonl", "w") as f:
+        # the whole trace is hintable (no \boxed), so a fully revealed trace grades as correct
+        for a in range(2, 12):
+            for b in range(3, 7):
+                f.write(json.dumps({"question": f"What is {a}+{b}?", "trace": f"#### {a + b}\n"}) + "\n")
+    args = ["--init", str(root / "init"), "--dataset", str(root / "add.jsonl"), "--max_steps", "4",
+            "--save_every", "1", "--batch_prompts", "2", "--num_generations", "4", "--gen_length", "16",
+            "--block_length", "8", "--steps", "8", "--eta_low", "0.5", "--eta_high", "1", "--eval_limit", "0"]
+    return root, args
+
+
+@pytest.fixture(scope="module")
+def igpo_reference(igpo_setup):
+    """One uninterrupted run (in-process, one thread)."""
+    root, args = igpo_setup
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        igpo.main(args + ["--out_dir", str(root / "A")])
+    finally:
+        torch.set_num_threads(n)
+    return root / "A"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Resume after SIGKILL is exact.
+
+def test_sft_resume_after_sigkill_is_exact(tmp_path, one_thread):
+    sft.main(SFT_ARGS + ["--out_dir", str(tmp_path / "A")])
+    run_killed_then_resumed("sft", SFT_ARGS, tmp_path / "B", kill_step=3)  # checkpoint at 2, killed after 3
+    assert_same_run(tmp_path / "A", tmp_path / "B")
+    assert [r["step"] for r in metric_rows(tmp_path / "B")] == list(range(1, 7))
+
+
+def test_igpo_resume_after_sigkill_is_exact(igpo_setup, igpo_reference, tmp_path):
+    root, args = igpo_setup
+    assert sum(r["replaced"] for r in metric_rows(igpo_reference)) > 0  # the rescue path really ran
+    run_killed_then_resumed("igpo", args, tmp_path / "B", kill_step=3)
+    assert_same_run(igpo_reference, tmp_path / "B")
+    # the worked example is written once, before a later checkpoint, and must survive the swaps
+    assert json.load(open(igpo_reference / "example.json")) == json.load(open(tmp_path / "B" / "example.json"))
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_sft_killed_before_first_checkpoint_restarts_cleanly(tmp_path, monkeypatch, one_thread):
+    """No checkpoint yet: --resume starts from scratch and the stale metric line of the dead run is dropped."""
+    sft.main(SFT_ARGS + ["--out_dir", str(tmp_path / "A")])
+    log_metrics = sft.log_metrics
+
+    def log_then_die(out_dir, row):
+        log_metrics(out_dir, row)
+        if row["step"] == 1:
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(sft, "log_metrics", log_then_die)
+        with pytest.raises(Killed):
+            sft.main(SFT_ARGS + ["--out_dir", str(tmp_path / "B")])
+    assert not os.path.exists(tmp_path / "B" / "state.pt")
+    sft.main(SFT_ARGS + ["--out_dir", str(tmp_path / "B"), "--resume"])
+    assert_same_run(tmp_path / "A", tmp_path / "B")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Atomic checkpoints: a save interrupted at any stage never loses the last good checkpoint.
+
+class Crash(Exception):
+    pass
+
+
+def crash_on(fn, when):
+    def wrapped(*a, **k):
+        if when(*a, **k):
+            raise Crash
+        return fn(*a, **k)
+    return wrapped
+
+
+def half_written(path, **kw):
+    os.makedirs(path)
+    open(os.path.join(path, "model.safetensors"), "wb").write(b"\0" * 64)
+    raise Crash
+
+
+def files_digest(d):
+    return {f: hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest() for f in sorted(os.listdir(d))}
+
+
+@pytest.mark.parametrize("stage", ["save_pretrained", "state", "rename_out", "rename_tmp", "delete_old"])
+def test_interrupted_save_keeps_a_complete_checkpoint(tokenizer, tmp_path, monkeypatch, stage):
+    out = str(tmp_path / "run")
+    args = sft.get_args(["--out_dir", out])
+    v1, v2, v3 = (tiny_model(tokenizer, seed=s) for s in (1, 2, 3))
+    sft.save_checkpoint(out, v1, tokenizer, args, {"step": 1})
+    sft.log_metrics(out, {"step": 1})
+    with monkeypatch.context() as m:
+        if stage == "save_pretrained":  # weights half written into out.tmp
+            m.setattr(v2, "save_pretrained", half_written)
+        elif stage == "state":
+            m.setattr(torch, "save", crash_on(torch.save, lambda *a, **k: True))
+        elif stage == "rename_out":  # run -> run.old fails: nothing moved yet
+            m.setattr(os, "rename", crash_on(os.rename, lambda src, dst: src == out))
+        elif stage == "rename_tmp":  # run is already run.old, run.tmp not yet in place
+            m.setattr(os, "rename", crash_on(os.rename, lambda src, dst: src == out + ".tmp"))
+        else:  # the new checkpoint is in place, the old one not yet deleted
+            m.setattr(shutil, "rmtree", crash_on(shutil.rmtree, lambda p, **k: p == out + ".old"))
+        with pytest.raises(Crash):
+            sft.save_checkpoint(out, v2, tokenizer, args, {"step": 2})
+    expect_step, expect_model = (2, v2) if stage == "delete_old" else (1, v1)
+
+    assert sft.prepare_out_dir(out, resume=True, overwrite=False)  # a run to resume is found
+    assert not os.path.exists(out + ".tmp") and not os.path.exists(out + ".old")
+    assert sft.load_state(out)["step"] == expect_step
+    saved = weights(out)
+    common = [k for k in expect_model.state_dict() if k in saved]
+    assert len(common) > 5 and all(torch.equal(saved[k], expect_model.state_dict()[k]) for k in common)
+    assert [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))] == [{"step": 1}]
+    # and the next save goes through normally
+    sft.save_checkpoint(out, v3, tokenizer, args, {"step": 3})
+    assert sft.load_state(out)["step"] == 3 and not os.path.exists(out + ".old")
+
+
+def test_taken_out_dir_refused_then_overwritten(tmp_path, tokenizer):
+    out = str(tmp_path / "run")
+    args = sft.get_args(["--out_dir", out])
+    sft.save_checkpoint(out, tiny_model(tokenizer), tokenizer, args, {"step": 5})
+    before = files_digest(out)
+    for main in (sft.main, igpo.main):  # both refuse before touching anything
+        with pytest.raises(SystemExit) as e:
+            main(["--out_dir", out, "--max_steps", "2"] + (["--init", out] if main is igpo.main else []))
+        msg = str(e.value.code)
+        assert msg.startswith("error:") and "already holds a run" in msg and "\n" not in msg
+    assert files_digest(out) == before
+    sft.main(["--out_dir", out, "--overwrite", "--toy_size", "64", "--batch_size", "4", "--max_steps", "2",
+              "--log_every", "1"])
+    assert sft.load_state(out)["step"] == 2 and [r["step"] for r in metric_rows(out)] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Determinism on CPU.
+
+def test_igpo_same_seed_same_metrics(igpo_setup, igpo_reference, tmp_path, one_thread):
+    root, args = igpo_setup
+    igpo.main(args + ["--out_dir", str(tmp_path / "again")])
+    assert_same_run(igpo_reference, tmp_path / "again")
+    igpo.main(args + ["--out_dir", str(tmp_path / "seed1"), "--seed", "1"])
+    assert metric_rows(tmp_path / "seed1") != metric_rows(igpo_reference)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Non-finite losses and weights.
+
+def nan_loss(calls):
+    """grpo_loss that returns NaN for the call numbers in `calls` (1-based), the real loss otherwise."""
+    n = [0]
+
+    def loss_fn(*a, **k):
+        n[0] += 1
+        loss, kl, clip = REAL_GRPO_LOSS(*a, **k)
+        return (loss * float("nan"), kl, clip) if n[0] in calls else (loss, kl, clip)
+    return loss_fn
+
+
+def test_nonfinite_update_is_skipped_and_counted(igpo_setup, tmp_path, monkeypatch):
+    root, args = igpo_setup
+    short = args + ["--max_steps", "1", "--num_iterations", "1"]
+    monkeypatch.setattr(igpo, "grpo_loss", nan_loss({1}))
+    igpo.main(short + ["--out_dir", str(tmp_path / "skip")])
+    assert [r["skipped"] for r in metric_rows(tmp_path / "skip")] == [1]
+    assert math.isnan(metric_rows(tmp_path / "skip")[0]["loss"])
+    init = weights(root / "init")
+    assert init.keys() == weights(tmp_path / "skip").keys()
+    assert all(torch.equal(init[k], v) for k, v in weights(tmp_path / "skip").items())  # no step was taken
+    # control: with a finite loss the same step does move the weights, and nothing is counted
+    monkeypatch.setattr(igpo, "grpo_loss", nan_loss(set()))
+    igpo.main(short + ["--out_dir", str(tmp_path / "ok")])
+    assert [r["skipped"] for r in metric_rows(tmp_path / "ok")] == [0]
+    assert any(not torch.equal(init[k], v) for k, v in weights(tmp_path / "ok").items())
+
+
+def test_persistent_nonfinite_stops_run_and_keeps_checkpoint(igpo_setup, tmp_path, monkeypatch):
+    root, args = igpo_setup
+    out = tmp_path / "nan"
+    monkeypatch.setattr(igpo, "grpo_loss", nan_loss(set(range(1, 100))))
+    with pytest.raises(SystemExit) as e:  # mu = 2: steps 1 and 2 hold four updates, all non-finite
+        igpo.main(args + ["--out_dir", str(out), "--num_iterations", "2", "--max_steps", "3"])
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and "non-finite" in msg and "\n" not in msg
+    assert sft.load_state(out)["step"] == 1 and [r["step"] for r in metric_rows(out)] == [1]
+    assert all(torch.isfinite(v).all() for v in weights(out).values())
+
+
+def test_save_checkpoint_refuses_nonfinite_weights(tokenizer, tmp_path):
+    out = str(tmp_path / "run")
+    args = sft.get_args(["--out_dir", out])
+    model = tiny_model(tokenizer)
+    sft.save_checkpoint(out, model, tokenizer, args, {"step": 1})
+    before = files_digest(out)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    with pytest.raises(SystemExit) as e:
+        sft.save_checkpoint(out, model, tokenizer, args, {"step": 2})
+    assert str(e.value.code).startswith("error:") and "not finite" in str(e.value.code)
+    assert files_digest(out) == before
+    assert not os.path.exists(out + ".tmp") and not os.path.exists(out + ".old")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Security: nothing the model writes is executed, nothing pickled is unpickled, no remote code by default.
+
+def calls(path):
+    tree = ast.parse(open(os.path.join(ROOT, path)).read())
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_eval_exec_and_weights_only_load(script):
+    for c in calls(script):
+        f = c.func
+        assert not (isinstance(f, ast.Name) and f.id in ("eval", "exec", "compile", "__import__")), ast.unparse(c)
+        assert not (isinstance(f, ast.Attribute) and f.attr in ("loads", "load")
+                    and isinstance(f.value, ast.Name) and f.value.id in ("pickle", "dill")), ast.unparse(c)
+        if isinstance(f, ast.Attribute) and f.attr == "load" and ast.unparse(f.value) == "torch":
+            kw = {k.arg: k.value for k in c.keywords}
+            assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, ast.unparse(c)
+        for k in c.keywords:
+            if k.arg == "trust_remote_code":  # only ever forwarded from a flag, never a literal True
+                assert not (isinstance(k.value, ast.Constant) and k.value.value is True), ast.unparse(c)
+
+
+def test_torch_load_is_used_and_checkpoint_is_safetensors(tokenizer, tmp_path):
+    assert any(isinstance(c.func, ast.Attribute) and ast.unparse(c.func) == "torch.load" for c in calls("sft.py"))
+    out = str(tmp_path / "run")
+    sft.save_checkpoint(out, tiny_model(tokenizer), tokenizer, sft.get_args(["--out_dir", out]),
+                        {"step": 1, "rng": [sft.rng_state(torch.Generator())]})
+    names = os.listdir(out)
+    assert "model.safetensors" in names and not any(n.endswith((".bin", ".pkl")) for n in names)
+    assert sft.load_state(out)["step"] == 1  # the resume state loads under weights_only=True
+
+
+def test_trust_remote_code_off_unless_flag(tmp_path, tokenizer, monkeypatch):
+    assert inspect.signature(sft.load_model).parameters["trust_remote_code"].default is False
+    assert sft.get_args([]).trust_remote_code is False
+    assert igpo.get_args([]).trust_remote_code is False
+    assert evaluation.get_args([]).trust_remote_code is False
+    assert sft.get_args(["--trust_remote_code"]).trust_remote_code is True
+    # and load_model forwards exactly that value to every from_pretrained call
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+    seen = []
+    for cls in (AutoConfig, AutoModelForMaskedLM, AutoTokenizer):
+        m = cls.from_pretrained
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, _m=m, **k: seen.append(k.get("trust_remote_code")) or _m(*a, **k))
+    tiny_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    sft.load_model(str(tmp_path))
+    assert len(seen) >= 3 and set(seen) == {False}
+    seen.clear()
+    sft.load_model(str(tmp_path), trust_remote_code=True)  # harmless here: this model ships no code
+    assert len(seen) >= 3 and set(seen) == {True}
