@@ -287,7 +287,8 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
         model = auto.from_pretrained(name, trust_remote_code=trust_remote_code, torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        fail(f"could not load model '{name}': {str(e).splitlines()[0][:300]}")
+        hint = "; pass --trust_remote_code to allow it" if "trust_remote_code=True" in str(e) else ""  # hint is on line 2
+        fail(f"could not load model '{name}': {str(e).splitlines()[0][:300]}{hint}")
     if MASK not in tokenizer.get_vocab():
         fail(f"tokenizer of '{name}' has no mask token {MASK}: not a masked diffusion LM")
     return model.to(device), tokenizer
