@@ -111,13 +111,13 @@ def build_toy_tokenizer():
     return tokenizer
 
 
-def build_toy_model(tokenizer, hidden=128, layers=4, heads=4, max_len=512):
+def build_toy_model(tokenizer, hidden=128, layers=4, heads=4, max_len=512, vocab_size=None):
     """A ~1M-parameter bidirectional transformer. ModernBERT with global attention in every layer has LLaDA's
     calling contract (model(ids, attention_mask).logits at every position, no causal mask) and loads back
     through the transformers Auto classes with no custom code."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM
     config = ModernBertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=2 * hidden, max_position_embeddings=max_len, global_attn_every_n_layers=1,
         local_attention=max_len, reference_compile=False, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -1,0 +1,229 @@
+"""
+Speed and memory of the hot paths, measured (not asserted). Not collected by pytest.
+
+    python tests/benchmark.py            # prints a table and writes out/benchmark.json
+    python tests/benchmark.py --quick    # smaller shapes, for a smoke test
+
+What it measures (NOTES.md "Performance" holds the numbers):
+- sampler: seconds per generated token at batch 64 with the embedded model, and its overhead =
+  total time / (number of forward passes x time of one forward pass at the same shape);
+- the same sampler against a reference written the way LLaDA's generate() is (float64 softmax over every
+  position and the whole vocabulary, a Python loop over rows for top-k), with a 126,464-token vocabulary:
+  time, peak memory of one sampling step, and whether greedy outputs are identical;
+- the estimator pass (log-probs + entropies, Eq. (5)/(10)) against a naive version (log_softmax of the
+  logits repeated for every sample): time and peak memory;
+- one IGPO step on the embedded model, split into rollouts, inpainting rollouts, grading, old/ref passes
+  and updates;
+- optionally (--pipeline) the wall time of the default `python igpo.py` pipeline from scratch.
+Peak memory on CPU: torch has no CPU high-water mark, so peak_bytes() replays the allocation and free events
+that torch's profiler records (profile_memory=True) and takes the maximum of live tensor bytes.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval as ev  # noqa: E402
+import igpo  # noqa: E402
+import sft  # noqa: E402
+
+LLADA_VOCAB = 126464
+
+
+def peak_bytes(fn):
+    """Run fn() and return (result, peak bytes of torch CPU tensors allocated during it and alive at once)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    live, peak = 0, 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.cpu_memory_usage if e.cpu_memory_usage else 0
+        peak = max(peak, live)
+    return out, peak
+
+
+def timed(fn, repeat=3):
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeat):
+        out = fn()
+    return out, (time.perf_counter() - t) / repeat
+
+
+def reference_generate(model, prompt, gen_length, block_length, steps, mask_id):
+    """LLaDA's generate() at temperature 0 as it is usually written (full-sequence float64 softmax, per-row
+    top-k loop), for a batch of unpadded prompts of equal length."""
+    B, P = prompt.shape
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long)
+    x[:, :P] = prompt
+    nblocks = gen_length // block_length
+    per_block = steps // nblocks
+    for nb in range(nblocks):
+        end = P + (nb + 1) * block_length
+        block_mask = x[:, P + nb * block_length:end] == mask_id
+        sched = ev.num_transfer_tokens(block_mask, per_block)
+        for i in range(per_block):
+            mask_index = x == mask_id
+            logits = model(x).logits
+            logits[..., mask_id] = float("-inf")
+            x0 = logits.argmax(-1)
+            p = F.softmax(logits.to(torch.float64), dim=-1)
+            x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+            x0_p[:, end:] = float("-inf")
+            confidence = torch.where(mask_index, x0_p, torch.tensor(float("-inf"), dtype=torch.float64))
+            x0 = torch.where(mask_index, x0, x)
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(B):
+                _, sel = torch.topk(confidence[j], k=int(sched[j, i]))
+                transfer[j, sel] = True
+            x[transfer] = x0[transfer]
+    return x
+
+
+def naive_token_logps(model, prompt_ids, completions, G, mask_id):
+    """Eq. (5) the straightforward way: every sample gets its own forward pass and full log_softmax."""
+    B, P = prompt_ids.shape
+    L = completions.shape[1]
+    x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=torch.long)], 1).repeat_interleave(G, 0)
+    logprobs = F.log_softmax(model(x).logits[:, P:].float(), -1)  # (B*G, L, V)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logprobs.gather(-1, completions.unsqueeze(-1)).squeeze(-1), entropy
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+    ap.add_argument("--pipeline", action="store_true", help="also time the default `python igpo.py` from scratch")
+    ap.add_argument("--out", default="out/benchmark.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    tok = sft.build_toy_tokenizer()
+    mask_id = tok.mask_token_id
+    res = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    B = 8 if args.quick else 64
+    L, Lb, steps = 64, 16, 32
+    prompt = torch.tensor([tok(sft.make_prompt(tok, "Ann has 23 coins. Buys 17. Loses 9. How many coins now?", True),
+                               add_special_tokens=False).input_ids] * B)
+
+    # ---- sampler on the embedded model, batch B
+    model = sft.build_toy_model(tok).eval()
+    with torch.no_grad():
+        x = torch.cat([prompt, torch.full((B, L), mask_id)], 1)
+        _, t_fwd = timed(lambda: model(x).logits, repeat=5)
+        _, t_gen = timed(lambda: ev.generate(model, prompt, L, Lb, steps, 0.0, mask_id), repeat=2)
+    res["sampler_seconds_per_token"] = t_gen / (B * L)
+    res["sampler_forward_seconds"] = t_fwd
+    res["sampler_overhead"] = t_gen / (steps * t_fwd)
+
+    # ---- sampler vs the reference at LLaDA's vocabulary
+    Bw = 2 if args.quick else 8
+    wide = sft.build_toy_model(tok, vocab_size=LLADA_VOCAB).eval()
+    with torch.no_grad():
+        for p in wide.parameters():
+            if p.dim() > 1:
+                p.mul_(20.0)  # peaked predictions, so greedy choices are well separated
+        pw = prompt[:Bw]
+        ours, t_ours = timed(lambda: ev.generate(wide, pw, L, Lb, steps, 0.0, mask_id), repeat=1)
+        ref, t_ref = timed(lambda: reference_generate(wide, pw, L, Lb, steps, mask_id), repeat=1)
+        res["greedy_identical"] = bool(torch.equal(ours, ref))
+        res["sampler_speedup_vs_reference"] = t_ref / t_ours
+        # peak memory of one sampling step (one block, one step)
+        _, m_ours = peak_bytes(lambda: ev.generate(wide, pw, Lb, Lb, 1, 0.0, mask_id))
+        _, m_ref = peak_bytes(lambda: reference_generate(wide, pw, Lb, Lb, 1, mask_id))
+        xw = torch.cat([pw, torch.full((Bw, Lb), mask_id)], 1)
+        _, m_fwd = peak_bytes(lambda: wide(xw).logits)
+    res["sampler_step_peak_mb"] = m_ours / 2**20
+    res["reference_step_peak_mb"] = m_ref / 2**20
+    res["forward_peak_mb_wide"] = m_fwd / 2**20
+    res["sampler_memory_ratio_vs_reference"] = m_ref / m_ours
+
+    # ---- estimator pass (log-probs + entropies) vs naive, wide vocabulary, G samples per prompt
+    G = 8
+    Bp = 1 if args.quick else 2
+    completions = torch.randint(10, 100, (Bp * G, L))
+    attn = torch.ones(Bp, prompt.shape[1], dtype=torch.long)
+    with torch.no_grad():
+        (lp, ent), m_est = peak_bytes(lambda: igpo.token_logps(wide, prompt[:Bp], attn, completions, G, mask_id, True))
+        (lp_n, ent_n), m_naive = peak_bytes(lambda: naive_token_logps(wide, prompt[:Bp], completions, G, mask_id))
+        _, t_est = timed(lambda: igpo.token_logps(wide, prompt[:Bp], attn, completions, G, mask_id, True), repeat=1)
+        _, t_naive = timed(lambda: naive_token_logps(wide, prompt[:Bp], completions, G, mask_id), repeat=1)
+    res["estimator_same_values"] = bool(torch.allclose(lp, lp_n, atol=1e-4)
+                                        and torch.allclose(ent.repeat_interleave(G, 0), ent_n, atol=1e-3))
+    res["estimator_peak_mb"], res["estimator_naive_peak_mb"] = m_est / 2**20, m_naive / 2**20
+    res["estimator_memory_ratio_vs_naive"] = m_naive / m_est
+    res["estimator_speedup_vs_naive"] = t_naive / t_est
+
+    # ---- one IGPO step on the embedded model, by phase
+    res["igpo_step_phases"] = igpo_step_phases(tok, quick=args.quick)
+
+    # ---- the default pipeline, from scratch
+    if args.pipeline:
+        t = time.time()
+        subprocess.run([sys.executable, "igpo.py", "--out_dir", "out/bench_igpo", "--overwrite"], check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        res["pipeline_seconds"] = time.time() - t
+    else:
+        res["pipeline_seconds"] = None
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    for k, v in res.items():
+        print(f"{k:38s} {v if not isinstance(v, float) else round(v, 4)}")
+
+
+def igpo_step_phases(tok, quick):
+    """Time the phases of one IGPO step with the default flags on a random embedded model (every group is
+    all-wrong, so inpainting always runs: the most expensive case)."""
+    args = igpo.get_args(["--eval_limit", "0"])
+    if quick:
+        args.batch_prompts, args.num_generations = 2, 4
+    model = sft.build_toy_model(tok)
+    mask_id, G = tok.mask_token_id, args.num_generations
+    ds = sft.toy_dataset("train", args.batch_prompts, seed=3)
+    batch = list(zip(ds["question"], ds["trace"], ds["answer"]))
+    prompts, attn = sft.left_pad([tok(sft.make_prompt(tok, q, True), add_special_tokens=False).input_ids
+                                  for q, _, _ in batch], tok.pad_token_id)
+    gen, hint_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    times = {}
+    t = time.perf_counter()
+    model.eval()
+    comp = igpo.rollout(model, prompts.repeat_interleave(G, 0), attn.repeat_interleave(G, 0), args, mask_id, gen)
+    times["rollouts"] = time.perf_counter() - t
+    t = time.perf_counter()
+    texts = tok.batch_decode(comp)
+    reward = torch.tensor([float(ev.grade(texts[j], batch[j // G][2], "toy")) for j in range(len(texts))]).view(-1, G)
+    times["grading"] = time.perf_counter() - t
+    t = time.perf_counter()
+    all_wrong = list(range(len(batch)))
+    igpo.inpaint_all_wrong(model, tok, batch, all_wrong, prompts, attn, comp, reward, texts, args, mask_id, "toy",
+                           gen, hint_gen)
+    times["inpainting_rollouts_and_grading"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.no_grad():
+        logp_old, ent = igpo.token_logps(model, prompts, attn, comp, G, mask_id, with_entropy=True)
+        logp_ref = igpo.token_logps(model, prompts, attn, comp, G, mask_id)
+    times["old_and_ref_passes"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    adv = torch.randn(len(texts))
+    for _ in range(args.num_iterations):
+        logp = igpo.token_logps(model, prompts, attn, comp, G, mask_id)
+        loss, _, _ = igpo.grpo_loss(logp, logp_old, logp_ref, adv, torch.ones_like(comp, dtype=torch.bool), 0.2, 0.01)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    times["updates"] = time.perf_counter() - t
+    total = sum(times.values())
+    return {k: {"seconds": round(v, 3), "share": round(v / total, 3)} for k, v in times.items()}
+
+
+if __name__ == "__main__":
+    main()
