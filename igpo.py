@@ -15,7 +15,7 @@ entropy, are trained on (Eq. (10)).
     # paper scale, one GPU (README has the full command):
     python igpo.py --init GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
         --question_col query --trace_col response --gen_length 256 --block_length 32 --steps 128 \
-        --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 --grad_accum 64
+        --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 --grad_accum 64 --gen_batch 64
 
 Deviations from the paper (details and reasons in NOTES.md §3):
 1. Loss normalisation follows the paper, (1/G) sum_i (1/|o_i|) sum_k, with |o_i| the tokens that enter the
@@ -65,6 +65,7 @@ def get_args(argv=None):
     p.add_argument("--block_length", type=int, default=16, help="semi-autoregressive block (paper: 32)")
     p.add_argument("--steps", type=int, default=32, help="denoising steps per completion (paper: 128)")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.2)")
+    p.add_argument("--gen_batch", type=int, default=0, help="sequences per sampler call; 0: all at once (memory knob)")
     # ---- inpainting (Eq. (7), (8), (10))
     p.add_argument("--no_inpaint", action="store_true", help="plain GRPO: leave all-wrong groups alone")
     p.add_argument("--eta_low", type=float, default=0.2, help="eta ~ U[eta_low, eta_high]: revealed chunk fraction (paper: 0.2)")
@@ -77,7 +78,7 @@ def get_args(argv=None):
     p.add_argument("--num_iterations", type=int, default=2, help="mu: gradient steps per batch of rollouts (paper: 4)")
     p.add_argument("--epsilon", type=float, default=0.2, help="epsilon: ratio clip (paper: 0.2)")
     p.add_argument("--beta", type=float, default=0.01, help="beta: KL weight, k3 estimator (paper: 0.01)")
-    p.add_argument("--lr", type=float, default=5e-5, help="learning rate (paper: 5e-7 with LoRA on LLaDA-8B)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (paper: 5e-7 with LoRA on LLaDA-8B)")
     p.add_argument("--warmup_steps", type=int, default=5, help="linear warmup steps (paper: 50)")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
     p.add_argument("--grad_clip", type=float, default=0.2, help="gradient-norm clip (paper: 0.2)")
@@ -111,6 +112,7 @@ def get_args(argv=None):
 #   log pi_theta, pi_old, pi_ref   logp, logp_old, logp_ref (B*G, L) per token, from Eq. (5)
 #   H                              entropy (B, L), per prompt and position under pi_old
 
+MAX_BAD_UPDATES = 3  # consecutive non-finite updates tolerated before the run stops
 ANSWER_START = re.compile(r"\\boxed|The answer is|<answer>")
 
 
@@ -202,10 +204,13 @@ def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
 
 
 def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None):
-    """Sample one completion per row of prompts (N, P) with the diffusion sampler; returns (N, L)."""
-    out = generate(model, prompts, args.gen_length, args.block_length, args.steps, args.temperature, mask_id,
-                   hints=hints, attention_mask=prompt_attn, generator=gen)
-    return out[:, prompts.shape[1]:]
+    """Sample one completion per row of prompts (N, P) with the diffusion sampler; returns (N, L). Rows go
+    through the sampler --gen_batch at a time: its logits (rows x length x vocab) bound its memory."""
+    n = args.gen_batch or len(prompts)
+    outs = [generate(model, prompts[i:i + n], args.gen_length, args.block_length, args.steps, args.temperature,
+                     mask_id, hints=None if hints is None else hints[i:i + n], attention_mask=prompt_attn[i:i + n],
+                     generator=gen) for i in range(0, len(prompts), n)]
+    return torch.cat(outs)[:, prompts.shape[1]:]
 
 
 def inpaint_all_wrong(model, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args,
@@ -306,7 +311,7 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
-    step, skipped = 0, 0
+    step, skipped, bad_in_a_row = 0, 0, 0
     if resuming:
         state = sft.load_state(args.out_dir)
         opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
@@ -326,7 +331,7 @@ def main(argv=None):
 
     # ---- data: (prompt ids, trace, gold answer) per training question
     if toy:
-        ds = sft.toy_dataset("train", 20000, seed=args.seed)
+        ds = sft.toy_dataset("train", max(1000, args.max_steps * args.batch_prompts * world), seed=args.seed)
         questions, traces, answers = ds["question"], ds["trace"], ds["answer"]
     else:
         cols = [args.question_col, args.trace_col] + ([args.answer_col] if args.answer_col else [])
@@ -334,6 +339,8 @@ def main(argv=None):
         questions, traces = ds[args.question_col], ds[args.trace_col]
         answers = ds[args.answer_col] if args.answer_col else [answer_from_trace(t) for t in traces]
     data = [(q, t, str(a)) for q, t, a in zip(questions, traces, answers) if a is not None]
+    if len(data) < len(questions):
+        print(f"data: {len(questions) - len(data)} rows without a recognisable final answer dropped")
     if not data:
         fail(f"no usable (question, trace, answer) rows in {args.dataset}")
     G = args.num_generations
@@ -381,16 +388,20 @@ def main(argv=None):
         adv = (reward - reward.mean(1, keepdim=True)).flatten().to(device)  # (B*G,)
 
         # 4. Old-policy log-probs and entropies (Eq. (5), (10)), reference log-probs for the KL term.
+        mb = B // args.grad_accum  # prompts per micro-batch: also bounds the estimator's logits memory
         with torch.no_grad():
-            logp_old, entropy = token_logps(policy, prompts, prompt_attn, completions, G, mask_id, with_entropy=True)
-        logp_ref = reference_logps(prompts, prompt_attn, completions) if args.beta else logp_old
+            old = [token_logps(policy, prompts[a:a + mb], prompt_attn[a:a + mb], completions[a * G:(a + mb) * G], G,
+                               mask_id, with_entropy=True) for a in range(0, B, mb)]
+            logp_old, entropy = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])
+            logp_ref = torch.cat([reference_logps(prompts[a:a + mb], prompt_attn[a:a + mb],
+                                                  completions[a * G:(a + mb) * G]) for a in range(0, B, mb)]) \
+                if args.beta else logp_old
         valid = completion_mask(completions, end_ids)  # (B*G, L): up to the first end token
         keep_hint = entropy_filter(rep(entropy), hint_mask & valid, args.entropy_keep)  # Eq. (10)
         loss_mask = valid & (~hint_mask | keep_hint)  # self-generated tokens always count
 
         # 5. mu gradient steps on the clipped surrogate (Eq. (6)/(9)), prompts split into grad_accum micro-batches.
         policy.train()
-        mb = B // args.grad_accum
         for _ in range(args.num_iterations):
             stats = torch.zeros(3)
             for a in range(0, B, mb):
@@ -403,10 +414,11 @@ def main(argv=None):
             gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             if torch.isfinite(gnorm) and torch.isfinite(stats).all():
                 opt.step()
+                bad_in_a_row = 0
             else:  # a non-finite update is skipped, counted, and stops the run if it keeps happening
-                skipped += 1
-                if skipped > 3:
-                    fail(f"non-finite loss or gradient in {skipped} updates; stopping (last good checkpoint kept)")
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                if bad_in_a_row > MAX_BAD_UPDATES:
+                    fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
             opt.zero_grad(set_to_none=True)
         sched.step()
         step += 1

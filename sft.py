@@ -69,17 +69,17 @@ def get_args(argv=None):
     # ---- length alignment
     p.add_argument("--gen_length", type=int, default=64, help="L: response length = RL/eval generation length (paper: 256)")
     # ---- optimisation
-    p.add_argument("--max_steps", type=int, default=600, help="optimizer steps")
-    p.add_argument("--batch_size", type=int, default=64, help="sequences per micro-batch")
+    p.add_argument("--max_steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--batch_size", type=int, default=16, help="sequences per micro-batch")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--warmup_steps", type=int, default=30, help="linear warmup, then cosine decay to 10%%")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup_steps", type=int, default=50, help="linear warmup, then cosine decay to 10%%")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip")
     # ---- run
     p.add_argument("--out_dir", default="out/sft", help="checkpoint folder (save_pretrained layout)")
-    p.add_argument("--save_every", type=int, default=200, help="steps between checkpoints")
-    p.add_argument("--log_every", type=int, default=20, help="steps between metric lines")
+    p.add_argument("--save_every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--log_every", type=int, default=100, help="steps between metric lines")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -129,22 +129,24 @@ NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", 
 ITEMS = ["apples", "coins", "cards", "books", "shells", "stamps", "pens", "eggs", "beads", "rocks"]
 
 
-def toy_problem(rng, min_ops=1, max_ops=4, max_start=60):
-    """One word problem: a start amount and 1-4 operations. The number of operations is the difficulty knob.
-    Returns the question, a concise trace (fits 64 characters), a verbose trace (about 3x longer) and the answer."""
+def toy_problem(rng, min_ops=1, max_ops=5):
+    """One word problem: a start amount and 1-5 operations, every number a single digit (so each step is a
+    table lookup and the difficulty is the length of the chain: the number of operations). Returns the
+    question, a concise trace (fits 64 characters), a verbose trace (about 4x longer) and the answer."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    x = rng.randint(2, max_start)
+    x = rng.randint(1, 9)
     sentences, concise, verbose = [f"{name} has {x} {item}."], [], [f"{name} starts with {x} {item}."]
     for _ in range(rng.randint(min_ops, max_ops)):
-        kind = rng.choice(["add", "sub", "mul"] if x < 100 else ["add", "sub"])
+        kinds = ["add"] * (x < 9) + ["sub"] * (x > 1) + ["mul"] * (x <= 4)
+        kind = rng.choice(kinds)
         if kind == "add":
-            k = rng.randint(2, 40)
+            k = rng.randint(1, 9 - x)
             y, text, sym = x + k, rng.choice([f"Gets {k} more.", f"Finds {k} more.", f"Buys {k}."]), f"{x}+{k}={x + k}"
-        elif kind == "sub" and x > 2:
+        elif kind == "sub":
             k = rng.randint(1, x - 1)
             y, text, sym = x - k, rng.choice([f"Gives away {k}.", f"Loses {k}.", f"Sells {k}."]), f"{x}-{k}={x - k}"
         else:
-            k = rng.choice([2, 3])
+            k = 2 if x > 3 else rng.choice([2, 3])
             y, text, sym = x * k, ("Doubles them." if k == 2 else "Triples them."), f"{x}*{k}={x * k}"
         sentences.append(text)
         concise.append(sym)
@@ -153,8 +155,7 @@ def toy_problem(rng, min_ops=1, max_ops=4, max_start=60):
     question = " ".join(sentences) + f" How many {item} now?"
     boxed = f"\\boxed{{{x}}}"
     return {"question": question, "trace": "\n".join(concise) + f"\n{boxed}",
-            "verbose": " ".join(verbose) + f" The answer is {boxed}.",
-            "answer": str(x)}
+            "verbose": " ".join(verbose) + f" The answer is {boxed}.", "answer": str(x)}
 
 
 def toy_dataset(split, n, seed=0, traces="concise"):
@@ -281,6 +282,8 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
         model, _ = load_model(base, trust_remote_code, device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
         return PeftModel.from_pretrained(model, name).merge_and_unload(), tokenizer
+    if not os.path.isdir(name) and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
+        fail(f"model not found: '{name}' is neither a checkpoint folder nor a hub id (org/name)")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         auto = AutoModel if getattr(config, "auto_map", None) else AutoModelForMaskedLM
@@ -488,11 +491,11 @@ def main(argv=None):
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device}")
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, args.max_steps))
-    step = 0
+    step, skipped, bad_in_a_row = 0, 0, 0
     if resuming:
         state = load_state(args.out_dir)
         opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        set_rng_state(gen, state["rng"][rank]); step = state["step"]
+        set_rng_state(gen, state["rng"][rank]); step, skipped = state["step"], state["skipped"]
         if rank == 0:
             truncate_metrics(args.out_dir, step)
         print(f"resumed {args.out_dir} at step {step}")
@@ -525,12 +528,17 @@ def main(argv=None):
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         if torch.isfinite(gnorm):
             opt.step()
+            bad_in_a_row = 0
+        else:  # a non-finite update is skipped and counted; several in a row stop the run
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            if bad_in_a_row > 3:
+                fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
         opt.zero_grad(set_to_none=True)
         sched.step()
         step += 1
         bar.update(1)
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4),
+            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4), "skipped": skipped,
                    "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
             log_metrics(args.out_dir, row)
             bar.write(json.dumps(row))
@@ -538,7 +546,8 @@ def main(argv=None):
             rngs = gather_objects(rng_state(gen), world)  # every rank's RNG, so a resume continues each stream
             if rank == 0:
                 save_checkpoint(args.out_dir, raw_model, tokenizer, args,
-                                {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rngs, "step": step})
+                                {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rngs, "step": step,
+                                 "skipped": skipped})
             barrier(world)
     bar.close()
     if rank == 0:

@@ -267,7 +267,7 @@ def torchrun(script, *args, nproc=2, timeout=240):
 
 def ddp_worker(rank, world, port, init, batch, out):
     """One of `world` processes: its half of the prompts, the model in DDP, gradients written to out."""
-    torch.set_num_threads(1)  # a forked child must not touch the parent's OpenMP thread pool
+    torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # what torchrun would set
     rank, world, _ = sft.init_distributed("cpu")
@@ -300,10 +300,10 @@ def test_ddp_gradient_equals_full_batch(tokenizer, tmp_path):
          "logp_old": logp0 + 0.2 * torch.randn(n, L, generator=g), "logp_ref": logp0 + 0.2 * torch.randn(n, L, generator=g),
          "adv": torch.randn(n, generator=g), "loss_mask": loss_mask}
     torch.save(d, tmp_path / "batch.pt")
-    # forked rather than launched with torchrun: the children inherit the imported libraries (saves ~10 s)
+    # spawned, not forked: a fork after other tests have started threads (tokenizers, the grader) can hang
     procs = torch.multiprocessing.start_processes(
         ddp_worker, (2, free_port(), str(tmp_path / "init"), str(tmp_path / "batch.pt"), str(tmp_path)),
-        nprocs=2, join=False, start_method="fork")
+        nprocs=2, join=False, start_method="spawn")
     deadline = time.time() + 120
     while not procs.join(timeout=1):  # raises if a worker failed
         if time.time() > deadline:
