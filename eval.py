@@ -17,10 +17,11 @@ Deviations from the paper (details in NOTES.md §3):
    argmax(exp(logits) / (-log u)^T); both pick the same token for the same uniform draw u.
 2. The mask token itself is never sampled (its logit is set to -inf). A trained LLaDA never ranks it first,
    so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
-3. Only the logits of the current block are turned into probabilities: positions outside it can never be
-   unmasked at this step, so the result is identical and the cost is block_length / gen_length of it.
+3. Only the current block's logits are computed at all (logits_only_at): positions outside it cannot be
+   unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
 """
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -78,6 +79,24 @@ def num_transfer_tokens(mask_index, steps):
     return base + (torch.arange(steps, device=mask_index.device) < rem).long()  # (B, steps)
 
 
+@contextlib.contextmanager
+def logits_only_at(model, start, end):
+    """Make model(x).logits cover positions start:end only. The vocabulary projection is applied position by
+    position, so feeding it just the hidden states we will read gives the same numbers; at LLaDA's 126k
+    vocabulary that projection's output is the largest tensor of the forward pass. A forward pre-hook on
+    the output embedding slices its input; models without get_output_embeddings() fall back to slicing the
+    full logits. Yields True when the hook is in place."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    if head is None:
+        yield False
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, start:end],) + tuple(args[1:]))
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
 def sample_tokens(logits, temperature, generator=None):
     """Draw x0 by Gumbel-max at the given temperature in float64 (low precision makes the Gumbel noise
     coarse, which hurts quality), and return the model's probability of each drawn token as its confidence."""
@@ -114,7 +133,9 @@ def generate(model, prompt_ids, gen_length, block_length, steps, temperature, ma
         n_transfer = num_transfer_tokens(block == mask_id, steps_per_block)  # (B, steps); hints excluded
         for i in range(steps_per_block):
             mask_index = block == mask_id  # (B, Lb)
-            logits = model(x, attention_mask=attention_mask).logits[:, s:e]  # (B, Lb, V): only this block can change
+            with logits_only_at(model, s, e) as sliced:  # only this block can change
+                logits = model(x, attention_mask=attention_mask).logits  # (B, Lb, V)
+            logits = logits if sliced else logits[:, s:e]
             logits[..., mask_id] = NEG_INF  # never "unmask" a position into the mask token
             x0, confidence = sample_tokens(logits, temperature, generator)
             confidence = torch.where(mask_index, confidence, NEG_INF)  # committed and hint tokens stay put

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import sft
-from eval import check_lengths, evaluate, extract_answer, generate, grade, load_task
+from eval import check_lengths, evaluate, extract_answer, generate, grade, load_task, logits_only_at
 from sft import EOS, EOT, MASK, fail, left_pad, load_model, make_prompt
 
 
@@ -166,7 +166,9 @@ def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_en
     L = completions.shape[1]
     x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=torch.long, device=prompt_ids.device)], 1)
     attn = torch.cat([prompt_attn, prompt_attn.new_ones(B, L)], 1)
-    logits = model(x, attention_mask=attn).logits[:, P:].float()  # (B, L, V)
+    with logits_only_at(model, P, P + L) as sliced:  # no vocabulary projection for prompt positions
+        logits = model(x, attention_mask=attn).logits
+    logits = (logits if sliced else logits[:, P:]).float()  # (B, L, V)
     lse = logits.logsumexp(-1, keepdim=True)  # (B, L, 1)
     index = completions.view(B, G, L).transpose(1, 2)  # (B, L, G): the G sampled tokens at each position
     logp = (logits.gather(-1, index) - lse).transpose(1, 2).reshape(B * G, L)  # (B*G, L)
