@@ -252,7 +252,7 @@ def inpaint_all_wrong(model, tokenizer, batch, all_wrong, prompts, prompt_attn, 
             n_replaced += K
             if example is None:  # kept for NOTES.md's worked example
                 example = {"question": batch[b][0], "trace": batch[b][1], "answer": batch[b][2], "group": b,
-                           "hint_canvases": [tokenizer.decode(hints[j]) for j in rows],
+                           "hint_canvases": [tokenizer.decode(hints[j]).replace(MASK, "_") for j in rows],
                            "inpainted": [inpainted_texts[j] for j in rows],
                            "inpainted_correct": [j in correct for j in rows], "replaced": K}
     return hint_mask, rescued, n_replaced, example

@@ -11,7 +11,7 @@ This file also defines the embedded world the whole project runs on without a hu
 tokenizer, a tiny bidirectional transformer and a procedurally generated arithmetic word-problem task with
 ground-truth traces. eval.py and igpo.py import them from here.
 
-    python sft.py                                   # embedded model + task, CPU, a few minutes -> out/sft
+    python sft.py                                   # embedded model + task, ~15 min on 2 CPU cores -> out/sft
     python sft.py --traces verbose --gen_length 192 --out_dir out/sft_verbose   # the long-trace ablation
     # paper scale (one GPU; see README for the full command):
     python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
@@ -69,7 +69,7 @@ def get_args(argv=None):
     # ---- length alignment
     p.add_argument("--gen_length", type=int, default=64, help="L: response length = RL/eval generation length (paper: 256)")
     # ---- optimisation
-    p.add_argument("--max_steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--max_steps", type=int, default=6000, help="optimizer steps (the embedded model learns to copy numbers from the prompt after ~3000)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per micro-batch")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -78,8 +78,8 @@ def get_args(argv=None):
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip")
     # ---- run
     p.add_argument("--out_dir", default="out/sft", help="checkpoint folder (save_pretrained layout)")
-    p.add_argument("--save_every", type=int, default=500, help="steps between checkpoints")
-    p.add_argument("--log_every", type=int, default=100, help="steps between metric lines")
+    p.add_argument("--save_every", type=int, default=1000, help="steps between checkpoints")
+    p.add_argument("--log_every", type=int, default=200, help="steps between metric lines")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
     p.add_argument("--seed", type=int, default=0, help="random seed")
