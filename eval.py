@@ -62,7 +62,8 @@ def get_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The sampler: LLaDA's semi-autoregressive low-confidence remasking, with fixed hint tokens (Eq. (9)).
+# The sampler (NOTES.md §4): LLaDA's semi-autoregressive low-confidence remasking, with the fixed hint
+# tokens of Eq. (7) for inpainting.
 
 def check_lengths(gen_length, block_length, steps):
     if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
@@ -130,7 +131,8 @@ def generate(model, prompt_ids, gen_length, block_length, steps, temperature, ma
     for b in range(num_blocks):
         s, e = P + b * block_length, P + (b + 1) * block_length
         block = x[:, s:e]  # a view: writing to it writes x
-        n_transfer = num_transfer_tokens(block == mask_id, steps_per_block)  # (B, steps); hints excluded
+        # hints are not mask tokens, so they are never scheduled: Eq. (7) "revealed tokens are fixed"
+        n_transfer = num_transfer_tokens(block == mask_id, steps_per_block)  # (B, steps)
         for i in range(steps_per_block):
             mask_index = block == mask_id  # (B, Lb)
             with logits_only_at(model, s, e) as sliced:  # only this block can change
