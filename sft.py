@@ -447,9 +447,11 @@ def rewrite_traces(ds, args):
     with open(args.rewrite_cache, "a") as f:
         for trace in ds[args.trace_col]:
             if trace not in cache:
-                ids = tok(instruction + trace, return_tensors="pt").input_ids
-                gen = lm.generate(ids, max_new_tokens=args.gen_length, do_sample=False, pad_token_id=tok.eos_token_id)
-                cache[trace] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                enc = tok(instruction + trace, return_tensors="pt")
+                # gen_length - 1 leaves room for the end-of-turn token when the two tokenizers agree
+                gen = lm.generate(**enc, max_new_tokens=args.gen_length - 1, do_sample=False,
+                                  pad_token_id=tok.eos_token_id)
+                cache[trace] = tok.decode(gen[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip()
                 f.write(json.dumps({"source": trace, "rewritten": cache[trace]}) + "\n")
             out.append(cache[trace])
     return ds.remove_columns(args.trace_col).add_column(args.trace_col, out)

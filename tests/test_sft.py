@@ -155,3 +155,29 @@ def test_end_to_end_tiny_run_loads_back(tmp_path):
     assert [l["step"] for l in lines] == [1, 2, 3] and all(math.isfinite(l["loss"]) for l in lines)
     with pytest.raises(SystemExit, match="already holds a run"):  # never clobber a finished run by accident
         sft.main(["--out_dir", str(run), "--toy_size", "64", "--max_steps", "3"])
+
+
+def test_rewrite_traces_plumbing_and_cache(tokenizer, tmp_path):
+    """--rewrite_model: a local causal LM rewrites each trace once; results are cached in a JSONL and a second
+    run reads the cache instead of generating (a tiny random GPT-2 stands in for the instruct model)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    lm_dir = tmp_path / "lm"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=1, n_head=2,
+                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"q{i}", "trace": f"long trace {i}"}) for i in range(3)))
+    cache = tmp_path / "cache.jsonl"
+    args = args_for(tmp_path, "--dataset", str(data), "--rewrite_model", str(lm_dir), "--rewrite_cache", str(cache),
+                    "--gen_length", "16")
+    sft.build_sft_data(args, tokenizer, toy=False)
+    lines = [json.loads(l) for l in open(cache)]
+    assert [l["source"] for l in lines] == [f"long trace {i}" for i in range(3)]
+    import transformers
+    original = transformers.GenerationMixin.generate
+    transformers.GenerationMixin.generate = lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached"))
+    try:
+        sft.build_sft_data(args, tokenizer, toy=False)  # every trace comes from the cache now
+    finally:
+        transformers.GenerationMixin.generate = original
+    assert len(open(cache).readlines()) == 3
