@@ -404,9 +404,10 @@ def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
     t = torch.rand(B, 1, device=input_ids.device, generator=gen)
     p = (1 - LOG_EPS) * t + LOG_EPS  # (B, 1)
     masked = (torch.rand(B, T, device=input_ids.device, generator=gen) < p) & response_mask.bool()  # (B, T)
-    noisy = torch.where(masked, mask_id, input_ids)
+    noisy = torch.where(masked, mask_id, input_ids)  # x_t of Eq. (1), restricted to the response
     logits = model(noisy, attention_mask=attention_mask).logits  # (B, T, V)
     token_nll = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (n_masked,)
+    # 1/p undoes the masking rate (Eq. (1)): without it low-t samples, with few masked tokens, would barely count
     weight = 1.0 / (p.expand(B, T)[masked] * response_mask.sum(1, keepdim=True).expand(B, T)[masked])
     return (token_nll * weight).sum() / B
 
@@ -419,7 +420,7 @@ def build_sft_data(args, tokenizer, toy):
         ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
         if args.rewrite_model:
             ds = rewrite_traces(ds, args)
-    rows, dropped = [], 0
+    rows, dropped = [], 0  # length alignment (Eq. (2)): a trace longer than L is dropped, never truncated
     for q, trace in zip(ds[args.question_col], ds[args.trace_col]):
         resp = encode_response(tokenizer, str(trace), args.gen_length)
         if resp is None:
@@ -511,6 +512,7 @@ def main(argv=None):
         chosen = [rows[i] for i in perm[(k % per_epoch) * args.batch_size:][:args.batch_size].tolist()]
         ids, attn = left_pad([q + r for q, r in chosen], tokenizer.pad_token_id)
         response_mask = torch.zeros_like(ids)
+        # Eq. (2): only these positions are ever masked; the prompt to their left stays clean
         response_mask[:, -args.gen_length:] = 1  # responses all have length gen_length and sit at the right end
         return ids.to(device), attn.to(device), response_mask.to(device)
 
@@ -523,6 +525,7 @@ def main(argv=None):
         total = 0.0
         for micro in range(args.grad_accum):
             ids, attn, response_mask = batch_at(step, micro)
+            # Eq. (2) per micro-batch; dividing by grad_accum makes the summed gradient that of the full batch
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = sft_loss(model, ids, attn, response_mask, mask_id, gen) / args.grad_accum
             loss.backward()
