@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import sft
-from eval import check_lengths, evaluate, extract_answer, generate, grade, load_task, logits_only_at
+from eval import check_lengths, evaluate, extract_answer, generate, grade, load_task, logits_only_at, write_json
 from sft import EOS, EOT, MASK, fail, left_pad, load_model, make_prompt
 
 
@@ -84,7 +84,7 @@ def get_args(argv=None):
     p.add_argument("--grad_clip", type=float, default=0.2, help="gradient-norm clip (paper: 0.2)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches the prompts are split into for updates")
     # ---- run
-    p.add_argument("--max_steps", type=int, default=60, help="optimizer steps (batches of rollouts)")
+    p.add_argument("--max_steps", type=int, default=40, help="optimizer steps (batches of rollouts)")
     p.add_argument("--out_dir", default="out/igpo", help="checkpoint folder; metrics.jsonl goes inside")
     p.add_argument("--save_every", type=int, default=20, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
@@ -267,6 +267,17 @@ def save_example(out_dir, example, step, reward, adv, texts, hint_mask, keep_hin
                    kept_hint_positions=[keep_hint[i].nonzero().flatten().tolist() for i in rows])
     with open(os.path.join(out_dir, "example.json"), "w") as f:
         json.dump(example, f, indent=1)
+
+
+def summarize(out_dir):
+    """Whole-run means from metrics.jsonl: the numbers the results tables of NOTES.md §10 report."""
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl")) if l.strip()]
+    mean = lambda key, rs=rows: round(sum(r[key] for r in rs) / max(1, len(rs)), 4)
+    quarters = [rows[len(rows) * k // 4:len(rows) * (k + 1) // 4] for k in range(4)]
+    return {"steps": len(rows), "all_wrong": mean("all_wrong"), "all_wrong_after": mean("all_wrong_after"),
+            "replaced_per_step": mean("replaced"), "reward_by_quarter": [mean("reward", q) for q in quarters],
+            "max_abs_loss": round(max(abs(r["loss"]) for r in rows), 4), "max_kl": round(max(r["kl"] for r in rows), 5),
+            "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
 
 
 def main(argv=None):
@@ -459,8 +470,10 @@ def main(argv=None):
         before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
         print(f"accuracy on {len(items)} test questions: {before}{100 * acc_after:.1f}%")
         if rank == 0:
-            with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-                json.dump({"accuracy_before": acc_before, "accuracy_after": acc_after, "n": len(items)}, f)
+            summary = {"accuracy_before": acc_before, "accuracy_after": acc_after, "n": len(items),
+                       **summarize(args.out_dir)}
+            write_json(os.path.join(args.out_dir, "eval.json"), summary)
+            print("run summary: " + json.dumps(summary))
 
 
 if __name__ == "__main__":

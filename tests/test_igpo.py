@@ -206,3 +206,14 @@ def test_end_to_end_short_run(tiny_init, tmp_path, mu):
     assert json.load(open(out / "args.json"))["num_iterations"] == mu
     model, _ = sft.load_model(str(out))  # the checkpoint loads back
     assert model is not None
+
+
+def test_summarize_matches_hand_computation(tmp_path):
+    rows = [{"step": s, "reward": r, "all_wrong": w, "all_wrong_after": wa, "replaced": k, "loss": l, "kl": kl,
+             "seconds": 2.0} for s, r, w, wa, k, l, kl in
+            [(1, .1, .5, 0, 4, .3, .01), (2, .2, .5, .25, 2, -.7, .02), (3, .3, 0, 0, 0, .1, .0), (4, .5, .25, 0, 1, .2, .05)]]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = igpo.summarize(str(tmp_path))
+    assert s["steps"] == 4 and s["all_wrong"] == 0.3125 and s["all_wrong_after"] == 0.0625
+    assert s["reward_by_quarter"] == [.1, .2, .3, .5] and s["replaced_per_step"] == 1.75
+    assert s["max_abs_loss"] == 0.7 and s["max_kl"] == 0.05 and s["train_seconds"] == 8.0
