@@ -171,7 +171,7 @@ def print_canvas(tokenizer, answer_ids, hints, mask_id, title):
 # Grading: one function for the RL reward and every benchmark.
 
 # One grading path for the RL reward and for benchmark accuracy. Every public function is total:
-# any input gives an answer within a bounded time (about 1.5 s worst case) and nothing escapes.
+# any input gives an answer within a bounded time (2 s of CPU, 20 s wall at worst) and nothing escapes.
 
 _SPECIAL = re.compile(r"<\|[^<>|]{0,64}\|>")  # <|eot_id|>, <|mdm_mask|>, <|start_header_id|>, ...
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -260,26 +260,44 @@ class _Deadline(BaseException):  # BaseException so math_verify's `except Except
     pass
 
 
-def _latex_equal(pred, gold, seconds=1.5):
+_WARM = []  # math_verify imports sympy and its LaTeX parser lazily, on the first parse
+
+
+def _latex_equal(pred, gold, seconds=2.0):
     # math_verify's own timeouts use SIGALRM: main thread only, and they would clobber a caller's
-    # alarm. So they are off (None) and sympy runs in a helper thread we wait on for `seconds`; if it
-    # is still busy we raise _Deadline inside it (delivered at its next bytecode) and answer False.
-    # This bounds the call from any thread, the main one included.
+    # alarm. So they are off (None) and sympy runs in a helper thread that we watch; once it has used
+    # `seconds` of CPU time we raise _Deadline inside it (delivered at its next bytecode) and answer
+    # False. CPU time, not wall time: on a busy machine a wall-clock deadline would grade a correct but
+    # starved answer wrong. A wall-clock cap of 10x `seconds` still bounds the call from any thread.
     from math_verify import parse, verify
-    result = []
+    if not _WARM:  # the lazy imports are paid once, outside the deadline
+        verify(parse("$1$", parsing_timeout=None), parse("$1$", parsing_timeout=None), timeout_seconds=None)
+        _WARM.append(True)
+    result, clock = [], []
 
     def work():
         try:
+            clock.append(time.pthread_getcpuclockid(threading.get_ident()) if hasattr(time, "pthread_getcpuclockid") else None)
             g, p = parse(f"${gold}$", parsing_timeout=None), parse(f"${pred}$", parsing_timeout=None)
             result.append(bool(g and p and verify(g, p, timeout_seconds=None)))
         except BaseException:
             pass
 
+    def cpu_used(wall):
+        try:  # the thread's own CPU clock; where there is none, wall time
+            return time.clock_gettime(clock[0]) if clock and clock[0] is not None else wall
+        except OSError:  # the thread has just finished
+            return 0.0
+
     worker = threading.Thread(target=work, daemon=True)
+    start = time.monotonic()
     worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_Deadline))
+    while worker.is_alive():
+        worker.join(0.01)
+        wall = time.monotonic() - start
+        if worker.is_alive() and (cpu_used(wall) > seconds or wall > 10 * seconds):
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_Deadline))
+            break
     return bool(result and result[0])
 
 

@@ -260,3 +260,18 @@ def test_math500_fixture_matches_d1():
     assert sum(ours) == 29
     assert {i for i in range(len(items)) if ours[i] != ref[i]} == set(MATH_JUSTIFIED)
     assert all(ours[i] and not ref[i] for i in MATH_JUSTIFIED)
+
+
+def test_deadline_counts_cpu_not_wall_time(monkeypatch):
+    # A verify that waits 3 s without using CPU (as a starved thread on a busy machine does) must still be
+    # allowed to answer: the 2 s deadline is on the worker's CPU time. A wall-clock deadline would say False.
+    import math_verify
+    grade(boxed("0.5"), "\\frac{1}{2}", "math500")  # warm the lazy imports first
+    real_verify = math_verify.verify
+
+    def slow_verify(*args, **kwargs):
+        time.sleep(3)
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(math_verify, "verify", slow_verify)
+    assert grade(boxed("0.5"), "\\frac{1}{2}", "math500") is True
