@@ -17,11 +17,10 @@ Deviations from the paper (details in NOTES.md §3):
    argmax(exp(logits) / (-log u)^T); both pick the same token for the same uniform draw u.
 2. The mask token itself is never sampled (its logit is set to -inf). A trained LLaDA never ranks it first,
    so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
-3. Only the current block's logits are computed at all (logits_only_at): positions outside it cannot be
+3. Only the current block's logits are computed at all (logits_at): positions outside it cannot be
    unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
 """
 import argparse
-import contextlib
 import ctypes
 import json
 import os
@@ -80,20 +79,17 @@ def num_transfer_tokens(mask_index, steps):
     return base + (torch.arange(steps, device=mask_index.device) < rem).long()  # (B, steps)
 
 
-@contextlib.contextmanager
-def logits_only_at(model, start, end):
-    """Make model(x).logits cover positions start:end only. The vocabulary projection is applied position by
-    position, so feeding it just the hidden states we will read gives the same numbers; at LLaDA's 126k
-    vocabulary that projection's output is the largest tensor of the forward pass. A forward pre-hook on
-    the output embedding slices its input; models without get_output_embeddings() fall back to slicing the
-    full logits. Yields True when the hook is in place."""
+def logits_at(model, x, attention_mask, start, end):
+    """model(x).logits[:, start:end], without computing the rest. The vocabulary projection is applied position
+    by position, so feeding it only the hidden states we will read gives the same numbers; at LLaDA's 126k
+    vocabulary that projection's output is the largest tensor of the forward pass. A forward pre-hook on the
+    output embedding slices its input; a model without get_output_embeddings() is sliced afterwards."""
     head = getattr(model, "module", model).get_output_embeddings()
     if head is None:
-        yield False
-        return
+        return model(x, attention_mask=attention_mask).logits[:, start:end]
     handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, start:end],) + tuple(args[1:]))
     try:
-        yield True
+        return model(x, attention_mask=attention_mask).logits
     finally:
         handle.remove()
 
@@ -135,9 +131,7 @@ def generate(model, prompt_ids, gen_length, block_length, steps, temperature, ma
         n_transfer = num_transfer_tokens(block == mask_id, steps_per_block)  # (B, steps)
         for i in range(steps_per_block):
             mask_index = block == mask_id  # (B, Lb)
-            with logits_only_at(model, s, e) as sliced:  # only this block can change
-                logits = model(x, attention_mask=attention_mask).logits  # (B, Lb, V)
-            logits = logits if sliced else logits[:, s:e]
+            logits = logits_at(model, x, attention_mask, s, e)  # (B, Lb, V): only this block can change
             logits[..., mask_id] = NEG_INF  # never "unmask" a position into the mask token
             x0, confidence = sample_tokens(logits, temperature, generator)
             confidence = torch.where(mask_index, confidence, NEG_INF)  # committed and hint tokens stay put

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import sft
-from eval import check_lengths, evaluate, extract_answer, generate, grade, load_task, logits_only_at, write_json
+from eval import check_lengths, evaluate, extract_answer, generate, grade, load_task, logits_at, write_json
 from sft import EOS, EOT, MASK, fail, left_pad, load_model, make_prompt
 
 
@@ -112,7 +112,6 @@ def get_args(argv=None):
 #   log pi_theta, pi_old, pi_ref   logp, logp_old, logp_ref (B*G, L) per token, from Eq. (5)
 #   H                              entropy (B, L), per prompt and position under pi_old
 
-MAX_BAD_UPDATES = 3  # consecutive non-finite updates tolerated before the run stops
 ANSWER_START = re.compile(r"\\boxed|The answer is|<answer>")
 
 
@@ -166,9 +165,7 @@ def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_en
     L = completions.shape[1]
     x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=torch.long, device=prompt_ids.device)], 1)
     attn = torch.cat([prompt_attn, prompt_attn.new_ones(B, L)], 1)
-    with logits_only_at(model, P, P + L) as sliced:  # no vocabulary projection for prompt positions
-        logits = model(x, attention_mask=attn).logits
-    logits = (logits if sliced else logits[:, P:]).float()  # (B, L, V)
+    logits = logits_at(model, x, attn, P, P + L).float()  # (B, L, V): no vocabulary projection for the prompt
     lse = logits.logsumexp(-1, keepdim=True)  # (B, L, 1)
     index = completions.view(B, G, L).transpose(1, 2)  # (B, L, G): the G sampled tokens at each position
     logp = (logits.gather(-1, index) - lse).transpose(1, 2).reshape(B * G, L)  # (B*G, L)
@@ -430,7 +427,7 @@ def main(argv=None):
                 bad_in_a_row = 0
             else:  # a non-finite update is skipped, counted, and stops the run if it keeps happening
                 skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-                if bad_in_a_row > MAX_BAD_UPDATES:
+                if bad_in_a_row > sft.MAX_BAD_UPDATES:
                     fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
             opt.zero_grad(set_to_none=True)
         sched.step()

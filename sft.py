@@ -12,7 +12,7 @@ tokenizer, a tiny bidirectional transformer and a procedurally generated arithme
 ground-truth traces. eval.py and igpo.py import them from here.
 
     python sft.py                                   # embedded model + task, ~15 min on 2 CPU cores -> out/sft
-    python sft.py --traces verbose --gen_length 192 --out_dir out/sft_verbose   # the long-trace ablation
+    python sft.py --traces verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
     # paper scale (one GPU; see README for the full command):
     python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
         --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5
@@ -47,6 +47,7 @@ LLADA_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|
 REASONING_PROMPT = ("Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
                     "Put the final answer in \\boxed{}.\n\n")
 LOG_EPS = 1e-3  # Eq. (1): mask probability p = (1 - eps) t + eps keeps p away from 0
+MAX_BAD_UPDATES = 3  # consecutive non-finite updates skipped before a run (SFT or RL) stops
 
 
 def get_args(argv=None):
@@ -101,6 +102,7 @@ def build_toy_tokenizer():
     from transformers import PreTrainedTokenizerFast
     chars = [chr(i) for i in range(32, 127)] + ["\n"]
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    # WordLevel over single characters: digits are single tokens, so arithmetic is never split oddly
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
     tok.decoder = decoders.Fuse()  # and glued back without separators
@@ -116,6 +118,8 @@ def build_toy_model(tokenizer, hidden=128, layers=4, heads=4, max_len=512, vocab
     calling contract (model(ids, attention_mask).logits at every position, no causal mask) and loads back
     through the transformers Auto classes with no custom code."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM
+    # global_attn_every_n_layers=1 and local_attention=max_len: every layer attends over the whole sequence
+    # in both directions, as LLaDA's do (ModernBERT's default alternates with a sliding window)
     config = ModernBertConfig(
         vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=2 * hidden, max_position_embeddings=max_len, global_attn_every_n_layers=1,
@@ -166,6 +170,7 @@ def toy_dataset(split, n, seed=0, traces="concise"):
     rng, rows, seen = random.Random(f"{split}-{seed}"), [], set()
     while len(rows) < n:
         row = toy_problem(rng)
+        # crc32, not hash(): Python salts str hashes per process, and the split must be the same every run
         in_test = zlib.crc32(row["question"].encode()) % 10 == 0
         if in_test == (split == "test") and row["question"] not in seen:
             seen.add(row["question"])
@@ -211,6 +216,7 @@ def make_prompt(tokenizer, question, toy):
 def encode_response(tokenizer, trace, gen_length):
     """Eq. (2) length alignment: trace + <|eot_id|>, padded with EOS to exactly gen_length tokens.
     Returns None when the trace does not fit."""
+    # <|eot_id|> closes the turn as in LLaDA's chat format; the EOS tail after it is what "stop" looks like
     ids = tokenizer(trace, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids(EOT)]
     if len(ids) > gen_length:
         return None
@@ -470,7 +476,7 @@ def main(argv=None):
     barrier(world)
     resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt"))
 
-    # ---- data
+    # ---- data (the tokenizer alone is enough to build it; the model is loaded once the data is known to be good)
     tokenizer = load_model(args.model, args.trust_remote_code, "cpu")[1] if args.model != "toy" else build_toy_tokenizer()
     rows = build_sft_data(args, tokenizer, toy)
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
@@ -486,7 +492,7 @@ def main(argv=None):
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
             set_peft_model_state_dict(model, load_file(os.path.join(args.out_dir, "adapter_model.safetensors")))
-    raw_model = model
+    raw_model = model  # the unwrapped model is what gets saved, whatever wraps it for training
     if world > 1:  # gradients are averaged over ranks inside backward()
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -494,6 +500,7 @@ def main(argv=None):
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device}")
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, args.max_steps))
+    # skipped: non-finite updates so far (logged); bad_in_a_row: how many of the last updates were non-finite
     step, skipped, bad_in_a_row = 0, 0, 0
     if resuming:
         state = load_state(args.out_dir)
@@ -530,16 +537,17 @@ def main(argv=None):
                 loss = sft_loss(model, ids, attn, response_mask, mask_id, gen) / args.grad_accum
             loss.backward()
             total += loss.item()
+        # clip_grad_norm_ returns the norm before clipping: inf/nan there means some gradient is not finite
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         if torch.isfinite(gnorm):
             opt.step()
             bad_in_a_row = 0
         else:  # a non-finite update is skipped and counted; several in a row stop the run
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            if bad_in_a_row > 3:
+            if bad_in_a_row > MAX_BAD_UPDATES:
                 fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
         opt.zero_grad(set_to_none=True)
-        sched.step()
+        sched.step()  # the schedule follows steps taken, skipped or not, so resume needs only `step`
         step += 1
         bar.update(1)
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
