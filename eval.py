@@ -98,6 +98,7 @@ def sample_tokens(logits, temperature, generator=None):
     """Draw x0 by Gumbel-max at the given temperature in float64 (low precision makes the Gumbel noise
     coarse, which hurts quality), and return the model's probability of each drawn token as its confidence."""
     logits = logits.double()  # (B, Lb, V)
+    # Gumbel-max (deviation 6): argmax(l + T g) with g = -log(-log u) is a sample from softmax(l / T)
     if temperature > 0:
         u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
         x0 = (logits - temperature * torch.log(-torch.log(u))).argmax(-1)  # argmax(l/T + Gumbel)

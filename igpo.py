@@ -189,9 +189,11 @@ def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
     """Eq. (6)/(9): clipped surrogate + beta * k3 KL, per token, then
         loss = (1/N) sum_i (1/|o_i|) sum_k loss_mask_ik * l_ik      (|o_i| = sum_k loss_mask_ik)
     logp, logp_old, logp_ref, loss_mask (N, L); adv (N,). Returns (loss, kl, clip_frac)."""
-    ratio = torch.exp(logp - logp_old)
+    ratio = torch.exp(logp - logp_old)  # per token (deviation 1: the official code uses a sequence-level ratio)
     a = adv[:, None]
     surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)
+    # k3 estimator of KL(pi_theta || pi_ref): exp(d) - d - 1 with d = log pi_ref - log pi_theta; never negative,
+    # and 0 exactly where the two agree, so beta = 0 and pi_theta = pi_ref both leave only the surrogate
     kl = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1 if beta else torch.zeros_like(logp)
     per_token = -surrogate + beta * kl  # (N, L)
     m = loss_mask.float()
@@ -238,7 +240,9 @@ def inpaint_all_wrong(model, tokenizer, batch, all_wrong, prompts, prompt_attn, 
     for g, b in enumerate(all_wrong):
         rows = range(g * G, (g + 1) * G)
         correct = [j for j in rows if grade(inpainted_texts[j], batch[b][2], task)]
-        K = min(len(correct), math.floor(args.max_replace_frac * G))  # Eq. (8)
+        # Eq. (8): at most floor(lambda G) replaced, so the group keeps wrong samples with negative advantage
+        # and the hinted ones cannot dominate its gradient (Eq. (11) with lambda = 0.5)
+        K = min(len(correct), math.floor(args.max_replace_frac * G))
         for slot, j in enumerate(correct[:K]):  # all G originals are wrong: which K are replaced is immaterial
             completions[b * G + slot] = inpainted[j]
             hint_mask[b * G + slot] = hints[j] != mask_id
