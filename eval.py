@@ -54,6 +54,8 @@ def get_args(argv=None):
     # ---- run
     p.add_argument("--out", default="", help="results JSON (default: out/eval_<task>.json)")
     p.add_argument("--grade", default="", help="re-grade this results JSON instead of generating")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired accuracy difference B - A of two results "
+                   "JSONs on their shared questions; a,b,c averages several files (seeds) per side")
     p.add_argument("--show", action="store_true", help="print the first canvas after every denoising step")
     p.add_argument("--seed", type=int, default=0, help="random seed for temperature > 0")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -403,8 +405,45 @@ def regrade(path, task):
     return data, records
 
 
+def compare(paths_a, paths_b, n_boot=4000, seed=0):
+    """Paired comparison of two methods on the questions their results files share. Each side may be several
+    files (e.g. 3 seeds), averaged per question. The accuracy difference B - A gets a 95% paired-bootstrap
+    interval: questions are resampled together for both sides, so what makes a question hard cancels out,
+    which makes the interval much narrower than two separate error bars would suggest."""
+    def per_question(paths):
+        runs = [{r["question"]: float(r["correct"]) for r in read_records(p)} for p in paths]
+        return {q: sum(run[q] for run in runs) / len(runs) for q in set.intersection(*map(set, runs))}
+    a, b = per_question(paths_a), per_question(paths_b)
+    questions = sorted(set(a) & set(b))
+    if not questions:
+        fail("the two sides have no question in common")
+    d = torch.tensor([b[q] - a[q] for q in questions], dtype=torch.float64)  # (n,) paired differences
+    idx = torch.randint(len(d), (n_boot, len(d)), generator=torch.Generator().manual_seed(seed))  # (n_boot, n)
+    lo, hi = torch.quantile(d[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"n": len(d), "acc_a": sum(a[q] for q in questions) / len(d), "acc_b": sum(b[q] for q in questions) / len(d),
+            "diff": d.mean().item(), "ci95": [lo, hi]}
+
+
+def read_records(path):
+    """The records of a results file, checked for the fields compare() reads."""
+    if not os.path.exists(path):
+        fail(f"results file not found: {path}")
+    try:
+        records = json.load(open(path))["generations"]
+        for r in records:  # touch every field compare() uses, so a bad file fails here with one line
+            r["question"], float(r["correct"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        fail(f"{path} is not a results file with question/correct fields ({type(e).__name__}: {e})")
+    return records
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.compare:  # paired comparison of saved results, no model needed
+        r = compare(args.compare[0].split(","), args.compare[1].split(","))
+        print(f"B - A = {100 * r['diff']:+.1f} points, 95% paired-bootstrap interval [{100 * r['ci95'][0]:+.1f}, "
+              f"{100 * r['ci95'][1]:+.1f}] on {r['n']} questions (A {100 * r['acc_a']:.1f}%, B {100 * r['acc_b']:.1f}%)")
+        return r
     if args.task not in DEFAULTS:
         fail(f"unknown task '{args.task}' (choose from {', '.join(DEFAULTS)})")
     gen_length = args.gen_length or DEFAULTS[args.task][0]

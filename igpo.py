@@ -281,6 +281,32 @@ def summarize(out_dir):
             "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
 
 
+def plot_run(out_dir, acc_before, acc_after):
+    """curves.png in out_dir: the policy's own reward and the all-wrong fractions per step (thin: each step,
+    thick: running mean over 5), and test accuracy before -> after."""
+    import matplotlib
+    matplotlib.use("Agg")  # write a file; no display needed
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl")) if l.strip()]
+    steps = [r["step"] for r in rows]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 1]})
+    for key, label in [("reward", "reward, policy's own samples"), ("all_wrong", "all-wrong groups"),
+                       ("all_wrong_after", "all-wrong after inpainting (seen by the gradient)")]:
+        y = [r[key] for r in rows]
+        smooth = [sum(y[max(0, i - 4):i + 1]) / len(y[max(0, i - 4):i + 1]) for i in range(len(y))]
+        line, = ax.plot(steps, y, lw=0.6, alpha=0.5)
+        ax.plot(steps, smooth, lw=2, color=line.get_color(), label=label)
+    ax.set(xlabel="RL step", ylim=(0, 1), title="training")
+    ax.legend(fontsize=8)
+    accs = [a for a in (acc_before, acc_after) if a is not None]
+    bars = bx.bar(["before RL", "after RL"][-len(accs):], [100 * a for a in accs], color=["grey", "tab:green"][-len(accs):])
+    bx.bar_label(bars, fmt="%.1f%%")
+    bx.set(ylim=(0, 100), title="test accuracy (greedy)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = sft.init_distributed(args.device)  # world > 1 under torchrun
@@ -370,8 +396,10 @@ def main(argv=None):
     acc_before = None
     if args.eval_limit and toy and not resuming:
         items = load_task("toy", limit=args.eval_limit)
-        _, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        records, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
         print(f"accuracy before RL: {100 * acc_before:.1f}% on {len(items)} test questions")
+        if rank == 0:  # per question, so that methods can be compared paired: eval.py --compare A B
+            write_json(os.path.join(args.out_dir, "eval_before.json"), {"generations": records})
 
     from tqdm import tqdm
     bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None if rank == 0 else True)
@@ -467,14 +495,17 @@ def main(argv=None):
 
     if args.eval_limit and toy:
         items = load_task("toy", limit=args.eval_limit)
-        _, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        records, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
         before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
         print(f"accuracy on {len(items)} test questions: {before}{100 * acc_after:.1f}%")
         if rank == 0:
             summary = {"accuracy_before": acc_before, "accuracy_after": acc_after, "n": len(items),
                        **summarize(args.out_dir)}
             write_json(os.path.join(args.out_dir, "eval.json"), summary)
+            write_json(os.path.join(args.out_dir, "eval_after.json"), {"generations": records})
             print("run summary: " + json.dumps(summary))
+            plot_run(args.out_dir, acc_before, acc_after)
+            print(f"curves: {os.path.join(args.out_dir, 'curves.png')}")
 
 
 if __name__ == "__main__":
