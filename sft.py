@@ -303,21 +303,30 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
     return model.to(device), tokenizer
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out",  # LLaDA
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out",  # LLaDA's 7 per block
                 "Wqkv", "Wo", "Wi"]  # ModernBERT (the embedded model)
 
 
 def add_lora(model, r, alpha, dropout=0.05):
-    """Wrap the model with LoRA adapters on whichever of the known projection names it has."""
+    """Wrap the model with LoRA adapters on whichever of the known projection names it has, never on the
+    vocabulary head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464, 16.7 M
+    adapter parameters at r = 128) and neither the paper nor the official code adapts it."""
     from peft import LoraConfig, get_peft_model
-    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     targets = [t for t in LORA_TARGETS if t in names]
     if not targets:
         fail(f"--lora_r: none of the LoRA target modules {LORA_TARGETS} exist in this model")
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets))
+    exclude = [n for n, m in model.named_modules() if m is head]
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                            exclude_modules=exclude or None))
 
 
 def enable_grad_ckpt(model):
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "set_activation_checkpointing"):  # LLaDA (OLMo code): its own switch, no HF flag
+        inner.set_activation_checkpointing("whole_layer")  # recompute every block in backward
+        return
     if not getattr(model, "supports_gradient_checkpointing", False):
         fail(f"--grad_ckpt: {type(model).__name__} does not support gradient checkpointing")
     model.gradient_checkpointing_enable()
