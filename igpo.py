@@ -58,6 +58,8 @@ def get_args(argv=None):
     p.add_argument("--question_col", default="question", help="question column (MetaMathQA: query)")
     p.add_argument("--trace_col", default="trace", help="ground-truth trace column y* (MetaMathQA: response)")
     p.add_argument("--answer_col", default="", help="answer column; empty: taken from the end of the trace")
+    p.add_argument("--metamath_official", action="store_true", help="MetaMathQA rows as the official code: "
+                   "GSM_AnsAug + MATH_AnsAug, one per query, trace prefixed '<reasoning>\\n'")
     # ---- rollouts (sampler: NOTES.md §4)
     p.add_argument("--batch_prompts", type=int, default=8, help="prompts per optimizer step (paper: 64)")
     p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt (paper: 8)")
@@ -112,7 +114,10 @@ def get_args(argv=None):
 #   log pi_theta, pi_old, pi_ref   logp, logp_old, logp_ref (B*G, L) per token, from Eq. (5)
 #   H                              entropy (B, L), per prompt and position under pi_old
 
-ANSWER_START = re.compile(r"\\boxed|The answer is|<answer>")
+# Where a trace starts stating its final answer. MetaMathQA states it twice: GSM_AnsAug ends "#### 72\nThe
+# answer is: 72", MATH_AnsAug has "$\\boxed{5}$. The answer is: 5"; so the cut is at the FIRST marker.
+ANSWER_START = re.compile(r"####|\\boxed|The answer is|<answer>")
+METAMATH_TYPES = ("GSM_AnsAug", "MATH_AnsAug")  # the official code's selection (--metamath_official)
 
 
 def answer_from_trace(trace):
@@ -125,11 +130,22 @@ def answer_from_trace(trace):
 
 
 def hintable_trace_ids(tokenizer, trace, gen_length):
-    """Token ids of y* that may be revealed: everything before the final-answer statement (Eq. (7): the
+    """Token ids of y* that may be revealed: everything before the first final-answer statement (Eq. (7): the
     answer itself is never a hint), cut to the completion length."""
-    starts = [m.start() for m in ANSWER_START.finditer(trace)]
-    prefix = trace[:starts[-1]] if starts else trace
-    return tokenizer(prefix, add_special_tokens=False).input_ids[:gen_length]
+    m = ANSWER_START.search(trace)
+    return tokenizer(trace[:m.start()] if m else trace, add_special_tokens=False).input_ids[:gen_length]
+
+
+def metamath_official(ds, qcol):
+    """Row indices as the official code selects MetaMathQA: GSM_AnsAug and MATH_AnsAug rows only, the first
+    row of each query (the other types rephrase or invert questions that these rows already hold)."""
+    if "type" not in ds.column_names:
+        fail("--metamath_official needs MetaMathQA's 'type' column")
+    first = {}
+    for i, (q, kind) in enumerate(zip(ds[qcol], ds["type"])):
+        if kind in METAMATH_TYPES:
+            first.setdefault(q, i)
+    return sorted(first.values())
 
 
 def make_hints(trace_ids, gen_length, eta, chunk_min, chunk_max, mask_id, gen):
@@ -350,6 +366,9 @@ def main(argv=None):
     else:
         cols = [args.question_col, args.trace_col] + ([args.answer_col] if args.answer_col else [])
         ds = sft.load_rows(args.dataset, args.split, cols)
+        if args.metamath_official:  # the official rows, hints prefixed with the format the prompt asks for
+            ds = ds.select(metamath_official(ds, args.question_col))
+            ds = ds.map(lambda r: {args.trace_col: "<reasoning>\n" + r[args.trace_col]})
         questions, traces = ds[args.question_col], ds[args.trace_col]
         answers = ds[args.answer_col] if args.answer_col else [answer_from_trace(t) for t in traces]
     data = [(q, t, str(a)) for q, t, a in zip(questions, traces, answers) if a is not None]

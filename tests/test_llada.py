@@ -1,6 +1,7 @@
 """The paths the LLaDA-8B-Instruct commands of the README take, run through LLaDA's own modeling code: a tiny
 random LLaDA built from the vendored hub files (tests/llada/, conftest.build_tiny_llada), with the real
 classes, vocabulary and special-token ids."""
+import pytest
 import torch
 
 import igpo
@@ -55,3 +56,44 @@ def test_lora_on_llada_adapts_the_seven_block_projections_not_the_head(tiny_llad
     d, h = cfg.d_model, cfg.mlp_hidden_size  # per block: 4 of d -> d (q k v attn_out), ff_proj/up_proj d -> h, ff_out h -> d
     expected = cfg.n_layers * r * (4 * 2 * d + 3 * (d + h))
     assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == expected
+
+
+# MetaMathQA rows in their exact shapes (query, response, type), as the hub dataset holds them
+METAMATH_ROWS = [
+    {"query": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+              "How many clips did Natalia sell altogether in April and May?",
+     "response": "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
+                 "\n#### 72\nThe answer is: 72", "type": "GSM_AnsAug"},
+    {"query": "What is the value of $\\sqrt{36 \\times \\sqrt{16}}$?",
+     "response": "We have $\\sqrt{36 \\times \\sqrt{16}} = \\sqrt{36 \\times 4} = \\sqrt{144} = \\boxed{12}$."
+                 "\nThe answer is: 12", "type": "MATH_AnsAug"},
+    {"query": "What is the value of $\\sqrt{36 \\times \\sqrt{16}}$?",  # a second row for the same query
+     "response": "$\\sqrt{16} = 4$, so $\\sqrt{36 \\cdot 4} = \\sqrt{144} = \\boxed{12}$.\nThe answer is: 12",
+     "type": "MATH_AnsAug"},
+    {"query": "If Natalia sold x clips in April and half as many in May, 72 in all, what is x?",
+     "response": "x + x/2 = 72, so x = 48.\n#### 48\nThe answer is: 48", "type": "GSM_FOBAR"},
+]
+
+
+def test_hints_never_reveal_the_answer_of_metamath_rows(tiny_llada):
+    """Issue 13.5: the hintable part was cut at the LAST answer marker, so GSM_AnsAug's '#### 72' and
+    MATH_AnsAug's '\\boxed{12}' stayed hintable; a sample that merely keeps them was rewarded."""
+    import eval as evaluation
+    _, tok = sft.load_model(tiny_llada, trust_remote_code=True)
+    for row in METAMATH_ROWS[:2]:
+        gold = igpo.answer_from_trace(row["response"])
+        assert gold in ("72", "12")
+        hintable = tok.decode(igpo.hintable_trace_ids(tok, row["response"], 256))
+        assert row["response"].startswith(hintable) and len(hintable) > 30  # the reasoning is still hintable
+        assert "####" not in hintable and "boxed" not in hintable and "answer" not in hintable
+        # a completion that is the whole hint source revealed, then the end token, earns nothing
+        assert not evaluation.grade(hintable + "<|eot_id|>", gold, "math500")
+
+
+def test_metamath_official_selection(tmp_path):
+    from datasets import Dataset
+    ds = Dataset.from_list(METAMATH_ROWS)
+    assert igpo.metamath_official(ds, "query") == [0, 1]  # AnsAug types only, first row per query
+    with pytest.raises(SystemExit) as e:
+        igpo.metamath_official(ds.remove_columns("type"), "query")
+    assert str(e.value).startswith("error: ") and "'type'" in str(e.value)
