@@ -287,7 +287,11 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
         base = json.load(open(os.path.join(name, "adapter_config.json")))["base_model_name_or_path"]
         model, _ = load_model(base, trust_remote_code, device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
-        return PeftModel.from_pretrained(model, name).merge_and_unload(), tokenizer
+        model = PeftModel.from_pretrained(model, name).merge_and_unload()
+        # an adapter trained on top of this model must name THIS folder as its base, not the raw base: that is
+        # how loading an IGPO adapter brings the merged SFT adapter back with it (SFT -> IGPO -> eval chain)
+        model.name_or_path = name
+        return model, tokenizer
     if not os.path.isdir(name) and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
         fail(f"model not found: '{name}' is neither a checkpoint folder nor a hub id (org/name)")
     try:

@@ -1,6 +1,10 @@
 """The paths the LLaDA-8B-Instruct commands of the README take, run through LLaDA's own modeling code: a tiny
 random LLaDA built from the vendored hub files (tests/llada/, conftest.build_tiny_llada), with the real
 classes, vocabulary and special-token ids."""
+import argparse
+import json
+import os
+
 import pytest
 import torch
 
@@ -97,3 +101,34 @@ def test_metamath_official_selection(tmp_path):
     with pytest.raises(SystemExit) as e:
         igpo.metamath_official(ds.remove_columns("type"), "query")
     assert str(e.value).startswith("error: ") and "'type'" in str(e.value)
+
+
+def lora_delta(folder, module):
+    """The weight change an adapter folder applies to one module: (alpha / r) B A."""
+    from safetensors.torch import load_file
+    cfg, w = json.load(open(os.path.join(folder, "adapter_config.json"))), load_file(os.path.join(folder, "adapter_model.safetensors"))
+    a, b = (next(v for k, v in w.items() if k.endswith(f"{module}.lora_{x}.weight")) for x in "AB")
+    return cfg["lora_alpha"] / cfg["r"] * b @ a
+
+
+def test_lora_on_lora_chain_keeps_the_sft_stage(tiny_llada, tmp_path):
+    """Issue 13.2: an IGPO adapter trained on a merged SFT adapter recorded the raw base as its base, so loading
+    the IGPO output gave base + IGPO. Here both stages are saved the way sft.py / igpo.py save them."""
+    def train_adapter(init, out, seed):  # add_lora + nonzero adapter weights + save_checkpoint, as the scripts do
+        model, tok = sft.load_model(init, trust_remote_code=True)
+        model = sft.add_lora(model, 4, 8)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.5)
+        sft.save_checkpoint(str(out), model, tok, argparse.Namespace(), None)
+    train_adapter(tiny_llada, tmp_path / "sft", 1)
+    train_adapter(str(tmp_path / "sft"), tmp_path / "igpo", 2)
+    assert json.load(open(tmp_path / "igpo" / "adapter_config.json"))["base_model_name_or_path"] == str(tmp_path / "sft")
+    module = "model.transformer.blocks.0.q_proj"
+    base = sft.load_model(tiny_llada, trust_remote_code=True)[0].get_submodule(module).weight
+    final = sft.load_model(str(tmp_path / "igpo"), trust_remote_code=True)[0].get_submodule(module).weight
+    d_sft, d_igpo = lora_delta(tmp_path / "sft", "blocks.0.q_proj"), lora_delta(tmp_path / "igpo", "blocks.0.q_proj")
+    assert d_sft.abs().mean() > 1e-3 and d_igpo.abs().mean() > 1e-3  # both stages really change the weights
+    assert torch.allclose(final, base + d_sft + d_igpo, atol=1e-5)  # merged SFT + IGPO delta
