@@ -31,7 +31,7 @@ from fractions import Fraction
 
 import torch
 
-from sft import MASK, fail, init_distributed, left_pad, load_model, make_prompt, toy_dataset
+from sft import MASK, fail, init_distributed, load_model, make_prompt, toy_dataset
 
 NEG_INF = float("-inf")
 
@@ -50,7 +50,7 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=0, help="denoising steps over the whole answer (default: L/2)")
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature; 0 is greedy (paper: 0; AMC: 0.1)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per question, accuracy averaged (AMC: 16)")
-    p.add_argument("--batch_size", type=int, default=64, help="sequences per generate() call")
+    p.add_argument("--batch_size", type=int, default=64, help="sequences per generate() call (equal-length prompts only)")
     # ---- run
     p.add_argument("--out", default="", help="results JSON (default: out/eval_<task>.json)")
     p.add_argument("--grade", default="", help="re-grade this results JSON instead of generating")
@@ -346,6 +346,16 @@ def load_task(task, data="", limit=0, seed=0):
     return items[:limit] if limit else items
 
 
+def equal_length_batches(lengths, size):
+    """Lists of at most `size` row indices that share a prompt length. LLaDA's hub code accepts attention_mask
+    but never applies it, so a left-padded prompt attends to its pads and its answer would depend on what else
+    is in its batch; generating only equal-length, unpadded prompts together is exact for every model."""
+    groups = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return [g[k:k + size] for g in groups.values() for k in range(0, len(g), size)]
+
+
 def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, temperature=0.0, num_samples=1,
              batch_size=64, generator=None, show=False, progress=True):
     """Generate num_samples answers per question and grade them. Returns (records, accuracy). Under torchrun
@@ -357,15 +367,16 @@ def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, tem
     device = next(model.parameters()).device
     prompts = [tokenizer(make_prompt(tokenizer, q, task == "toy"), add_special_tokens=False).input_ids
                for q, _ in items for _ in range(num_samples)]
-    texts = []
+    texts = [None] * len(prompts)
     was_training = model.training
     model.eval()
-    for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {task}", disable=not progress or rank or None):
-        ids, attn = left_pad(prompts[i:i + batch_size], tokenizer.pad_token_id)
-        out = generate(model, ids.to(device), gen_length, block_length, steps, temperature, mask_id,
-                       attention_mask=attn.to(device), generator=generator,
-                       show=tokenizer if show and i == 0 else None)
-        texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=False)
+    for rows in tqdm(equal_length_batches(map(len, prompts), batch_size), desc=f"eval {task}",
+                     disable=not progress or rank or None):
+        ids = torch.tensor([prompts[i] for i in rows], device=device)  # (b, P): no padding, batch-invariant
+        out = generate(model, ids, gen_length, block_length, steps, temperature, mask_id, generator=generator,
+                       show=tokenizer if show and rows[0] == 0 else None)
+        for i, text in zip(rows, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=False)):
+            texts[i] = text
     model.train(was_training)
     records = []
     for j, (q, gold) in enumerate(items):

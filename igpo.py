@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 import sft
-from eval import check_lengths, evaluate, extract_answer, generate, grade, load_task, logits_at, write_json
+from eval import (check_lengths, equal_length_batches, evaluate, extract_answer, generate, grade, load_task, logits_at,
+                  write_json)
 from sft import EOS, EOT, MASK, fail, left_pad, load_model, make_prompt
 
 
@@ -222,12 +223,15 @@ def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
 
 def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None):
     """Sample one completion per row of prompts (N, P) with the diffusion sampler; returns (N, L). Rows go
-    through the sampler --gen_batch at a time: its logits (rows x length x vocab) bound its memory."""
-    n = args.gen_batch or len(prompts)
-    outs = [generate(model, prompts[i:i + n], args.gen_length, args.block_length, args.steps, args.temperature,
-                     mask_id, hints=None if hints is None else hints[i:i + n], attention_mask=prompt_attn[i:i + n],
-                     generator=gen) for i in range(0, len(prompts), n)]
-    return torch.cat(outs)[:, prompts.shape[1]:]
+    through the sampler --gen_batch at a time (its logits, rows x length x vocab, bound its memory), and only
+    rows of equal prompt length together, unpadded: LLaDA's hub code ignores attention_mask (eval.py)."""
+    out = torch.empty(len(prompts), args.gen_length, dtype=torch.long, device=prompts.device)  # (N, L)
+    lengths = prompt_attn.sum(1).tolist()
+    for rows in equal_length_batches(lengths, args.gen_batch or len(prompts)):
+        x = prompts[rows, prompts.shape[1] - lengths[rows[0]]:]  # (b, P_b): the left padding cut off
+        out[rows] = generate(model, x, args.gen_length, args.block_length, args.steps, args.temperature, mask_id,
+                             hints=None if hints is None else hints[rows], generator=gen)[:, x.shape[1]:]
+    return out
 
 
 def inpaint_all_wrong(model, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args,
