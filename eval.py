@@ -31,7 +31,8 @@ from fractions import Fraction
 
 import torch
 
-from sft import MASK, fail, init_distributed, load_model, make_prompt, toy_dataset
+from sft import (MASK, PRECISION_HELP, PRECISIONS, autocast, describe_precision, fail, init_distributed, load_model,
+                 make_prompt, precision_policy, toy_dataset)
 
 NEG_INF = float("-inf")
 
@@ -57,6 +58,7 @@ def get_args(argv=None):
     p.add_argument("--show", action="store_true", help="print the first canvas after every denoising step")
     p.add_argument("--seed", type=int, default=0, help="random seed for temperature > 0")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     return p.parse_args(argv)
 
 
@@ -433,14 +435,16 @@ def main(argv=None):
             fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
         rank, world, device = init_distributed(args.device)  # under torchrun, questions are sharded over ranks
         items = load_task(args.task, args.data, args.limit, args.seed)
-        model, tokenizer = load_model(model_path, args.trust_remote_code, device,
-                                      torch.bfloat16 if device.type == "cuda" else None)
+        dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained here
+        model, tokenizer = load_model(model_path, args.trust_remote_code, device, dtype)
         print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "
-              f"L={gen_length} block={block_length} steps={steps} T={args.temperature}")
+              f"L={gen_length} block={block_length} steps={steps} T={args.temperature} | "
+              + describe_precision(dtype, amp_dtype))
         gen = torch.Generator(device).manual_seed(args.seed + rank)
         t0 = time.time()
-        records, _ = evaluate(model, tokenizer, items, args.task, gen_length, block_length, steps,
-                              args.temperature, args.num_samples, args.batch_size, gen, args.show)
+        with autocast(device, amp_dtype):
+            records, _ = evaluate(model, tokenizer, items, args.task, gen_length, block_length, steps,
+                                  args.temperature, args.num_samples, args.batch_size, gen, args.show)
         settings = {"model_path": model_path, "gen_length": gen_length, "block_length": block_length,
                     "diffusion_steps": steps, "temperature": args.temperature, "num_samples": args.num_samples,
                     "seed": args.seed, "seconds": round(time.time() - t0, 1)}

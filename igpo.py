@@ -95,6 +95,7 @@ def get_args(argv=None):
     p.add_argument("--eval_limit", type=int, default=500, help="embedded test questions for the before/after eval (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="auto", choices=sft.PRECISIONS, help=sft.PRECISION_HELP)
     args = p.parse_args(argv)
     check_lengths(args.gen_length, args.block_length, args.steps)
     if not (0 <= args.eta_low <= args.eta_high <= 1):
@@ -320,7 +321,9 @@ def main(argv=None):
     resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt"))
 
     # ---- model: policy, and the reference for the KL term
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    dtype, amp_dtype = sft.precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
+    print(sft.describe_precision(dtype, amp_dtype, args.lora_r > 0))
+    amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
     model, tokenizer = load_model(args.init, args.trust_remote_code, device, dtype)
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
     end_ids = torch.tensor([tokenizer.convert_tokens_to_ids(EOT), tokenizer.convert_tokens_to_ids(EOS)], device=device)
@@ -393,7 +396,8 @@ def main(argv=None):
     acc_before = None
     if args.eval_limit and toy and not resuming:
         items = load_task("toy", limit=args.eval_limit)
-        _, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        with amp():
+            _, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
         print(f"accuracy before RL: {100 * acc_before:.1f}% on {len(items)} test questions")
 
     from tqdm import tqdm
@@ -410,23 +414,25 @@ def main(argv=None):
         # ================================ the IGPO step (NOTES.md §5) ================================
         # 1. G rollouts per prompt, all prompts in one batched sampler call; binary correctness reward.
         policy.eval()
-        completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen)  # (B*G, L)
+        with amp():
+            completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen)  # (B*G, L)
         texts = tokenizer.batch_decode(completions)
         reward = torch.tensor([float(grade(texts[j], batch[j // G][2], task)) for j in range(B * G)]).view(B, G)
         own_reward = reward.mean().item()  # the policy's own success rate, before any rescue
 
         # 2. Eq. (7)-(8): groups with every sample wrong are rescued by inpainting with their own trace.
         all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
-        hint_mask, rescued, n_replaced, example = inpaint_all_wrong(
-            policy, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args, mask_id,
-            task, gen, hint_gen)
+        with amp():
+            hint_mask, rescued, n_replaced, example = inpaint_all_wrong(
+                policy, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args, mask_id,
+                task, gen, hint_gen)
 
         # 3. Eq. (3): group-relative advantages on the (augmented) group; all-equal groups get exactly 0.
         adv = (reward - reward.mean(1, keepdim=True)).flatten().to(device)  # (B*G,)
 
         # 4. Old-policy log-probs and entropies (Eq. (5), (10)), reference log-probs for the KL term.
         mb = B // args.grad_accum  # prompts per micro-batch: also bounds the estimator's logits memory
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             old = [token_logps(policy, prompts[a:a + mb], prompt_attn[a:a + mb], completions[a * G:(a + mb) * G], G,
                                mask_id, with_entropy=True) for a in range(0, B, mb)]
             logp_old, entropy = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])
@@ -443,7 +449,8 @@ def main(argv=None):
             stats = torch.zeros(3)
             for a in range(0, B, mb):
                 s = slice(a * G, (a + mb) * G)  # the rows of these prompts' samples
-                logp = token_logps(model, prompts[a:a + mb], prompt_attn[a:a + mb], completions[s], G, mask_id)
+                with amp():  # the same compute precision as logp_old, so the ratio starts at 1
+                    logp = token_logps(model, prompts[a:a + mb], prompt_attn[a:a + mb], completions[s], G, mask_id)
                 loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s],
                                                 args.epsilon, args.beta)
                 (loss / args.grad_accum).backward()
@@ -490,7 +497,8 @@ def main(argv=None):
 
     if args.eval_limit and toy:
         items = load_task("toy", limit=args.eval_limit)
-        _, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        with amp():
+            _, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
         before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
         print(f"accuracy on {len(items)} test questions: {before}{100 * acc_after:.1f}%")
         if rank == 0:

@@ -163,3 +163,38 @@ def test_rollout_rows_do_not_see_each_other(tiny_llada):
         alone = igpo.rollout(model, prompts[b:b + 1, -int(attn[b].sum()):], attn[b:b + 1, -int(attn[b].sum()):],
                              args, mask_id, None)
         assert torch.equal(both[b], alone[0])
+
+
+SHORT_ROWS = [{"question": f"What is {a}+{b}?", "trace": f"{a}+{b}={a + b}\n\\boxed{{{a + b}}}"}
+              for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]]
+
+
+def sft_weights(tiny_llada, tmp_path, precision, extra=()):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in SHORT_ROWS))
+    out = tmp_path / f"sft_{precision}"
+    sft.main(["--model", tiny_llada, "--trust_remote_code", "--dataset", str(data), "--gen_length", "16",
+              "--batch_size", "2", "--max_steps", "3", "--lr", "1e-4", "--warmup_steps", "1", "--weight_decay", "0",
+              "--precision", precision, "--out_dir", str(out), "--device", "cpu", "--log_every", "1", *extra])
+    from safetensors.torch import load_file
+    return load_file(str(out / "model.safetensors")), out
+
+
+def test_bf16_policy_moves_weights_like_fp32(tiny_llada, tmp_path, capsys):
+    """Issue 13.4: the GPU policy (bf16 autocast, fp32 trained weights), run on CPU, must move the weights as
+    fp32 does; pure bf16 weights, what igpo.py trained on a GPU before, lose most updates to rounding."""
+    from safetensors.torch import load_file
+    w0 = load_file(os.path.join(tiny_llada, "model.safetensors"))
+    w32, _ = sft_weights(tiny_llada, tmp_path, "fp32")
+    wbf, out = sft_weights(tiny_llada, tmp_path, "bf16")
+    assert "weights float32, compute bfloat16 autocast" in capsys.readouterr().out  # printed at start
+    name = "model.transformer.blocks.0.q_proj.weight"
+    assert wbf[name].dtype == torch.float32  # the master weights stayed fp32
+    d32, dbf = w32[name] - w0[name], wbf[name] - w0[name]
+    assert (dbf != 0).float().mean() > 0.99  # every weight moved ...
+    assert torch.nn.functional.cosine_similarity(d32.flatten(), dbf.flatten(), dim=0) > 0.9  # ... as under fp32
+    # the bug: the same fp32 update applied to bf16 weights rounds away for most of them
+    assert ((w0[name].bfloat16() + d32.bfloat16()) != w0[name].bfloat16()).float().mean() < 0.5
+    # resume restores the same precision: the continued run still saves fp32 weights
+    wres, _ = sft_weights(tiny_llada, tmp_path, "bf16", ["--resume", "--max_steps", "4"])
+    assert wres[name].dtype == torch.float32 and not torch.equal(wres[name], wbf[name])
