@@ -198,3 +198,50 @@ def test_bf16_policy_moves_weights_like_fp32(tiny_llada, tmp_path, capsys):
     # resume restores the same precision: the continued run still saves fp32 weights
     wres, _ = sft_weights(tiny_llada, tmp_path, "bf16", ["--resume", "--max_steps", "4"])
     assert wres[name].dtype == torch.float32 and not torch.equal(wres[name], wbf[name])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_command(script, **changes):
+    """The README's LLaDA command for `script`, as written, with the flags in `changes` replaced (or added)."""
+    import shlex
+    line = next(l for l in open(os.path.join(ROOT, "README.md")) if l.startswith(f"python {script} ")
+                and "--trust_remote_code" in l)
+    argv = shlex.split(line)[2:]
+    for flag, value in changes.items():
+        flag = "--" + flag
+        if flag in argv:
+            argv[argv.index(flag) + 1] = str(value)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
+    """The README's paper-scale commands (sft.py -> igpo.py -> eval.py with --trust_remote_code --lora_r
+    --grad_ckpt) run as written on the tiny LLaDA, model path, data and sizes aside, under the GPU precision
+    policy; the model eval.py loads at the end is base + SFT adapter + IGPO adapter (issue 13.2)."""
+    traces, metamath, bench = tmp_path / "traces.jsonl", tmp_path / "metamath.jsonl", tmp_path / "math500.jsonl"
+    traces.write_text("".join(json.dumps(r) + "\n" for r in SHORT_ROWS))
+    metamath.write_text("".join(json.dumps(r) + "\n" for r in METAMATH_ROWS))
+    bench.write_text("".join(json.dumps({"problem": r["question"], "answer": r["trace"][-2]}) + "\n" for r in SHORT_ROWS))
+    sft_out, igpo_out = str(tmp_path / "sft_llada"), str(tmp_path / "igpo_llada")
+    sft.main(readme_command("sft.py", model=tiny_llada, dataset=traces, gen_length=16, grad_accum=2, lr=1e-2,
+                            warmup_steps=1, max_steps=2, out_dir=sft_out, precision="bf16"))
+    igpo.main(readme_command("igpo.py", init=sft_out, dataset=metamath, gen_length=32, block_length=16, steps=8,
+                             num_generations=2, batch_prompts=2, grad_accum=2, num_iterations=2, gen_batch=4,
+                             warmup_steps=1, max_steps=2, out_dir=igpo_out, precision="bf16"))
+    import eval as evaluation
+    evaluation.main(readme_command("eval.py", model=igpo_out, data=bench, gen_length=32, block_length=16, steps=8,
+                                   out=tmp_path / "eval.json", precision="bf16"))
+    printed = capsys.readouterr().out
+    assert printed.count("precision: weights bfloat16") == 3  # the policy line of all three scripts
+    assert len(json.load(open(tmp_path / "eval.json"))["generations"]) == len(SHORT_ROWS)
+    assert json.load(open(os.path.join(igpo_out, "adapter_config.json")))["base_model_name_or_path"] == sft_out
+    module = "model.transformer.blocks.1.ff_out"
+    base = sft.load_model(tiny_llada, trust_remote_code=True)[0].get_submodule(module).weight
+    final = sft.load_model(igpo_out, trust_remote_code=True)[0].get_submodule(module).weight
+    d_sft, d_igpo = lora_delta(sft_out, "blocks.1.ff_out"), lora_delta(igpo_out, "blocks.1.ff_out")
+    assert d_sft.abs().mean() > 1e-4  # SFT moved the weights, and that move survives into the final model
+    assert torch.allclose(final, base + d_sft + d_igpo, atol=1e-5)
