@@ -19,6 +19,8 @@ Deviations from the paper (details in NOTES.md §3):
    so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
 3. Only the current block's logits are computed at all (logits_at): positions outside it cannot be
    unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
+4. Only prompts of equal length share a sampler call, unpadded: LLaDA's hub code ignores attention_mask, so
+   padding would make an answer depend on its batch (NOTES.md §3, item 16).
 """
 import argparse
 import ctypes

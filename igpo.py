@@ -13,7 +13,7 @@ entropy, are trained on (Eq. (10)).
     python igpo.py --no_inpaint                     # plain GRPO baseline
     python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
     # paper scale, one GPU (README has the full command):
-    python igpo.py --init GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
+    python igpo.py --init GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA --metamath_official \
         --question_col query --trace_col response --gen_length 256 --block_length 32 --steps 128 \
         --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 --grad_accum 64 --gen_batch 64
 
@@ -21,11 +21,13 @@ Deviations from the paper (details and reasons in NOTES.md §3):
 1. Loss normalisation follows the paper, (1/G) sum_i (1/|o_i|) sum_k, with |o_i| the tokens that enter the
    loss; the official code instead averages over all tokens of the batch and uses a sequence-level ratio.
 2. Completions are scored up to and including their first end token (<|eot_id|> or EOS); the EOS padding
-   tail after it is left out of the loss, as in the official code and d1 (test: test_eos_tail_not_in_loss).
-3. The final-answer span of the trace is never revealed as a hint (the paper's rule; the official code's
-   default can reveal it).
+   tail after it is left out of the loss (the official code's loss covers it; test_eos_tail_not_in_loss).
+3. The trace is cut at its first final-answer statement and never hinted after it (the paper's rule; the
+   official code's default can reveal the answer, and it keeps the last 30 positions hint-free).
 4. The policy's per-token log-probs come from one forward pass per *prompt*: the estimator's input
    (prompt + fully masked answer, Eq. (5)) does not depend on the sample, so the G samples share it.
+5. Binary reward (official: 3.0 + format reward), LR schedule stepped per rollout batch, token-level ratio
+   only; NOTES.md §3 items 11-16 list these and the MetaMathQA selection (--metamath_official).
 """
 import argparse
 import copy
