@@ -325,7 +325,7 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         auto = AutoModel if getattr(config, "auto_map", None) else AutoModelForMaskedLM
-        model = auto.from_pretrained(name, trust_remote_code=trust_remote_code, torch_dtype=dtype)
+        model = auto.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         hint = "; pass --trust_remote_code to allow it" if "trust_remote_code=True" in str(e) else ""  # hint is on line 2
