@@ -243,5 +243,7 @@ def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
     base = sft.load_model(tiny_llada, trust_remote_code=True)[0].get_submodule(module).weight
     final = sft.load_model(igpo_out, trust_remote_code=True)[0].get_submodule(module).weight
     d_sft, d_igpo = lora_delta(sft_out, "blocks.1.ff_out"), lora_delta(igpo_out, "blocks.1.ff_out")
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(os.path.join(sft_out, "adapter_model.safetensors")).values()} == {torch.float32}
     assert d_sft.abs().mean() > 1e-4  # SFT moved the weights, and that move survives into the final model
     assert torch.allclose(final, base + d_sft + d_igpo, atol=1e-5)
