@@ -377,7 +377,8 @@ def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, tem
     for rows in tqdm(equal_length_batches(map(len, prompts), batch_size), desc=f"eval {task}",
                      disable=not progress or rank or None):
         ids = torch.tensor([prompts[i] for i in rows], device=device)  # (b, P): no padding, batch-invariant
-        out = generate(model, ids, gen_length, block_length, steps, temperature, mask_id, generator=generator,
+        out = generate(model, ids, gen_length, block_length, steps, temperature, mask_id,
+                       attention_mask=torch.ones_like(ids), generator=generator,
                        show=tokenizer if show and rows[0] == 0 else None)
         for i, text in zip(rows, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=False)):
             texts[i] = text

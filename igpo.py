@@ -233,7 +233,8 @@ def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None):
     for rows in equal_length_batches(lengths, args.gen_batch or len(prompts)):
         x = prompts[rows, prompts.shape[1] - lengths[rows[0]]:]  # (b, P_b): the left padding cut off
         out[rows] = generate(model, x, args.gen_length, args.block_length, args.steps, args.temperature, mask_id,
-                             hints=None if hints is None else hints[rows], generator=gen)[:, x.shape[1]:]
+                             hints=None if hints is None else hints[rows], attention_mask=torch.ones_like(x),
+                             generator=gen)[:, x.shape[1]:]
     return out
 
 

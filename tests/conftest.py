@@ -54,21 +54,19 @@ def build_tiny_llada(path, d_model=32, n_layers=2, seed=0):
         shutil.copy(os.path.join(LLADA_DIR, name), path)
     tok_config = json.load(open(os.path.join(LLADA_DIR, "tokenizer_config.json")))
     special = {v["content"]: int(k) for k, v in tok_config["added_tokens_decoder"].items()}  # real ids
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]  # ids 0..95; the ids no character or special token has
-    vocab = {f"<r{i}>": i for i in range(126464)}  # get placeholders, so the vocabulary has LLaDA's 126,464 ids
-    vocab.update({c: i for i, c in enumerate(chars)})
-    for c in chars:
-        del vocab[f"<r{vocab[c]}>"]
-    for t, i in special.items():
-        del vocab[f"<r{i}>"]
-    tok = Tokenizer(models.WordLevel({**vocab, **special}, unk_token="<|endoftext|>"))
+    config = json.load(open(os.path.join(LLADA_DIR, "config.json")))
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    taken = {**{c: i for i, c in enumerate(chars)}, **special}  # characters at ids 0..95, special tokens real
+    # every other id gets a placeholder, so the tokenizer has LLaDA's 126,464 ids like the embedding
+    ids = set(taken.values())
+    vocab = {**{f"<r{i}>": i for i in range(config["vocab_size"]) if i not in ids}, **taken}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(special))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                         pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
     tokenizer.chat_template = tok_config["chat_template"]
-    config = json.load(open(os.path.join(LLADA_DIR, "config.json")))
     config.update(d_model=d_model, n_layers=n_layers, n_heads=2, n_kv_heads=2, mlp_hidden_size=2 * d_model,
                   max_sequence_length=1024)
     json.dump(config, open(os.path.join(path, "config.json"), "w"))
