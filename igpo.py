@@ -13,8 +13,8 @@ entropy, are trained on (Eq. (10)).
     python igpo.py --no_inpaint                     # plain GRPO baseline
     python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
     # paper scale, one GPU (README has the full command):
-    python igpo.py --init GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA --metamath_official \
-        --question_col query --trace_col response --gen_length 256 --block_length 32 --steps 128 \
+    python igpo.py --init GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
+        --metamath_official --question_col query --trace_col response --gen_length 256 --block_length 32 --steps 128 \
         --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 --grad_accum 64 --gen_batch 64
 
 Deviations from the paper (details and reasons in NOTES.md §3):

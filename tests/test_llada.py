@@ -39,7 +39,8 @@ def test_grad_ckpt_on_llada_recomputes_blocks_with_same_grads(tiny_llada):
     sft.enable_grad_ckpt(ckpt)
     mask_id = tok.convert_tokens_to_ids(sft.MASK)
     calls = []
-    ckpt.model.transformer.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))  # the recompute stops early: no post-hook
+    # a pre-hook: the recompute in backward stops early, so a forward (post-)hook would not see it
+    ckpt.model.transformer.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
     prompts, attn, completions = llada_batch(tok)
     loss0, grads0 = loss_and_grads(plain.train(), mask_id, prompts, attn, completions, 2)
     loss1, grads1 = loss_and_grads(ckpt.train(), mask_id, prompts, attn, completions, 2)
@@ -57,7 +58,8 @@ def test_lora_on_llada_adapts_the_seven_block_projections_not_the_head(tiny_llad
     adapted = [n for n, m in lora.named_modules() if hasattr(m, "lora_A")]
     assert {n.split(".")[-1] for n in adapted} == LLADA_LORA_TARGETS
     assert not hasattr(lora.get_output_embeddings(), "lora_A")
-    d, h = cfg.d_model, cfg.mlp_hidden_size  # per block: 4 of d -> d (q k v attn_out), ff_proj/up_proj d -> h, ff_out h -> d
+    # per block: q k v attn_out are d -> d, ff_proj and up_proj d -> h, ff_out h -> d
+    d, h = cfg.d_model, cfg.mlp_hidden_size
     expected = cfg.n_layers * r * (4 * 2 * d + 3 * (d + h))
     assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == expected
 
@@ -106,7 +108,8 @@ def test_metamath_official_selection(tmp_path):
 def lora_delta(folder, module):
     """The weight change an adapter folder applies to one module: (alpha / r) B A."""
     from safetensors.torch import load_file
-    cfg, w = json.load(open(os.path.join(folder, "adapter_config.json"))), load_file(os.path.join(folder, "adapter_model.safetensors"))
+    cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
+    w = load_file(os.path.join(folder, "adapter_model.safetensors"))
     a, b = (next(v for k, v in w.items() if k.endswith(f"{module}.lora_{x}.weight")) for x in "AB")
     return cfg["lora_alpha"] / cfg["r"] * b @ a
 
@@ -125,7 +128,8 @@ def test_lora_on_lora_chain_keeps_the_sft_stage(tiny_llada, tmp_path):
         sft.save_checkpoint(str(out), model, tok, argparse.Namespace(), None)
     train_adapter(tiny_llada, tmp_path / "sft", 1)
     train_adapter(str(tmp_path / "sft"), tmp_path / "igpo", 2)
-    assert json.load(open(tmp_path / "igpo" / "adapter_config.json"))["base_model_name_or_path"] == str(tmp_path / "sft")
+    igpo_config = json.load(open(tmp_path / "igpo" / "adapter_config.json"))
+    assert igpo_config["base_model_name_or_path"] == str(tmp_path / "sft")  # the SFT folder, not the raw base
     module = "model.transformer.blocks.0.q_proj"
     base = sft.load_model(tiny_llada, trust_remote_code=True)[0].get_submodule(module).weight
     final = sft.load_model(str(tmp_path / "igpo"), trust_remote_code=True)[0].get_submodule(module).weight
@@ -225,7 +229,8 @@ def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
     traces, metamath, bench = tmp_path / "traces.jsonl", tmp_path / "metamath.jsonl", tmp_path / "math500.jsonl"
     traces.write_text("".join(json.dumps(r) + "\n" for r in SHORT_ROWS))
     metamath.write_text("".join(json.dumps(r) + "\n" for r in METAMATH_ROWS))
-    bench.write_text("".join(json.dumps({"problem": r["question"], "answer": r["trace"][-2]}) + "\n" for r in SHORT_ROWS))
+    bench.write_text("".join(json.dumps({"problem": r["question"], "answer": r["trace"][-2]}) + "\n"
+                             for r in SHORT_ROWS))
     sft_out, igpo_out = str(tmp_path / "sft_llada"), str(tmp_path / "igpo_llada")
     sft.main(readme_command("sft.py", model=tiny_llada, dataset=traces, gen_length=16, grad_accum=2, lr=1e-2,
                             warmup_steps=1, max_steps=2, out_dir=sft_out, precision="bf16"))
