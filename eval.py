@@ -19,6 +19,8 @@ Deviations from the paper (details in NOTES.md §3):
    so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
 3. Only the current block's logits are computed at all (logits_at): positions outside it cannot be
    unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
+4. Only prompts of equal length share a sampler call, unpadded: LLaDA's hub code ignores attention_mask, so
+   padding would make an answer depend on its batch (NOTES.md §3, item 16).
 """
 import argparse
 import ctypes
@@ -31,7 +33,8 @@ from fractions import Fraction
 
 import torch
 
-from sft import MASK, fail, init_distributed, left_pad, load_model, make_prompt, toy_dataset
+from sft import (MASK, PRECISION_HELP, PRECISIONS, autocast, describe_precision, fail, init_distributed, load_model,
+                 make_prompt, precision_policy, toy_dataset)
 
 NEG_INF = float("-inf")
 
@@ -50,7 +53,7 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=0, help="denoising steps over the whole answer (default: L/2)")
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature; 0 is greedy (paper: 0; AMC: 0.1)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per question, accuracy averaged (AMC: 16)")
-    p.add_argument("--batch_size", type=int, default=64, help="sequences per generate() call")
+    p.add_argument("--batch_size", type=int, default=64, help="sequences per generate() call (equal-length prompts only)")
     # ---- run
     p.add_argument("--out", default="", help="results JSON (default: out/eval_<task>.json)")
     p.add_argument("--grade", default="", help="re-grade this results JSON instead of generating")
@@ -59,6 +62,7 @@ def get_args(argv=None):
     p.add_argument("--show", action="store_true", help="print the first canvas after every denoising step")
     p.add_argument("--seed", type=int, default=0, help="random seed for temperature > 0")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     return p.parse_args(argv)
 
 
@@ -348,6 +352,16 @@ def load_task(task, data="", limit=0, seed=0):
     return items[:limit] if limit else items
 
 
+def equal_length_batches(lengths, size):
+    """Lists of at most `size` row indices that share a prompt length. LLaDA's hub code accepts attention_mask
+    but never applies it, so a left-padded prompt attends to its pads and its answer would depend on what else
+    is in its batch; generating only equal-length, unpadded prompts together is exact for every model."""
+    groups = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return [g[k:k + size] for g in groups.values() for k in range(0, len(g), size)]
+
+
 def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, temperature=0.0, num_samples=1,
              batch_size=64, generator=None, show=False, progress=True):
     """Generate num_samples answers per question and grade them. Returns (records, accuracy). Under torchrun
@@ -359,15 +373,17 @@ def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, tem
     device = next(model.parameters()).device
     prompts = [tokenizer(make_prompt(tokenizer, q, task == "toy"), add_special_tokens=False).input_ids
                for q, _ in items for _ in range(num_samples)]
-    texts = []
+    texts = [None] * len(prompts)
     was_training = model.training
     model.eval()
-    for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {task}", disable=not progress or rank or None):
-        ids, attn = left_pad(prompts[i:i + batch_size], tokenizer.pad_token_id)
-        out = generate(model, ids.to(device), gen_length, block_length, steps, temperature, mask_id,
-                       attention_mask=attn.to(device), generator=generator,
-                       show=tokenizer if show and i == 0 else None)
-        texts += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=False)
+    for rows in tqdm(equal_length_batches(map(len, prompts), batch_size), desc=f"eval {task}",
+                     disable=not progress or rank or None):
+        ids = torch.tensor([prompts[i] for i in rows], device=device)  # (b, P): no padding, batch-invariant
+        out = generate(model, ids, gen_length, block_length, steps, temperature, mask_id,
+                       attention_mask=torch.ones_like(ids), generator=generator,
+                       show=tokenizer if show and rows[0] == 0 else None)
+        for i, text in zip(rows, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=False)):
+            texts[i] = text
     model.train(was_training)
     records = []
     for j, (q, gold) in enumerate(items):
@@ -461,14 +477,16 @@ def main(argv=None):
             fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
         rank, world, device = init_distributed(args.device)  # under torchrun, questions are sharded over ranks
         items = load_task(args.task, args.data, args.limit, args.seed)
-        model, tokenizer = load_model(model_path, args.trust_remote_code, device,
-                                      torch.bfloat16 if device.type == "cuda" else None)
+        dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained here
+        model, tokenizer = load_model(model_path, args.trust_remote_code, device, dtype)
         print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "
-              f"L={gen_length} block={block_length} steps={steps} T={args.temperature}")
+              f"L={gen_length} block={block_length} steps={steps} T={args.temperature} | "
+              + describe_precision(dtype, amp_dtype))
         gen = torch.Generator(device).manual_seed(args.seed + rank)
         t0 = time.time()
-        records, _ = evaluate(model, tokenizer, items, args.task, gen_length, block_length, steps,
-                              args.temperature, args.num_samples, args.batch_size, gen, args.show)
+        with autocast(device, amp_dtype):
+            records, _ = evaluate(model, tokenizer, items, args.task, gen_length, block_length, steps,
+                                  args.temperature, args.num_samples, args.batch_size, gen, args.show)
         settings = {"model_path": model_path, "gen_length": gen_length, "block_length": block_length,
                     "diffusion_steps": steps, "temperature": args.temperature, "num_samples": args.num_samples,
                     "seed": args.seed, "seconds": round(time.time() - t0, 1)}

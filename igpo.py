@@ -14,18 +14,20 @@ entropy, are trained on (Eq. (10)).
     python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
     # paper scale, one GPU (README has the full command):
     python igpo.py --init GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
-        --question_col query --trace_col response --gen_length 256 --block_length 32 --steps 128 \
+        --metamath_official --question_col query --trace_col response --gen_length 256 --block_length 32 --steps 128 \
         --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 --grad_accum 64 --gen_batch 64
 
 Deviations from the paper (details and reasons in NOTES.md §3):
 1. Loss normalisation follows the paper, (1/G) sum_i (1/|o_i|) sum_k, with |o_i| the tokens that enter the
    loss; the official code instead averages over all tokens of the batch and uses a sequence-level ratio.
 2. Completions are scored up to and including their first end token (<|eot_id|> or EOS); the EOS padding
-   tail after it is left out of the loss, as in the official code and d1 (test: test_eos_tail_not_in_loss).
-3. The final-answer span of the trace is never revealed as a hint (the paper's rule; the official code's
-   default can reveal it).
+   tail after it is left out of the loss (the official code's loss covers it; test_eos_tail_not_in_loss).
+3. The trace is cut at its first final-answer statement and never hinted after it (the paper's rule; the
+   official code's default can reveal the answer, and it keeps the last 30 positions hint-free).
 4. The policy's per-token log-probs come from one forward pass per *prompt*: the estimator's input
    (prompt + fully masked answer, Eq. (5)) does not depend on the sample, so the G samples share it.
+5. Binary reward (official: 3.0 + format reward), LR schedule stepped per rollout batch, token-level ratio
+   only; NOTES.md §3 items 11-16 list these and the MetaMathQA selection (--metamath_official).
 """
 import argparse
 import copy
@@ -40,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 import sft
-from eval import check_lengths, evaluate, extract_answer, generate, grade, load_task, logits_at, write_json
+from eval import (check_lengths, equal_length_batches, evaluate, extract_answer, generate, grade, load_task, logits_at,
+                  write_json)
 from sft import EOS, EOT, MASK, fail, left_pad, load_model, make_prompt
 
 
@@ -58,6 +61,8 @@ def get_args(argv=None):
     p.add_argument("--question_col", default="question", help="question column (MetaMathQA: query)")
     p.add_argument("--trace_col", default="trace", help="ground-truth trace column y* (MetaMathQA: response)")
     p.add_argument("--answer_col", default="", help="answer column; empty: taken from the end of the trace")
+    p.add_argument("--metamath_official", action="store_true", help="MetaMathQA rows as the official code: "
+                   "GSM_AnsAug + MATH_AnsAug, one per query, trace prefixed '<reasoning>\\n'")
     # ---- rollouts (sampler: NOTES.md §4)
     p.add_argument("--batch_prompts", type=int, default=8, help="prompts per optimizer step (paper: 64)")
     p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt (paper: 8)")
@@ -79,12 +84,12 @@ def get_args(argv=None):
     p.add_argument("--epsilon", type=float, default=0.2, help="epsilon: ratio clip (paper: 0.2)")
     p.add_argument("--beta", type=float, default=0.01, help="beta: KL weight, k3 estimator (paper: 0.01)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (paper: 5e-7 with LoRA on LLaDA-8B)")
-    p.add_argument("--warmup_steps", type=int, default=5, help="linear warmup steps (paper: 50)")
+    p.add_argument("--warmup_steps", type=int, default=5, help="linear warmup, in batches of rollouts (paper: 50 optimizer steps)")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
     p.add_argument("--grad_clip", type=float, default=0.2, help="gradient-norm clip (paper: 0.2)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches the prompts are split into for updates")
     # ---- run
-    p.add_argument("--max_steps", type=int, default=40, help="optimizer steps (batches of rollouts)")
+    p.add_argument("--max_steps", type=int, default=40, help="batches of rollouts, each followed by mu optimizer steps")
     p.add_argument("--out_dir", default="out/igpo", help="checkpoint folder; metrics.jsonl goes inside")
     p.add_argument("--save_every", type=int, default=20, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
@@ -92,6 +97,7 @@ def get_args(argv=None):
     p.add_argument("--eval_limit", type=int, default=500, help="embedded test questions for the before/after eval (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="auto", choices=sft.PRECISIONS, help=sft.PRECISION_HELP)
     args = p.parse_args(argv)
     check_lengths(args.gen_length, args.block_length, args.steps)
     if not (0 <= args.eta_low <= args.eta_high <= 1):
@@ -112,7 +118,10 @@ def get_args(argv=None):
 #   log pi_theta, pi_old, pi_ref   logp, logp_old, logp_ref (B*G, L) per token, from Eq. (5)
 #   H                              entropy (B, L), per prompt and position under pi_old
 
-ANSWER_START = re.compile(r"\\boxed|The answer is|<answer>")
+# Where a trace starts stating its final answer. MetaMathQA states it twice: GSM_AnsAug ends "#### 72\nThe
+# answer is: 72", MATH_AnsAug has "$\\boxed{5}$. The answer is: 5"; so the cut is at the FIRST marker.
+ANSWER_START = re.compile(r"####|\\boxed|The answer is|<answer>")
+METAMATH_TYPES = ("GSM_AnsAug", "MATH_AnsAug")  # the official code's selection (--metamath_official)
 
 
 def answer_from_trace(trace):
@@ -125,11 +134,22 @@ def answer_from_trace(trace):
 
 
 def hintable_trace_ids(tokenizer, trace, gen_length):
-    """Token ids of y* that may be revealed: everything before the final-answer statement (Eq. (7): the
+    """Token ids of y* that may be revealed: everything before the first final-answer statement (Eq. (7): the
     answer itself is never a hint), cut to the completion length."""
-    starts = [m.start() for m in ANSWER_START.finditer(trace)]
-    prefix = trace[:starts[-1]] if starts else trace
-    return tokenizer(prefix, add_special_tokens=False).input_ids[:gen_length]
+    m = ANSWER_START.search(trace)
+    return tokenizer(trace[:m.start()] if m else trace, add_special_tokens=False).input_ids[:gen_length]
+
+
+def metamath_official(ds, qcol):
+    """Row indices as the official code selects MetaMathQA: GSM_AnsAug and MATH_AnsAug rows only, the first
+    row of each query (the other types rephrase or invert questions that these rows already hold)."""
+    if "type" not in ds.column_names:
+        fail("--metamath_official needs MetaMathQA's 'type' column")
+    first = {}
+    for i, (q, kind) in enumerate(zip(ds[qcol], ds["type"])):
+        if kind in METAMATH_TYPES:
+            first.setdefault(q, i)
+    return sorted(first.values())
 
 
 def make_hints(trace_ids, gen_length, eta, chunk_min, chunk_max, mask_id, gen):
@@ -206,12 +226,16 @@ def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
 
 def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None):
     """Sample one completion per row of prompts (N, P) with the diffusion sampler; returns (N, L). Rows go
-    through the sampler --gen_batch at a time: its logits (rows x length x vocab) bound its memory."""
-    n = args.gen_batch or len(prompts)
-    outs = [generate(model, prompts[i:i + n], args.gen_length, args.block_length, args.steps, args.temperature,
-                     mask_id, hints=None if hints is None else hints[i:i + n], attention_mask=prompt_attn[i:i + n],
-                     generator=gen) for i in range(0, len(prompts), n)]
-    return torch.cat(outs)[:, prompts.shape[1]:]
+    through the sampler --gen_batch at a time (its logits, rows x length x vocab, bound its memory), and only
+    rows of equal prompt length together, unpadded: LLaDA's hub code ignores attention_mask (eval.py)."""
+    out = torch.empty(len(prompts), args.gen_length, dtype=torch.long, device=prompts.device)  # (N, L)
+    lengths = prompt_attn.sum(1).tolist()
+    for rows in equal_length_batches(lengths, args.gen_batch or len(prompts)):
+        x = prompts[rows, prompts.shape[1] - lengths[rows[0]]:]  # (b, P_b): the left padding cut off
+        out[rows] = generate(model, x, args.gen_length, args.block_length, args.steps, args.temperature, mask_id,
+                             hints=None if hints is None else hints[rows], attention_mask=torch.ones_like(x),
+                             generator=gen)[:, x.shape[1]:]
+    return out
 
 
 def inpaint_all_wrong(model, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args,
@@ -326,7 +350,9 @@ def main(argv=None):
     resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt"))
 
     # ---- model: policy, and the reference for the KL term
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    dtype, amp_dtype = sft.precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
+    print(sft.describe_precision(dtype, amp_dtype, args.lora_r > 0))
+    amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
     model, tokenizer = load_model(args.init, args.trust_remote_code, device, dtype)
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
     end_ids = torch.tensor([tokenizer.convert_tokens_to_ids(EOT), tokenizer.convert_tokens_to_ids(EOS)], device=device)
@@ -376,6 +402,9 @@ def main(argv=None):
     else:
         cols = [args.question_col, args.trace_col] + ([args.answer_col] if args.answer_col else [])
         ds = sft.load_rows(args.dataset, args.split, cols)
+        if args.metamath_official:  # the official rows, hints prefixed with the format the prompt asks for
+            ds = ds.select(metamath_official(ds, args.question_col))
+            ds = ds.map(lambda r: {args.trace_col: "<reasoning>\n" + r[args.trace_col]})
         questions, traces = ds[args.question_col], ds[args.trace_col]
         answers = ds[args.answer_col] if args.answer_col else [answer_from_trace(t) for t in traces]
     data = [(q, t, str(a)) for q, t, a in zip(questions, traces, answers) if a is not None]
@@ -396,7 +425,8 @@ def main(argv=None):
     acc_before = None
     if args.eval_limit and toy and not resuming:
         items = load_task("toy", limit=args.eval_limit)
-        records, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        with amp():
+            records, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
         print(f"accuracy before RL: {100 * acc_before:.1f}% on {len(items)} test questions")
         if rank == 0:  # per question, so that methods can be compared paired: eval.py --compare A B
             write_json(os.path.join(args.out_dir, "eval_before.json"), {"generations": records})
@@ -415,23 +445,25 @@ def main(argv=None):
         # ================================ the IGPO step (NOTES.md §5) ================================
         # 1. G rollouts per prompt, all prompts in one batched sampler call; binary correctness reward.
         policy.eval()
-        completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen)  # (B*G, L)
+        with amp():
+            completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen)  # (B*G, L)
         texts = tokenizer.batch_decode(completions)
         reward = torch.tensor([float(grade(texts[j], batch[j // G][2], task)) for j in range(B * G)]).view(B, G)
         own_reward = reward.mean().item()  # the policy's own success rate, before any rescue
 
         # 2. Eq. (7)-(8): groups with every sample wrong are rescued by inpainting with their own trace.
         all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
-        hint_mask, rescued, n_replaced, example = inpaint_all_wrong(
-            policy, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args, mask_id,
-            task, gen, hint_gen)
+        with amp():
+            hint_mask, rescued, n_replaced, example = inpaint_all_wrong(
+                policy, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args, mask_id,
+                task, gen, hint_gen)
 
         # 3. Eq. (3): group-relative advantages on the (augmented) group; all-equal groups get exactly 0.
         adv = (reward - reward.mean(1, keepdim=True)).flatten().to(device)  # (B*G,)
 
         # 4. Old-policy log-probs and entropies (Eq. (5), (10)), reference log-probs for the KL term.
         mb = B // args.grad_accum  # prompts per micro-batch: also bounds the estimator's logits memory
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             old = [token_logps(policy, prompts[a:a + mb], prompt_attn[a:a + mb], completions[a * G:(a + mb) * G], G,
                                mask_id, with_entropy=True) for a in range(0, B, mb)]
             logp_old, entropy = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])
@@ -448,7 +480,8 @@ def main(argv=None):
             stats = torch.zeros(3)
             for a in range(0, B, mb):
                 s = slice(a * G, (a + mb) * G)  # the rows of these prompts' samples
-                logp = token_logps(model, prompts[a:a + mb], prompt_attn[a:a + mb], completions[s], G, mask_id)
+                with amp():  # the same compute precision as logp_old, so the ratio starts at 1
+                    logp = token_logps(model, prompts[a:a + mb], prompt_attn[a:a + mb], completions[s], G, mask_id)
                 loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s],
                                                 args.epsilon, args.beta)
                 (loss / args.grad_accum).backward()
@@ -495,7 +528,8 @@ def main(argv=None):
 
     if args.eval_limit and toy:
         items = load_task("toy", limit=args.eval_limit)
-        records, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        with amp():
+            records, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
         before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
         print(f"accuracy on {len(items)} test questions: {before}{100 * acc_after:.1f}%")
         if rank == 0:

@@ -46,6 +46,8 @@ LLADA_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|
 # Real data is prompted the way d1 / the IGPO code prompt LLaDA; the embedded task uses the bare question.
 REASONING_PROMPT = ("Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
                     "Put the final answer in \\boxed{}.\n\n")
+PRECISIONS = ["auto", "fp32", "bf16"]  # one policy for the three scripts (precision_policy)
+PRECISION_HELP = "fp32 | bf16: bf16 autocast, fp32 trained weights | auto: bf16 on a GPU, fp32 on CPU"
 LOG_EPS = 1e-3  # Eq. (1): mask probability p = (1 - eps) t + eps keeps p away from 0
 MAX_BAD_UPDATES = 3  # consecutive non-finite updates skipped before a run (SFT or RL) stops
 
@@ -85,6 +87,7 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     return p.parse_args(argv)
 
 
@@ -274,6 +277,31 @@ def barrier(world):
         torch.distributed.barrier()
 
 
+def precision_policy(name, device, frozen_base):
+    """(dtype the weights are loaded in, autocast dtype or None). bf16 computes under autocast but keeps every
+    trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp of most weights at the
+    learning rates in use, so bf16 weights would mostly not move at all. Weights nothing updates (a frozen LoRA
+    base, evaluation) are stored in bf16, which halves their memory; peft keeps the adapters fp32 on it."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name == "fp32":
+        return torch.float32, None
+    return (torch.bfloat16 if frozen_base else torch.float32), torch.bfloat16
+
+
+def autocast(device, amp_dtype):
+    """The policy's compute precision as a context (nothing under fp32)."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+
+
+def describe_precision(dtype, amp_dtype, lora=False):
+    """The line each script prints at start, e.g. 'precision: weights bfloat16 + LoRA float32, compute bfloat16
+    autocast'."""
+    name = lambda t: str(t).replace("torch.", "")
+    return (f"precision: weights {name(dtype)}" + (" + LoRA float32" if lora else "")
+            + (f", compute {name(amp_dtype)} autocast" if amp_dtype else f", compute {name(dtype)}"))
+
+
 def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
     """(model, tokenizer) from 'toy', a hub id, or a save_pretrained folder (a full model or a LoRA adapter,
     which is merged into its base). Masked LMs load with AutoModelForMaskedLM; models that ship their own
@@ -281,19 +309,23 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
     if name == "toy":
         tokenizer = build_toy_tokenizer()
-        return build_toy_model(tokenizer).to(device), tokenizer
+        return build_toy_model(tokenizer).to(device=device, dtype=dtype), tokenizer
     if os.path.exists(os.path.join(name, "adapter_config.json")):  # a LoRA checkpoint saved by these scripts
         from peft import PeftModel
         base = json.load(open(os.path.join(name, "adapter_config.json")))["base_model_name_or_path"]
         model, _ = load_model(base, trust_remote_code, device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
-        return PeftModel.from_pretrained(model, name).merge_and_unload(), tokenizer
+        model = PeftModel.from_pretrained(model, name).merge_and_unload()
+        # an adapter trained on top of this model must name THIS folder as its base, not the raw base: that is
+        # how loading an IGPO adapter brings the merged SFT adapter back with it (SFT -> IGPO -> eval chain)
+        model.name_or_path = name
+        return model, tokenizer
     if not os.path.isdir(name) and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
         fail(f"model not found: '{name}' is neither a checkpoint folder nor a hub id (org/name)")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         auto = AutoModel if getattr(config, "auto_map", None) else AutoModelForMaskedLM
-        model = auto.from_pretrained(name, trust_remote_code=trust_remote_code, torch_dtype=dtype)
+        model = auto.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         hint = "; pass --trust_remote_code to allow it" if "trust_remote_code=True" in str(e) else ""  # hint is on line 2
@@ -303,21 +335,30 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
     return model.to(device), tokenizer
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out",  # LLaDA
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out",  # LLaDA's 7 per block
                 "Wqkv", "Wo", "Wi"]  # ModernBERT (the embedded model)
 
 
 def add_lora(model, r, alpha, dropout=0.05):
-    """Wrap the model with LoRA adapters on whichever of the known projection names it has."""
+    """Wrap the model with LoRA adapters on whichever of the known projection names it has, never on the
+    vocabulary head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464, 16.7 M
+    adapter parameters at r = 128) and neither the paper nor the official code adapts it."""
     from peft import LoraConfig, get_peft_model
-    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     targets = [t for t in LORA_TARGETS if t in names]
     if not targets:
         fail(f"--lora_r: none of the LoRA target modules {LORA_TARGETS} exist in this model")
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets))
+    exclude = [n for n, m in model.named_modules() if m is head]
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                            exclude_modules=exclude or None))
 
 
 def enable_grad_ckpt(model):
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "set_activation_checkpointing"):  # LLaDA (OLMo code): its own switch, no HF flag
+        inner.set_activation_checkpointing("whole_layer")  # recompute every block in backward
+        return
     if not getattr(model, "supports_gradient_checkpointing", False):
         fail(f"--grad_ckpt: {type(model).__name__} does not support gradient checkpointing")
     model.gradient_checkpointing_enable()
@@ -467,7 +508,7 @@ def rewrite_traces(ds, args):
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 weights + autocast on GPU only
+    dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
     toy = args.dataset == "toy"
     torch.manual_seed(args.seed)
     gen = torch.Generator(device).manual_seed(args.seed + rank)  # every random draw of the run comes from here
@@ -483,7 +524,7 @@ def main(argv=None):
 
     # ---- model
     model, tokenizer = load_model(args.out_dir if resuming and not args.lora_r else args.model,
-                                  args.trust_remote_code, device, dtype if device.type == "cuda" else None)
+                                  args.trust_remote_code, device, dtype)  # resume: same policy, same dtype
     if args.grad_ckpt:
         enable_grad_ckpt(model)
     if args.lora_r:
@@ -497,7 +538,8 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"model: {args.model} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device}")
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | "
+          + describe_precision(dtype, amp_dtype, args.lora_r > 0))
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, args.max_steps))
     # skipped: non-finite updates so far (logged); bad_in_a_row: how many of the last updates were non-finite
@@ -533,7 +575,7 @@ def main(argv=None):
         for micro in range(args.grad_accum):
             ids, attn, response_mask = batch_at(step, micro)
             # Eq. (2) per micro-batch; dividing by grad_accum makes the summed gradient that of the full batch
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device, amp_dtype):
                 loss = sft_loss(model, ids, attn, response_mask, mask_id, gen) / args.grad_accum
             loss.backward()
             total += loss.item()

@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,8 +40,13 @@ def log_then_die(out_dir, row):
     if row["step"] == {step}:
         os.kill(os.getpid(), signal.SIGKILL)
 sft.log_metrics = log_then_die
+{prelude}
 {module}.main(sys.argv[1:])
 """
+# The igpo runs below use a random model, which never writes an answer itself. So that the rescue path (hint
+# RNG, replacement, entropy filter) runs, their hints may reveal the answer: every run, killed, resumed and the
+# in-process reference, makes the whole trace hintable.
+REVEAL_ANSWER = "import re; igpo.ANSWER_START = re.compile(r'(?!)')  # matches nothing: the answer is hintable"
 
 
 @pytest.fixture
@@ -70,12 +76,14 @@ def assert_same_run(a, b):
     assert metric_rows(a) == metric_rows(b)
 
 
-def run_killed_then_resumed(module, args, out, kill_step):
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN.format(module=module, step=kill_step), *args,
-                             "--out_dir", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+def run_killed_then_resumed(module, args, out, kill_step, prelude=""):
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN.format(module=module, step=kill_step, prelude=prelude),
+                             *args, "--out_dir", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert metric_rows(out)[-1]["step"] == kill_step  # the line after the last checkpoint is on disk
-    resumed = subprocess.run([sys.executable, f"{module}.py", *args, "--out_dir", str(out), "--resume"],
+    script = [f"{module}.py"] if not prelude else ["-c", f"import sys, {module}\n{prelude}\n{module}.main(sys.argv[1:])"]
+    resumed = subprocess.run([sys.executable, *script, *args, "--out_dir", str(out), "--resume"],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed" in resumed.stdout
@@ -91,7 +99,7 @@ def igpo_setup(tokenizer, tmp_path_factory):
     tiny_model(tokenizer).save_pretrained(root / "init")
     tokenizer.save_pretrained(root / "init")
     with open(root / "add.jsonl", "w") as f:
-        # the whole trace is hintable (no \boxed), so a fully revealed trace grades as correct
+        # with REVEAL_ANSWER the whole trace is hintable, so a fully revealed trace grades as correct
         for a in range(2, 12):
             for b in range(3, 7):
                 f.write(json.dumps({"question": f"What is {a}+{b}?", "trace": f"#### {a + b}\n"}) + "\n")
@@ -105,12 +113,14 @@ def igpo_setup(tokenizer, tmp_path_factory):
 def igpo_reference(igpo_setup):
     """One uninterrupted run (in-process, one thread)."""
     root, args = igpo_setup
-    n = torch.get_num_threads()
+    n, answer_start = torch.get_num_threads(), igpo.ANSWER_START
     torch.set_num_threads(1)
     try:
+        exec(REVEAL_ANSWER)
         igpo.main(args + ["--out_dir", str(root / "A")])
     finally:
         torch.set_num_threads(n)
+        igpo.ANSWER_START = answer_start
     return root / "A"
 
 
@@ -127,7 +137,7 @@ def test_sft_resume_after_sigkill_is_exact(tmp_path, one_thread):
 def test_igpo_resume_after_sigkill_is_exact(igpo_setup, igpo_reference, tmp_path):
     root, args = igpo_setup
     assert sum(r["replaced"] for r in metric_rows(igpo_reference)) > 0  # the rescue path really ran
-    run_killed_then_resumed("igpo", args, tmp_path / "B", kill_step=3)
+    run_killed_then_resumed("igpo", args, tmp_path / "B", kill_step=3, prelude=REVEAL_ANSWER)
     assert_same_run(igpo_reference, tmp_path / "B")
     # the worked example is written once, before a later checkpoint, and must survive the swaps
     assert json.load(open(igpo_reference / "example.json")) == json.load(open(tmp_path / "B" / "example.json"))
@@ -234,8 +244,9 @@ def test_taken_out_dir_refused_then_overwritten(tmp_path, tokenizer):
 # ---------------------------------------------------------------------------------------------------------
 # 3. Determinism on CPU.
 
-def test_igpo_same_seed_same_metrics(igpo_setup, igpo_reference, tmp_path, one_thread):
+def test_igpo_same_seed_same_metrics(igpo_setup, igpo_reference, tmp_path, one_thread, monkeypatch):
     root, args = igpo_setup
+    monkeypatch.setattr(igpo, "ANSWER_START", re.compile(r"(?!)"))  # as REVEAL_ANSWER, like the reference run
     igpo.main(args + ["--out_dir", str(tmp_path / "again")])
     assert_same_run(igpo_reference, tmp_path / "again")
     igpo.main(args + ["--out_dir", str(tmp_path / "seed1"), "--seed", "1"])

@@ -1,0 +1,254 @@
+"""The paths the LLaDA-8B-Instruct commands of the README take, run through LLaDA's own modeling code: a tiny
+random LLaDA built from the vendored hub files (tests/llada/, conftest.build_tiny_llada), with the real
+classes, vocabulary and special-token ids."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+import igpo
+import sft
+
+LLADA_LORA_TARGETS = {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"}
+
+
+def llada_batch(tokenizer, G=2, L=8, seed=0):
+    """Two prompts of different lengths (left-padded) and random completions of ordinary characters."""
+    qs = ["What is 2+3?", "Tom has 12 apples and eats 5. How many are left?"]
+    prompts, attn = sft.left_pad([tokenizer(sft.make_prompt(tokenizer, q, False), add_special_tokens=False).input_ids
+                                  for q in qs], tokenizer.pad_token_id)
+    completions = torch.randint(0, 96, (len(qs) * G, L), generator=torch.Generator().manual_seed(seed))
+    return prompts, attn, completions
+
+
+def loss_and_grads(model, mask_id, prompts, attn, completions, G):
+    model.zero_grad(set_to_none=True)
+    logp = igpo.token_logps(model, prompts, attn, completions, G, mask_id)
+    loss, _, _ = igpo.grpo_loss(logp, logp.detach() - 0.05, logp.detach() + 0.05, torch.linspace(-1, 1, logp.shape[0]),
+                                torch.ones_like(logp, dtype=torch.bool), 0.2, 0.01)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grad_ckpt_on_llada_recomputes_blocks_with_same_grads(tiny_llada):
+    """Issue 13.1: --grad_ckpt used to stop LLaDA at startup (no supports_gradient_checkpointing)."""
+    plain, tok = sft.load_model(tiny_llada, trust_remote_code=True)
+    ckpt, _ = sft.load_model(tiny_llada, trust_remote_code=True)
+    sft.enable_grad_ckpt(ckpt)
+    mask_id = tok.convert_tokens_to_ids(sft.MASK)
+    calls = []
+    # a pre-hook: the recompute in backward stops early, so a forward (post-)hook would not see it
+    ckpt.model.transformer.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    prompts, attn, completions = llada_batch(tok)
+    loss0, grads0 = loss_and_grads(plain.train(), mask_id, prompts, attn, completions, 2)
+    loss1, grads1 = loss_and_grads(ckpt.train(), mask_id, prompts, attn, completions, 2)
+    assert len(calls) == 2  # block 0 ran again during backward
+    assert torch.allclose(loss0, loss1, atol=1e-6) and grads0.keys() == grads1.keys()
+    for n in grads0:
+        assert torch.allclose(grads0[n], grads1[n], atol=1e-6), n
+
+
+def test_lora_on_llada_adapts_the_seven_block_projections_not_the_head(tiny_llada):
+    """Issue 13.3: the target name ff_out also matched the vocabulary head model.transformer.ff_out."""
+    model, _ = sft.load_model(tiny_llada, trust_remote_code=True)
+    cfg, r = model.config, 4
+    lora = sft.add_lora(model, r, 8)
+    adapted = [n for n, m in lora.named_modules() if hasattr(m, "lora_A")]
+    assert {n.split(".")[-1] for n in adapted} == LLADA_LORA_TARGETS
+    assert not hasattr(lora.get_output_embeddings(), "lora_A")
+    # per block: q k v attn_out are d -> d, ff_proj and up_proj d -> h, ff_out h -> d
+    d, h = cfg.d_model, cfg.mlp_hidden_size
+    expected = cfg.n_layers * r * (4 * 2 * d + 3 * (d + h))
+    assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == expected
+
+
+# MetaMathQA rows in their exact shapes (query, response, type), as the hub dataset holds them
+METAMATH_ROWS = [
+    {"query": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+              "How many clips did Natalia sell altogether in April and May?",
+     "response": "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
+                 "\n#### 72\nThe answer is: 72", "type": "GSM_AnsAug"},
+    {"query": "What is the value of $\\sqrt{36 \\times \\sqrt{16}}$?",
+     "response": "We have $\\sqrt{36 \\times \\sqrt{16}} = \\sqrt{36 \\times 4} = \\sqrt{144} = \\boxed{12}$."
+                 "\nThe answer is: 12", "type": "MATH_AnsAug"},
+    {"query": "What is the value of $\\sqrt{36 \\times \\sqrt{16}}$?",  # a second row for the same query
+     "response": "$\\sqrt{16} = 4$, so $\\sqrt{36 \\cdot 4} = \\sqrt{144} = \\boxed{12}$.\nThe answer is: 12",
+     "type": "MATH_AnsAug"},
+    {"query": "If Natalia sold x clips in April and half as many in May, 72 in all, what is x?",
+     "response": "x + x/2 = 72, so x = 48.\n#### 48\nThe answer is: 48", "type": "GSM_FOBAR"},
+]
+
+
+def test_hints_never_reveal_the_answer_of_metamath_rows(tiny_llada):
+    """Issue 13.5: the hintable part was cut at the LAST answer marker, so GSM_AnsAug's '#### 72' and
+    MATH_AnsAug's '\\boxed{12}' stayed hintable; a sample that merely keeps them was rewarded."""
+    import eval as evaluation
+    _, tok = sft.load_model(tiny_llada, trust_remote_code=True)
+    for row in METAMATH_ROWS[:2]:
+        gold = igpo.answer_from_trace(row["response"])
+        assert gold in ("72", "12")
+        hintable = tok.decode(igpo.hintable_trace_ids(tok, row["response"], 256))
+        assert row["response"].startswith(hintable) and len(hintable) > 30  # the reasoning is still hintable
+        assert "####" not in hintable and "boxed" not in hintable and "answer" not in hintable
+        # a completion that is the whole hint source revealed, then the end token, earns nothing
+        assert not evaluation.grade(hintable + "<|eot_id|>", gold, "math500")
+
+
+def test_metamath_official_selection(tmp_path):
+    from datasets import Dataset
+    ds = Dataset.from_list(METAMATH_ROWS)
+    assert igpo.metamath_official(ds, "query") == [0, 1]  # AnsAug types only, first row per query
+    with pytest.raises(SystemExit) as e:
+        igpo.metamath_official(ds.remove_columns("type"), "query")
+    assert str(e.value).startswith("error: ") and "'type'" in str(e.value)
+
+
+def lora_delta(folder, module):
+    """The weight change an adapter folder applies to one module: (alpha / r) B A."""
+    from safetensors.torch import load_file
+    cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
+    w = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    a, b = (next(v for k, v in w.items() if k.endswith(f"{module}.lora_{x}.weight")) for x in "AB")
+    return cfg["lora_alpha"] / cfg["r"] * b @ a
+
+
+def test_lora_on_lora_chain_keeps_the_sft_stage(tiny_llada, tmp_path):
+    """Issue 13.2: an IGPO adapter trained on a merged SFT adapter recorded the raw base as its base, so loading
+    the IGPO output gave base + IGPO. Here both stages are saved the way sft.py / igpo.py save them."""
+    def train_adapter(init, out, seed):  # add_lora + nonzero adapter weights + save_checkpoint, as the scripts do
+        model, tok = sft.load_model(init, trust_remote_code=True)
+        model = sft.add_lora(model, 4, 8)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.5)
+        sft.save_checkpoint(str(out), model, tok, argparse.Namespace(), None)
+    train_adapter(tiny_llada, tmp_path / "sft", 1)
+    train_adapter(str(tmp_path / "sft"), tmp_path / "igpo", 2)
+    igpo_config = json.load(open(tmp_path / "igpo" / "adapter_config.json"))
+    assert igpo_config["base_model_name_or_path"] == str(tmp_path / "sft")  # the SFT folder, not the raw base
+    module = "model.transformer.blocks.0.q_proj"
+    base = sft.load_model(tiny_llada, trust_remote_code=True)[0].get_submodule(module).weight
+    final = sft.load_model(str(tmp_path / "igpo"), trust_remote_code=True)[0].get_submodule(module).weight
+    d_sft, d_igpo = lora_delta(tmp_path / "sft", "blocks.0.q_proj"), lora_delta(tmp_path / "igpo", "blocks.0.q_proj")
+    assert d_sft.abs().mean() > 1e-3 and d_igpo.abs().mean() > 1e-3  # both stages really change the weights
+    assert torch.allclose(final, base + d_sft + d_igpo, atol=1e-5)  # merged SFT + IGPO delta
+
+
+def test_eval_on_llada_is_batch_invariant(tiny_llada, tmp_path):
+    """Issue 13.7: LLaDA's hub code ignores attention_mask, so a left-padded prompt's greedy answer changed with
+    the rest of its batch. eval.py must give the same generations with --batch_size 1 and 8."""
+    import eval as evaluation
+    data = tmp_path / "gsm.jsonl"
+    qs = ["1+1?", "What is 2+3?", "What is 2+3?", "Tom has 12 apples and eats 5. How many?", "Is 7 > 3?", "1+1?"]
+    data.write_text("".join(json.dumps({"question": q, "answer": f"x\n#### {i}"}) + "\n" for i, q in enumerate(qs)))
+    gens = []
+    for bs in (1, 8):
+        out = tmp_path / f"bs{bs}.json"
+        evaluation.main(["--model", tiny_llada, "--trust_remote_code", "--task", "gsm8k", "--data", str(data),
+                         "--gen_length", "16", "--block_length", "8", "--steps", "8", "--batch_size", str(bs),
+                         "--out", str(out), "--device", "cpu"])
+        gens.append([r["generations"] for r in json.load(open(out))["generations"]])
+    assert gens[0] == gens[1] and len(set(gens[0])) > 2  # same answers, and not a degenerate constant output
+    assert gens[0][0] == gens[0][5] and gens[0][1] == gens[0][2]  # same prompt, same greedy answer
+
+
+def test_rollout_rows_do_not_see_each_other(tiny_llada):
+    """igpo.rollout on LLaDA: a prompt's samples do not depend on the other prompts of the batch (greedy)."""
+    model, tok = sft.load_model(tiny_llada, trust_remote_code=True)
+    prompts, attn, _ = llada_batch(tok)
+    args = argparse.Namespace(gen_length=16, block_length=8, steps=8, temperature=0.0, gen_batch=0)
+    mask_id = tok.convert_tokens_to_ids(sft.MASK)
+    both = igpo.rollout(model.eval(), prompts, attn, args, mask_id, None)
+    for b in range(2):
+        alone = igpo.rollout(model, prompts[b:b + 1, -int(attn[b].sum()):], attn[b:b + 1, -int(attn[b].sum()):],
+                             args, mask_id, None)
+        assert torch.equal(both[b], alone[0])
+
+
+SHORT_ROWS = [{"question": f"What is {a}+{b}?", "trace": f"{a}+{b}={a + b}\n\\boxed{{{a + b}}}"}
+              for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]]
+
+
+def sft_weights(tiny_llada, tmp_path, precision, extra=()):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in SHORT_ROWS))
+    out = tmp_path / f"sft_{precision}"
+    sft.main(["--model", tiny_llada, "--trust_remote_code", "--dataset", str(data), "--gen_length", "16",
+              "--batch_size", "2", "--max_steps", "3", "--lr", "1e-4", "--warmup_steps", "1", "--weight_decay", "0",
+              "--precision", precision, "--out_dir", str(out), "--device", "cpu", "--log_every", "1", *extra])
+    from safetensors.torch import load_file
+    return load_file(str(out / "model.safetensors")), out
+
+
+def test_bf16_policy_moves_weights_like_fp32(tiny_llada, tmp_path, capsys):
+    """Issue 13.4: the GPU policy (bf16 autocast, fp32 trained weights), run on CPU, must move the weights as
+    fp32 does; pure bf16 weights, what igpo.py trained on a GPU before, lose most updates to rounding."""
+    from safetensors.torch import load_file
+    w0 = load_file(os.path.join(tiny_llada, "model.safetensors"))
+    w32, _ = sft_weights(tiny_llada, tmp_path, "fp32")
+    wbf, out = sft_weights(tiny_llada, tmp_path, "bf16")
+    assert "weights float32, compute bfloat16 autocast" in capsys.readouterr().out  # printed at start
+    name = "model.transformer.blocks.0.q_proj.weight"
+    assert wbf[name].dtype == torch.float32  # the master weights stayed fp32
+    d32, dbf = w32[name] - w0[name], wbf[name] - w0[name]
+    assert (dbf != 0).float().mean() > 0.99  # every weight moved ...
+    assert torch.nn.functional.cosine_similarity(d32.flatten(), dbf.flatten(), dim=0) > 0.9  # ... as under fp32
+    # the bug: the same fp32 update applied to bf16 weights rounds away for most of them
+    assert ((w0[name].bfloat16() + d32.bfloat16()) != w0[name].bfloat16()).float().mean() < 0.5
+    # resume restores the same precision: the continued run still saves fp32 weights
+    wres, _ = sft_weights(tiny_llada, tmp_path, "bf16", ["--resume", "--max_steps", "4"])
+    assert wres[name].dtype == torch.float32 and not torch.equal(wres[name], wbf[name])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_command(script, **changes):
+    """The README's LLaDA command for `script`, as written, with the flags in `changes` replaced (or added)."""
+    import shlex
+    line = next(l for l in open(os.path.join(ROOT, "README.md")) if l.startswith(f"python {script} ")
+                and "--trust_remote_code" in l)
+    argv = shlex.split(line)[2:]
+    for flag, value in changes.items():
+        flag = "--" + flag
+        if flag in argv:
+            argv[argv.index(flag) + 1] = str(value)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
+    """The README's paper-scale commands (sft.py -> igpo.py -> eval.py with --trust_remote_code --lora_r
+    --grad_ckpt) run as written on the tiny LLaDA, model path, data and sizes aside, under the GPU precision
+    policy; the model eval.py loads at the end is base + SFT adapter + IGPO adapter (issue 13.2)."""
+    traces, metamath, bench = tmp_path / "traces.jsonl", tmp_path / "metamath.jsonl", tmp_path / "math500.jsonl"
+    traces.write_text("".join(json.dumps(r) + "\n" for r in SHORT_ROWS))
+    metamath.write_text("".join(json.dumps(r) + "\n" for r in METAMATH_ROWS))
+    bench.write_text("".join(json.dumps({"problem": r["question"], "answer": r["trace"][-2]}) + "\n"
+                             for r in SHORT_ROWS))
+    sft_out, igpo_out = str(tmp_path / "sft_llada"), str(tmp_path / "igpo_llada")
+    sft.main(readme_command("sft.py", model=tiny_llada, dataset=traces, gen_length=16, grad_accum=2, lr=1e-2,
+                            warmup_steps=1, max_steps=2, out_dir=sft_out, precision="bf16"))
+    igpo.main(readme_command("igpo.py", init=sft_out, dataset=metamath, gen_length=32, block_length=16, steps=8,
+                             num_generations=2, batch_prompts=2, grad_accum=2, num_iterations=2, gen_batch=4,
+                             warmup_steps=1, max_steps=2, out_dir=igpo_out, precision="bf16"))
+    import eval as evaluation
+    evaluation.main(readme_command("eval.py", model=igpo_out, data=bench, gen_length=32, block_length=16, steps=8,
+                                   out=tmp_path / "eval.json", precision="bf16"))
+    printed = capsys.readouterr().out
+    assert printed.count("precision: weights bfloat16") == 3  # the policy line of all three scripts
+    assert len(json.load(open(tmp_path / "eval.json"))["generations"]) == len(SHORT_ROWS)
+    assert json.load(open(os.path.join(igpo_out, "adapter_config.json")))["base_model_name_or_path"] == sft_out
+    module = "model.transformer.blocks.1.ff_out"
+    base = sft.load_model(tiny_llada, trust_remote_code=True)[0].get_submodule(module).weight
+    final = sft.load_model(igpo_out, trust_remote_code=True)[0].get_submodule(module).weight
+    d_sft, d_igpo = lora_delta(sft_out, "blocks.1.ff_out"), lora_delta(igpo_out, "blocks.1.ff_out")
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(os.path.join(sft_out, "adapter_model.safetensors")).values()} == {torch.float32}
+    assert d_sft.abs().mean() > 1e-4  # SFT moved the weights, and that move survives into the final model
+    assert torch.allclose(final, base + d_sft + d_igpo, atol=1e-5)
