@@ -31,7 +31,7 @@ from fractions import Fraction
 
 import torch
 
-from sft import MASK, fail, init_distributed, left_pad, load_model, make_prompt, toy_dataset
+from sft import EOS, EOT, MASK, fail, init_distributed, left_pad, load_model, make_prompt, toy_dataset
 
 NEG_INF = float("-inf")
 
@@ -77,6 +77,14 @@ def num_transfer_tokens(mask_index, steps):
     n = mask_index.sum(dim=1, keepdim=True)  # (B, 1)
     base, rem = n // steps, n % steps
     return base + (torch.arange(steps, device=mask_index.device) < rem).long()  # (B, steps)
+
+
+def completion_mask(completions, end_ids):
+    """(N, L) bool: positions up to and including the first end token (<|eot_id|> or EOS). The loss stops
+    there (igpo.py deviation 2), so does grade(), and the early-exit sampler fills what follows with EOS."""
+    is_end = torch.isin(completions, end_ids)  # (N, L)
+    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # strictly after the first end token
+    return ~after_end
 
 
 def logits_at(model, x, attention_mask, start, end):
@@ -169,6 +177,7 @@ def print_canvas(tokenizer, answer_ids, hints, mask_id, title):
 # any input gives an answer within a bounded time (2 s of CPU, 20 s wall at worst) and nothing escapes.
 
 _SPECIAL = re.compile(r"<\|[^<>|]{0,64}\|>")  # <|eot_id|>, <|mdm_mask|>, <|start_header_id|>, ...
+_END = re.compile(re.escape(EOT) + "|" + re.escape(EOS))  # a completion ends at the first of these
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOX_BARE = re.compile(r"\\boxed +([^\s${}][^$\n]*)")  # "\boxed 5$" (no braces)
 _NUM = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # 1,000 / 18.00 / .5
@@ -181,8 +190,10 @@ def strip_special(text) -> str:
 
 
 def extract_answer(text):
-    """Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x'."""
-    text = strip_special(text)
+    """Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x', in the text
+    before the first end token: the loss stops there too (completion_mask), so reward and loss read the same
+    tokens. Real LLaDA generations put nothing but EOS after their <|eot_id|> (tests/test_grader.py)."""
+    text = strip_special(_END.split("" if text is None else str(text), 1)[0])
     opens = {m.end() - 1: m.start() for m in _BOX.finditer(text)}  # brace index -> box start
     spans, stack = [], []  # (box start, content start, content end); slice only at the end
     for i, ch in enumerate(text):  # one linear pass, no recursion: nesting depth is harmless

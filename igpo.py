@@ -21,7 +21,7 @@ Deviations from the paper (details and reasons in NOTES.md §3):
 1. Loss normalisation follows the paper, (1/G) sum_i (1/|o_i|) sum_k, with |o_i| the tokens that enter the
    loss; the official code instead averages over all tokens of the batch and uses a sequence-level ratio.
 2. Completions are scored up to and including their first end token (<|eot_id|> or EOS); the EOS padding
-   tail after it is left out of the loss, as in the official code and d1 (test: test_eos_tail_not_in_loss).
+   tail after it is left out of the loss, as in the official code and d1, and grade() does not read it.
 3. The final-answer span of the trace is never revealed as a hint (the paper's rule; the official code's
    default can reveal it).
 4. The policy's per-token log-probs come from one forward pass per *prompt*: the estimator's input
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import sft
-from eval import check_lengths, evaluate, extract_answer, generate, grade, load_task, logits_at, write_json
+from eval import check_lengths, completion_mask, evaluate, extract_answer, generate, grade, load_task, logits_at, write_json
 from sft import EOS, EOT, MASK, fail, left_pad, load_model, make_prompt
 
 
@@ -146,14 +146,6 @@ def make_hints(trace_ids, gen_length, eta, chunk_min, chunk_max, mask_id, gen):
         a, b = chunks[c]
         hints[a:b] = torch.tensor(trace_ids[a:b])
     return hints
-
-
-def completion_mask(completions, end_ids):
-    """(N, L) bool: positions up to and including the first end token (<|eot_id|> or EOS). The EOS padding
-    tail after it is not scored (deviation 2)."""
-    is_end = torch.isin(completions, end_ids)  # (N, L)
-    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # strictly after the first end token
-    return ~after_end
 
 
 def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_entropy=False):
