@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 
 import sft
-from eval import check_lengths, completion_mask, evaluate, extract_answer, generate, grade, load_task, logits_at, write_json
-from sft import EOS, EOT, MASK, fail, left_pad, load_model, make_prompt
+from eval import (check_lengths, completion_mask, end_token_ids, evaluate, extract_answer, generate, grade,
+                  load_task, logits_at, write_json)
+from sft import MASK, fail, left_pad, load_model, make_prompt
 
 
 def get_args(argv=None):
@@ -66,6 +67,8 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=32, help="denoising steps per completion (paper: 128)")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.2)")
     p.add_argument("--gen_batch", type=int, default=0, help="sequences per sampler call; 0: all at once (memory knob)")
+    p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip forward passes of rows whose answer has ended (same tokens; --no-early_exit: all)")
     # ---- inpainting (Eq. (7), (8), (10))
     p.add_argument("--no_inpaint", action="store_true", help="plain GRPO: leave all-wrong groups alone")
     p.add_argument("--eta_low", type=float, default=0.2, help="eta ~ U[eta_low, eta_high]: revealed chunk fraction (paper: 0.2)")
@@ -196,13 +199,14 @@ def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
     return loss, kl_mean.detach(), ((clipped * m).sum() / m.sum().clamp(min=1)).detach()
 
 
-def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None):
+def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None, end_ids=None):
     """Sample one completion per row of prompts (N, P) with the diffusion sampler; returns (N, L). Rows go
-    through the sampler --gen_batch at a time: its logits (rows x length x vocab) bound its memory."""
+    through the sampler --gen_batch at a time: its logits (rows x length x vocab) bound its memory.
+    end_ids: a row stops at its first end token (--early_exit), what the loss and reward read is unchanged."""
     n = args.gen_batch or len(prompts)
     outs = [generate(model, prompts[i:i + n], args.gen_length, args.block_length, args.steps, args.temperature,
                      mask_id, hints=None if hints is None else hints[i:i + n], attention_mask=prompt_attn[i:i + n],
-                     generator=gen) for i in range(0, len(prompts), n)]
+                     generator=gen, end_ids=end_ids if args.early_exit else None) for i in range(0, len(prompts), n)]
     return torch.cat(outs)[:, prompts.shape[1]:]
 
 
@@ -226,7 +230,7 @@ def inpaint_all_wrong(model, tokenizer, batch, all_wrong, prompts, prompt_attn, 
     hints = torch.stack(canvases).to(completions.device)  # (n_groups*G, L)
     idx = torch.tensor(all_wrong, device=prompts.device)
     inpainted = rollout(model, prompts[idx].repeat_interleave(G, 0), prompt_attn[idx].repeat_interleave(G, 0),
-                        args, mask_id, gen, hints=hints)
+                        args, mask_id, gen, hints=hints, end_ids=end_token_ids(tokenizer))
     inpainted_texts = tokenizer.batch_decode(inpainted)
     rescued, n_replaced, example = [], 0, None
     for g, b in enumerate(all_wrong):
@@ -295,7 +299,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else None
     model, tokenizer = load_model(args.init, args.trust_remote_code, device, dtype)
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
-    end_ids = torch.tensor([tokenizer.convert_tokens_to_ids(EOT), tokenizer.convert_tokens_to_ids(EOS)], device=device)
+    end_ids = torch.tensor(end_token_ids(tokenizer), device=device)
     ref_model = None
     if args.beta and not args.lora_r:  # with LoRA the reference is the same model with its adapter disabled
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -362,7 +366,8 @@ def main(argv=None):
     acc_before = None
     if args.eval_limit and toy and not resuming:
         items = load_task("toy", limit=args.eval_limit)
-        _, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        _, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps,
+                                 early_exit=args.early_exit)
         print(f"accuracy before RL: {100 * acc_before:.1f}% on {len(items)} test questions")
 
     from tqdm import tqdm
@@ -379,7 +384,7 @@ def main(argv=None):
         # ================================ the IGPO step (NOTES.md §5) ================================
         # 1. G rollouts per prompt, all prompts in one batched sampler call; binary correctness reward.
         policy.eval()
-        completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen)  # (B*G, L)
+        completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen, end_ids=end_ids)  # (B*G, L)
         texts = tokenizer.batch_decode(completions)
         reward = torch.tensor([float(grade(texts[j], batch[j // G][2], task)) for j in range(B * G)]).view(B, G)
         own_reward = reward.mean().item()  # the policy's own success rate, before any rescue
@@ -459,7 +464,8 @@ def main(argv=None):
 
     if args.eval_limit and toy:
         items = load_task("toy", limit=args.eval_limit)
-        _, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+        _, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps,
+                                early_exit=args.early_exit)
         before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
         print(f"accuracy on {len(items)} test questions: {before}{100 * acc_after:.1f}%")
         if rank == 0:
