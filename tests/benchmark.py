@@ -3,6 +3,7 @@ Speed and memory of the hot paths, measured (not asserted). Not collected by pyt
 
     python tests/benchmark.py            # prints a table and writes out/benchmark.json
     python tests/benchmark.py --quick    # smaller shapes, for a smoke test
+    python tests/benchmark.py --ckpt out/sft_bench   # early exit measured on another SFT checkpoint
 
 What it measures (NOTES.md "Performance" holds the numbers):
 - sampler: seconds per generated token at batch 64 with the embedded model, and its overhead = total time
@@ -15,6 +16,10 @@ What it measures (NOTES.md "Performance" holds the numbers):
   logits repeated for every sample): time and peak memory;
 - one IGPO step on the embedded model, split into rollouts, inpainting rollouts, grading, old/ref passes
   and updates;
+- early exit (eval.generate's end_ids, --early_exit): one IGPO step on the SFT checkpoint --ckpt (default
+  out/sft) with it off and on: row-forwards per rollout, rollout seconds, and whether everything the step
+  reads is identical; then the sampler alone at the paper's shape (L = 256, block 32, 128 steps) with a model
+  whose answers end at a known position (mid-answer, and where LLaDA-8B-Instruct's GSM8K answers end);
 - optionally (--pipeline) the wall time of the default `python igpo.py` pipeline from scratch.
 Peak memory on CPU: torch has no CPU high-water mark, so peak_bytes() replays the allocation and free events
 that torch's profiler records (profile_memory=True) and takes the maximum of live tensor bytes.
@@ -45,11 +50,13 @@ def peak_bytes(fn):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
+    # Replay the allocator's own stream, one event per allocation (+bytes) or free (-bytes), in time order.
+    # Per-operation figures do not give the peak: cpu_memory_usage counts an allocation once per enclosing
+    # operation (a linear layer's output three times), self_cpu_memory_usage nets what an operation frees
+    # before it returns (logsumexp over an 8 MB tensor: 0.008 MB, hiding its 8 MB temporary).
     live, peak = 0, 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        # self_: the bytes this operation itself allocated (minus freed); cpu_memory_usage also counts its
-        # children's, so an allocation was counted once per enclosing operation (357.6 MiB for 92.6 MiB live)
-        live += e.self_cpu_memory_usage if e.self_cpu_memory_usage else 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += e.nbytes()
         peak = max(peak, live)
     return out, peak
 
