@@ -19,6 +19,9 @@ Deviations from the paper (details in NOTES.md §3):
    so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
 3. Only the current block's logits are computed at all (logits_at): positions outside it cannot be
    unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
+4. Early exit (--early_exit, default on): a row stops taking forward passes once its first end token lies in
+   a completed block, and so does a row with nothing to commit at a step; its tail becomes EOS. Up to that
+   end token every row, and the generator's state, are the full sampler's; nothing after it is read.
 """
 import argparse
 import ctypes
