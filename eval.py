@@ -19,9 +19,8 @@ Deviations from the paper (details in NOTES.md §3):
    so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
 3. Only the current block's logits are computed at all (logits_at): positions outside it cannot be
    unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
-4. Early exit (--early_exit, default on): a row stops taking forward passes once its first end token lies in
-   a completed block, and so does a row with nothing to commit at a step; its tail becomes EOS. Up to that
-   end token every row, and the generator's state, are the full sampler's; nothing after it is read.
+4. Early exit (--early_exit, default on): a row leaves the batch once its first end token lies in a completed
+   block (tail: EOS), and steps with nothing to commit skip the forward pass; nothing read downstream changes.
 """
 import argparse
 import ctypes
@@ -136,10 +135,8 @@ def generate(model, prompt_ids, gen_length, block_length, steps, temperature, ma
     """Fill gen_length masked positions after each prompt. prompt_ids (B, P), left-padded with attention_mask
     (B, P). hints (B, gen_length): a token id where the answer is fixed in advance, mask_id elsewhere; hint
     tokens are never candidates, never overwritten, and not counted in the unmasking schedule.
-    end_ids (<|eot_id|>, EOS) turns on early exit: a row whose first end token lies in a completed block
-    leaves the batch, a step's forward pass runs only on rows with a position to commit, and every token
-    after a row's first end token becomes EOS. Up to that end token each row is the full sampler's (end_ids
-    None), token for token, and the generator advances exactly as much (NOTES.md §4).
+    end_ids (<|eot_id|>, EOS): early exit (deviation 4); each row's tokens up to its first end token and the
+    generator's final state are those of the full sampler (end_ids None), the row's tail is EOS.
     Returns the full sequences (B, P + gen_length). `show` (a tokenizer) prints the first canvas each step."""
     check_lengths(gen_length, block_length, steps)
     B, P = prompt_ids.shape
@@ -149,8 +146,7 @@ def generate(model, prompt_ids, gen_length, block_length, steps, temperature, ma
         x[:, P:] = hints
     if attention_mask is not None:  # the answer positions are always attended to
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, gen_length)], dim=1)
-    if end_ids is not None:
-        end_ids = torch.as_tensor(end_ids, device=x.device)
+    end_ids = None if end_ids is None else torch.as_tensor(end_ids, device=x.device)
     alive = torch.ones(B, dtype=torch.bool, device=x.device)  # rows whose answer may still change
     V = logits_size(model) if temperature > 0 else 0
     num_blocks = gen_length // block_length
@@ -160,15 +156,16 @@ def generate(model, prompt_ids, gen_length, block_length, steps, temperature, ma
         # hints are not mask tokens, so they are never scheduled: Eq. (7) "revealed tokens are fixed"
         n_transfer = num_transfer_tokens(x[:, s:e] == mask_id, steps_per_block)  # (B, steps)
         for i in range(steps_per_block):
-            # Noise for every row at every step, skipped or not: each row sees the full sampler's draws, and the
+            # Noise for every row at every step, used or not: each row gets the full sampler's draws, and the
             # generator ends where the full sampler leaves it, so later calls on it are unchanged too.
             u = torch.rand((B, block_length, V), dtype=torch.float64, device=x.device, generator=generator) \
                 if temperature > 0 else None
-            # Early exit: rows with nothing to commit at this step (finished, or no mask left in the block)
-            # would only repeat a forward pass whose result is thrown away.
+            # Early exit: only the rows that commit something now take the forward pass (not finished, a mask
+            # left in the block); without it every row does, unless none commits (e.g. a fully hinted block).
             rows = (alive & (n_transfer[:, i] > 0)).nonzero().flatten() if end_ids is not None else slice(None)
             k = n_transfer[rows, i]  # (R,) tokens each of the R rows commits now
-            if k.numel() == 0:
+            kmax = int(k.max()) if k.numel() else 0
+            if kmax == 0:  # the forward pass would be thrown away
                 continue
             block = x[rows, s:e]  # (R, Lb)
             mask_index = block == mask_id
@@ -179,9 +176,6 @@ def generate(model, prompt_ids, gen_length, block_length, steps, temperature, ma
             confidence = torch.where(mask_index, confidence, NEG_INF)  # committed and hint tokens stay put
             # Commit the k most confident masked positions of each row (vectorised top-k: take the largest k
             # over the rows, keep the first k of each row).
-            kmax = int(k.max())
-            if kmax == 0:
-                continue
             top = confidence.topk(kmax, dim=1).indices  # (R, kmax)
             keep = torch.arange(kmax, device=x.device) < k[:, None]  # (R, kmax)
             transfer = torch.zeros_like(mask_index).scatter_(1, top, keep)  # (R, Lb)

@@ -205,7 +205,7 @@ def test_early_exit_same_tokens_rewards_loss_mask_and_generator(tokenizer, tempe
 def test_early_exit_with_hints(tokenizer):
     """A hint after a row's end does not keep it alive: the row leaves after the block holding its end, and
     the hint becomes EOS like the rest of the tail (nothing after the end is read by reward or loss). Hints
-    before the end are kept. A block where no row has a masked position left costs no forward pass."""
+    before the end are kept; a hinted end token ends its row once its block is complete."""
     from eval import completion_mask
     L, Lb, steps = 32, 8, 16
     prompts, scripts, end_ids = scripted_rows(tokenizer, L)
@@ -215,22 +215,24 @@ def test_early_exit_with_hints(tokenizer):
     hints[3, 2:5] = torch.tensor([33, 34, 35])  # before row 3's end
     hints[:, 24:30] = 36  # block 3: only 2 positions left to fill per row
     hints[4, 28] = end_ids[0]  # row 4's end is a hint in the last block: it ends only once block 3 is done
-    outs, calls = [], []
+    outs, rows = [], []
     for ends in [None, end_ids]:
         model = Scripted(tiny_model(tokenizer, seed=3), prompts.shape[1], scripts, end_ids)
         outs.append(generate(model, prompts, L, Lb, steps, 1.0, mask_id, hints=hints, end_ids=ends,
                              generator=torch.Generator().manual_seed(7))[:, -L:])
-        calls.append(model.calls)
+        rows.append(model.rows)
     full, early = outs
     keep = completion_mask(full, end_ids)
     assert torch.equal(full[keep], early[keep]) and torch.equal(keep, completion_mask(early, end_ids))
     assert (full[0, 17:20] == hints[0, 17:20]).all() and (early[0, 17:20] == tokenizer.eos_token_id).all()
     assert (early[3, 2:5] == hints[3, 2:5]).all() and keep[4, :29].all() and not keep[4, 29:].any()
-    # block 3 has 2 masked positions per row over 4 steps: its last 2 steps commit nothing and are skipped
-    assert calls == [16, 14]
+    # block 3 has 2 masked positions per row over 4 steps: its last 2 steps commit nothing and are skipped in
+    # both modes (5 rows x 14 steps); early exit: rows 0-2 leave after blocks 0, 1, 1 (4 + 8 + 8 + 14 + 14)
+    assert rows == [70, 48]
 
 
 def test_fully_hinted_block_costs_no_forward(tokenizer):
+    """A step at which no row commits anything skips its forward pass, with or without early exit."""
     L, Lb, steps = 16, 4, 16  # 4 blocks of 4 steps; block 1 fully hinted in every row
     prompts, scripts, end_ids = scripted_rows(tokenizer, L)
     scripts = {k: torch.full((L,), -1) for k in scripts}  # no row ends
@@ -241,7 +243,7 @@ def test_fully_hinted_block_costs_no_forward(tokenizer):
         model = Scripted(tiny_model(tokenizer, seed=3), prompts.shape[1], scripts, end_ids)
         outs.append(generate(model, prompts, L, Lb, steps, 0.0, tokenizer.mask_token_id, hints=hints, end_ids=ends))
         calls.append(model.calls)
-    assert torch.equal(outs[0], outs[1]) and calls == [16, 12]
+    assert torch.equal(outs[0], outs[1]) and calls == [12, 12]  # not 16: block 1 is skipped
 
 
 def test_early_exit_flag_default_on_same_name_in_both_scripts():
