@@ -251,3 +251,19 @@ def test_early_exit_flag_default_on_same_name_in_both_scripts():
     import igpo
     for get_args in (ev.get_args, igpo.get_args):
         assert get_args([]).early_exit is True and get_args(["--no-early_exit"]).early_exit is False
+
+
+def test_evaluate_saves_the_full_eos_padded_canvas(tokenizer):
+    """With early exit the saved generation still has all gen_length tokens, EOS after the end (d1's layout)."""
+    from eval import evaluate
+    L = 32
+    prompt = tokenizer(sft.make_prompt(tokenizer, "Ann has 3 pens.", True), add_special_tokens=False).input_ids
+    script = torch.full((L,), -1)
+    script[5] = tokenizer.convert_tokens_to_ids(sft.EOT)
+    end_ids = torch.tensor([script[5], tokenizer.eos_token_id])
+    model = Scripted(tiny_model(tokenizer, seed=3), len(prompt), {prompt[0]: script}, end_ids)
+    records, _ = evaluate(model, tokenizer, [("Ann has 3 pens.", "3")] * 2, "toy", L, 8, 16, progress=False)
+    for r in records:
+        text = r["generations"]
+        assert text.endswith(sft.EOT + sft.EOS * (L - 6)) and sft.MASK not in text
+    assert model.rows == 2 * 4  # one block of 4 steps per row
