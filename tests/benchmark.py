@@ -322,14 +322,15 @@ def early_exit_paper_shape(ends, L=256, Lb=32, steps=128, temperature=1.2):
     prompts = torch.cat([torch.arange(B)[:, None] + 7, torch.randint(7, 100, (B, P - 1))], 1)  # row r: first token r+7
     scripts = {r + 7: torch.full((L,), -1).index_fill_(0, torch.tensor([e]), int(end_ids[0])) for r, e in enumerate(ends)}
     res = {}
-    for on in (False, True):
+    for on in (False, True, False, True):  # twice each, alternating; the faster of the two is kept
         model = Scripted(tiny_model(tok, hidden=64, layers=4), P, scripts, end_ids)
         g = torch.Generator().manual_seed(0)
         t = time.perf_counter()
         out = ev.generate(model, prompts, L, Lb, steps, temperature, tok.mask_token_id, generator=g,
                           end_ids=end_ids if on else None)[:, P:]
-        res[on] = (out.masked_fill(~ev.completion_mask(out, end_ids), -1), g.get_state(), model.rows / B,
-                   time.perf_counter() - t)
+        seconds = time.perf_counter() - t
+        if on not in res or seconds < res[on][3]:
+            res[on] = (out.masked_fill(~ev.completion_mask(out, end_ids), -1), g.get_state(), model.rows / B, seconds)
     return {"L": L, "block": Lb, "steps": steps, "rows": B, "mean_end": sum(ends) / B,
             "forwards_per_rollout": {"off": res[False][2], "on": res[True][2]},
             "seconds": {"off": round(res[False][3], 2), "on": round(res[True][3], 2)},
