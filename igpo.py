@@ -21,7 +21,7 @@ Deviations from the paper (details and reasons in NOTES.md §3):
 1. Loss normalisation follows the paper, (1/G) sum_i (1/|o_i|) sum_k, with |o_i| the tokens that enter the
    loss; the official code instead averages over all tokens of the batch and uses a sequence-level ratio.
 2. Completions are scored up to and including their first end token (<|eot_id|> or EOS); the EOS padding
-   tail after it is left out of the loss, as in the official code and d1, and grade() does not read it.
+   tail after it is in neither the loss (as in the official code and d1) nor the reward (test_eos_tail_not_in_loss).
 3. The final-answer span of the trace is never revealed as a hint (the paper's rule; the official code's
    default can reveal it).
 4. The policy's per-token log-probs come from one forward pass per *prompt*: the estimator's input
