@@ -21,6 +21,8 @@ Deviations from the paper (details in NOTES.md §3):
    unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
 4. Only prompts of equal length share a sampler call, unpadded: LLaDA's hub code ignores attention_mask, so
    padding would make an answer depend on its batch (NOTES.md §3, item 16).
+5. Early exit (--early_exit, default on): a row leaves the batch once its first end token lies in a completed
+   block (tail: EOS), and steps with nothing to commit skip the forward pass; nothing read downstream changes.
 """
 import argparse
 import ctypes
@@ -33,8 +35,8 @@ from fractions import Fraction
 
 import torch
 
-from sft import (MASK, PRECISION_HELP, PRECISIONS, autocast, describe_precision, fail, init_distributed, load_model,
-                 make_prompt, precision_policy, toy_dataset)
+from sft import (EOS, EOT, MASK, PRECISION_HELP, PRECISIONS, autocast, describe_precision, fail, init_distributed,
+                 load_model, make_prompt, precision_policy, toy_dataset)
 
 NEG_INF = float("-inf")
 
@@ -54,6 +56,8 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature; 0 is greedy (paper: 0; AMC: 0.1)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per question, accuracy averaged (AMC: 16)")
     p.add_argument("--batch_size", type=int, default=64, help="sequences per generate() call (equal-length prompts only)")
+    p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip forward passes of rows whose answer has ended (same tokens; --no-early_exit: all)")
     # ---- run
     p.add_argument("--out", default="", help="results JSON (default: out/eval_<task>.json)")
     p.add_argument("--grade", default="", help="re-grade this results JSON instead of generating")
@@ -85,6 +89,19 @@ def num_transfer_tokens(mask_index, steps):
     return base + (torch.arange(steps, device=mask_index.device) < rem).long()  # (B, steps)
 
 
+def end_token_ids(tokenizer):
+    """[<|eot_id|>, EOS]: a completion ends at the first of them; EOS (last) is the padding after it."""
+    return [tokenizer.convert_tokens_to_ids(EOT), tokenizer.convert_tokens_to_ids(EOS)]
+
+
+def completion_mask(completions, end_ids):
+    """(N, L) bool: positions up to and including the first end token (<|eot_id|> or EOS). The loss stops
+    there (igpo.py deviation 2), so does grade(), and the early-exit sampler fills what follows with EOS."""
+    is_end = torch.isin(completions, end_ids)  # (N, L)
+    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # strictly after the first end token
+    return ~after_end
+
+
 def logits_at(model, x, attention_mask, start, end):
     """model(x).logits[:, start:end], without computing the rest. The vocabulary projection is applied position
     by position, so feeding it only the hidden states we will read gives the same numbers; at LLaDA's 126k
@@ -100,26 +117,32 @@ def logits_at(model, x, attention_mask, start, end):
         handle.remove()
 
 
-def sample_tokens(logits, temperature, generator=None):
+def sample_tokens(logits, temperature, u=None):
     """Draw x0 by Gumbel-max at the given temperature in float64 (low precision makes the Gumbel noise
-    coarse, which hurts quality), and return the model's probability of each drawn token as its confidence."""
+    coarse, which hurts quality), and return the model's probability of each drawn token as its confidence.
+    u: uniform draws shaped like logits (required when temperature > 0)."""
     logits = logits.double()  # (B, Lb, V)
     # Gumbel-max (deviation 6): argmax(l + T g) with g = -log(-log u) is a sample from softmax(l / T)
-    if temperature > 0:
-        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-        x0 = (logits - temperature * torch.log(-torch.log(u))).argmax(-1)  # argmax(l/T + Gumbel)
-    else:
-        x0 = logits.argmax(-1)
+    x0 = (logits - temperature * torch.log(-torch.log(u))).argmax(-1) if temperature > 0 else logits.argmax(-1)
     logp = logits.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # log softmax at x0
     return x0, logp.exp()
 
 
+def logits_size(model):
+    """The logits' last dimension, read off the output layer without a forward pass."""
+    m = getattr(model, "module", model)
+    head = m.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else m.config.vocab_size
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, gen_length, block_length, steps, temperature, mask_id, hints=None,
-             attention_mask=None, generator=None, show=None):
+             attention_mask=None, generator=None, show=None, end_ids=None):
     """Fill gen_length masked positions after each prompt. prompt_ids (B, P), left-padded with attention_mask
     (B, P). hints (B, gen_length): a token id where the answer is fixed in advance, mask_id elsewhere; hint
     tokens are never candidates, never overwritten, and not counted in the unmasking schedule.
+    end_ids (<|eot_id|>, EOS): early exit (deviation 4); each row's tokens up to its first end token and the
+    generator's final state are those of the full sampler (end_ids None), the row's tail is EOS.
     Returns the full sequences (B, P + gen_length). `show` (a tokenizer) prints the first canvas each step."""
     check_lengths(gen_length, block_length, steps)
     B, P = prompt_ids.shape
@@ -129,31 +152,46 @@ def generate(model, prompt_ids, gen_length, block_length, steps, temperature, ma
         x[:, P:] = hints
     if attention_mask is not None:  # the answer positions are always attended to
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, gen_length)], dim=1)
+    end_ids = None if end_ids is None else torch.as_tensor(end_ids, device=x.device)
+    alive = torch.ones(B, dtype=torch.bool, device=x.device)  # rows whose answer may still change
+    V = logits_size(model) if temperature > 0 else 0
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     for b in range(num_blocks):
         s, e = P + b * block_length, P + (b + 1) * block_length
-        block = x[:, s:e]  # a view: writing to it writes x
         # hints are not mask tokens, so they are never scheduled: Eq. (7) "revealed tokens are fixed"
-        n_transfer = num_transfer_tokens(block == mask_id, steps_per_block)  # (B, steps)
+        n_transfer = num_transfer_tokens(x[:, s:e] == mask_id, steps_per_block)  # (B, steps)
         for i in range(steps_per_block):
-            mask_index = block == mask_id  # (B, Lb)
-            logits = logits_at(model, x, attention_mask, s, e)  # (B, Lb, V): only this block can change
-            logits[..., mask_id] = NEG_INF  # never "unmask" a position into the mask token
-            x0, confidence = sample_tokens(logits, temperature, generator)
-            confidence = torch.where(mask_index, confidence, NEG_INF)  # committed and hint tokens stay put
-            # Commit the k most confident masked positions of each row, k = n_transfer[:, i] (vectorised top-k:
-            # take the largest k over the batch, keep the first k of each row).
-            k = n_transfer[:, i]  # (B,)
-            kmax = int(k.max())
-            if kmax == 0:
+            # Noise for every row at every step, used or not: each row gets the full sampler's draws, and the
+            # generator ends where the full sampler leaves it, so later calls on it are unchanged too.
+            u = torch.rand((B, block_length, V), dtype=torch.float64, device=x.device, generator=generator) \
+                if temperature > 0 else None
+            # Early exit: only the rows that commit something now take the forward pass (not finished, a mask
+            # left in the block); without it every row does, unless none commits (e.g. a fully hinted block).
+            rows = (alive & (n_transfer[:, i] > 0)).nonzero().flatten() if end_ids is not None else slice(None)
+            k = n_transfer[rows, i]  # (R,) tokens each of the R rows commits now
+            kmax = int(k.max()) if k.numel() else 0
+            if kmax == 0:  # the forward pass would be thrown away
                 continue
-            top = confidence.topk(kmax, dim=1).indices  # (B, kmax)
-            keep = torch.arange(kmax, device=x.device) < k[:, None]  # (B, kmax)
-            transfer = torch.zeros_like(mask_index).scatter_(1, top, keep)  # (B, Lb)
-            block[transfer] = x0[transfer]
+            block = x[rows, s:e]  # (R, Lb)
+            mask_index = block == mask_id
+            attn = None if attention_mask is None else attention_mask[rows]
+            logits = logits_at(model, x[rows], attn, s, e)  # (R, Lb, V): only this block can change
+            logits[..., mask_id] = NEG_INF  # never "unmask" a position into the mask token
+            x0, confidence = sample_tokens(logits, temperature, None if u is None else u[rows])
+            confidence = torch.where(mask_index, confidence, NEG_INF)  # committed and hint tokens stay put
+            # Commit the k most confident masked positions of each row (vectorised top-k: take the largest k
+            # over the rows, keep the first k of each row).
+            top = confidence.topk(kmax, dim=1).indices  # (R, kmax)
+            keep = torch.arange(kmax, device=x.device) < k[:, None]  # (R, kmax)
+            transfer = torch.zeros_like(mask_index).scatter_(1, top, keep)  # (R, Lb)
+            x[rows, s:e] = torch.where(transfer, x0, block)
             if show is not None:
                 print_canvas(show, x[0, P:], hints[0] if hints is not None else None, mask_id, f"block {b} step {i}")
+        if end_ids is not None:  # blocks 0..b are now final: a row with an end token in them is finished
+            alive &= ~torch.isin(x[:, P:e], end_ids).any(1)
+    if end_ids is not None:  # the tail after each row's first end token: EOS, as SFT taught (d1's layout)
+        x[:, P:] = x[:, P:].masked_fill(~completion_mask(x[:, P:], end_ids), end_ids[-1])
     return x
 
 
@@ -175,6 +213,7 @@ def print_canvas(tokenizer, answer_ids, hints, mask_id, title):
 # any input gives an answer within a bounded time (2 s of CPU, 20 s wall at worst) and nothing escapes.
 
 _SPECIAL = re.compile(r"<\|[^<>|]{0,64}\|>")  # <|eot_id|>, <|mdm_mask|>, <|start_header_id|>, ...
+_END = re.compile(re.escape(EOT) + "|" + re.escape(EOS))  # a completion ends at the first of these
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOX_BARE = re.compile(r"\\boxed +([^\s${}][^$\n]*)")  # "\boxed 5$" (no braces)
 _NUM = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # 1,000 / 18.00 / .5
@@ -187,8 +226,10 @@ def strip_special(text) -> str:
 
 
 def extract_answer(text):
-    """Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x'."""
-    text = strip_special(text)
+    """Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x', in the text
+    before the first end token: the loss stops there too (completion_mask), so reward and loss read the same
+    tokens. Real LLaDA generations put nothing but EOS after their <|eot_id|> (tests/test_grader.py)."""
+    text = strip_special(_END.split("" if text is None else str(text), 1)[0])
     opens = {m.end() - 1: m.start() for m in _BOX.finditer(text)}  # brace index -> box start
     spans, stack = [], []  # (box start, content start, content end); slice only at the end
     for i, ch in enumerate(text):  # one linear pass, no recursion: nesting depth is harmless
@@ -363,7 +404,7 @@ def equal_length_batches(lengths, size):
 
 
 def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, temperature=0.0, num_samples=1,
-             batch_size=64, generator=None, show=False, progress=True):
+             batch_size=64, generator=None, show=False, progress=True, early_exit=True):
     """Generate num_samples answers per question and grade them. Returns (records, accuracy). Under torchrun
     each rank takes every world-th question and the records are gathered back into the original order."""
     from tqdm import tqdm
@@ -381,7 +422,8 @@ def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, tem
         ids = torch.tensor([prompts[i] for i in rows], device=device)  # (b, P): no padding, batch-invariant
         out = generate(model, ids, gen_length, block_length, steps, temperature, mask_id,
                        attention_mask=torch.ones_like(ids), generator=generator,
-                       show=tokenizer if show and rows[0] == 0 else None)
+                       show=tokenizer if show and rows[0] == 0 else None,
+                       end_ids=end_token_ids(tokenizer) if early_exit else None)
         for i, text in zip(rows, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=False)):
             texts[i] = text
     model.train(was_training)
@@ -486,10 +528,11 @@ def main(argv=None):
         t0 = time.time()
         with autocast(device, amp_dtype):
             records, _ = evaluate(model, tokenizer, items, args.task, gen_length, block_length, steps,
-                                  args.temperature, args.num_samples, args.batch_size, gen, args.show)
+                                  args.temperature, args.num_samples, args.batch_size, gen, args.show,
+                                  early_exit=args.early_exit)
         settings = {"model_path": model_path, "gen_length": gen_length, "block_length": block_length,
                     "diffusion_steps": steps, "temperature": args.temperature, "num_samples": args.num_samples,
-                    "seed": args.seed, "seconds": round(time.time() - t0, 1)}
+                    "seed": args.seed, "early_exit": args.early_exit, "seconds": round(time.time() - t0, 1)}
         data = {"generations": records}
         if rank:
             return

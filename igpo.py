@@ -21,7 +21,8 @@ Deviations from the paper (details and reasons in NOTES.md §3):
 1. Loss normalisation follows the paper, (1/G) sum_i (1/|o_i|) sum_k, with |o_i| the tokens that enter the
    loss; the official code instead averages over all tokens of the batch and uses a sequence-level ratio.
 2. Completions are scored up to and including their first end token (<|eot_id|> or EOS); the EOS padding
-   tail after it is left out of the loss (the official code's loss covers it; test_eos_tail_not_in_loss).
+   tail after it is in neither the loss (the official code's loss covers it) nor the reward
+   (test_eos_tail_not_in_loss).
 3. The trace is cut at its first final-answer statement and never hinted after it (the paper's rule; the
    official code's default can reveal the answer, and it keeps the last 30 positions hint-free).
 4. The policy's per-token log-probs come from one forward pass per *prompt*: the estimator's input
@@ -42,9 +43,9 @@ import torch
 import torch.nn.functional as F
 
 import sft
-from eval import (check_lengths, equal_length_batches, evaluate, extract_answer, generate, grade, load_task, logits_at,
-                  write_json)
-from sft import EOS, EOT, MASK, fail, left_pad, load_model, make_prompt
+from eval import (check_lengths, completion_mask, end_token_ids, equal_length_batches, evaluate, extract_answer,
+                  generate, grade, load_task, logits_at, write_json)
+from sft import MASK, fail, left_pad, load_model, make_prompt
 
 
 def get_args(argv=None):
@@ -71,6 +72,8 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=32, help="denoising steps per completion (paper: 128)")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.2)")
     p.add_argument("--gen_batch", type=int, default=0, help="sequences per sampler call; 0: all at once (memory knob)")
+    p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip forward passes of rows whose answer has ended (same tokens; --no-early_exit: all)")
     # ---- inpainting (Eq. (7), (8), (10))
     p.add_argument("--no_inpaint", action="store_true", help="plain GRPO: leave all-wrong groups alone")
     p.add_argument("--eta_low", type=float, default=0.2, help="eta ~ U[eta_low, eta_high]: revealed chunk fraction (paper: 0.2)")
@@ -168,14 +171,6 @@ def make_hints(trace_ids, gen_length, eta, chunk_min, chunk_max, mask_id, gen):
     return hints
 
 
-def completion_mask(completions, end_ids):
-    """(N, L) bool: positions up to and including the first end token (<|eot_id|> or EOS). The EOS padding
-    tail after it is not scored (deviation 2)."""
-    is_end = torch.isin(completions, end_ids)  # (N, L)
-    after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # strictly after the first end token
-    return ~after_end
-
-
 def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_entropy=False):
     """Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L): ONE forward with the prompt clean and the whole
     completion masked. That input is the same for all G samples of a prompt, so the forward runs once per
@@ -224,17 +219,18 @@ def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
     return loss, kl_mean.detach(), ((clipped * m).sum() / m.sum().clamp(min=1)).detach()
 
 
-def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None):
+def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None, end_ids=None):
     """Sample one completion per row of prompts (N, P) with the diffusion sampler; returns (N, L). Rows go
     through the sampler --gen_batch at a time (its logits, rows x length x vocab, bound its memory), and only
-    rows of equal prompt length together, unpadded: LLaDA's hub code ignores attention_mask (eval.py)."""
+    rows of equal prompt length together, unpadded: LLaDA's hub code ignores attention_mask (eval.py).
+    end_ids: a row stops at its first end token (--early_exit); what the loss and reward read is unchanged."""
     out = torch.empty(len(prompts), args.gen_length, dtype=torch.long, device=prompts.device)  # (N, L)
     lengths = prompt_attn.sum(1).tolist()
     for rows in equal_length_batches(lengths, args.gen_batch or len(prompts)):
         x = prompts[rows, prompts.shape[1] - lengths[rows[0]]:]  # (b, P_b): the left padding cut off
         out[rows] = generate(model, x, args.gen_length, args.block_length, args.steps, args.temperature, mask_id,
                              hints=None if hints is None else hints[rows], attention_mask=torch.ones_like(x),
-                             generator=gen)[:, x.shape[1]:]
+                             generator=gen, end_ids=end_ids if args.early_exit else None)[:, x.shape[1]:]
     return out
 
 
@@ -258,7 +254,7 @@ def inpaint_all_wrong(model, tokenizer, batch, all_wrong, prompts, prompt_attn, 
     hints = torch.stack(canvases).to(completions.device)  # (n_groups*G, L)
     idx = torch.tensor(all_wrong, device=prompts.device)
     inpainted = rollout(model, prompts[idx].repeat_interleave(G, 0), prompt_attn[idx].repeat_interleave(G, 0),
-                        args, mask_id, gen, hints=hints)
+                        args, mask_id, gen, hints=hints, end_ids=end_token_ids(tokenizer))
     inpainted_texts = tokenizer.batch_decode(inpainted)
     rescued, n_replaced, example = [], 0, None
     for g, b in enumerate(all_wrong):
@@ -355,7 +351,7 @@ def main(argv=None):
     amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
     model, tokenizer = load_model(args.init, args.trust_remote_code, device, dtype)
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
-    end_ids = torch.tensor([tokenizer.convert_tokens_to_ids(EOT), tokenizer.convert_tokens_to_ids(EOS)], device=device)
+    end_ids = torch.tensor(end_token_ids(tokenizer), device=device)
     ref_model = None
     if args.beta and not args.lora_r:  # with LoRA the reference is the same model with its adapter disabled
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -426,7 +422,8 @@ def main(argv=None):
     if args.eval_limit and toy and not resuming:
         items = load_task("toy", limit=args.eval_limit)
         with amp():
-            records, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+            records, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length,
+                                           args.steps, early_exit=args.early_exit)
         print(f"accuracy before RL: {100 * acc_before:.1f}% on {len(items)} test questions")
         if rank == 0:  # per question, so that methods can be compared paired: eval.py --compare A B
             write_json(os.path.join(args.out_dir, "eval_before.json"), {"generations": records})
@@ -446,7 +443,7 @@ def main(argv=None):
         # 1. G rollouts per prompt, all prompts in one batched sampler call; binary correctness reward.
         policy.eval()
         with amp():
-            completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen)  # (B*G, L)
+            completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen, end_ids=end_ids)  # (B*G, L)
         texts = tokenizer.batch_decode(completions)
         reward = torch.tensor([float(grade(texts[j], batch[j // G][2], task)) for j in range(B * G)]).view(B, G)
         own_reward = reward.mean().item()  # the policy's own success rate, before any rescue
@@ -529,7 +526,8 @@ def main(argv=None):
     if args.eval_limit and toy:
         items = load_task("toy", limit=args.eval_limit)
         with amp():
-            records, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length, args.steps)
+            records, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length,
+                                          args.steps, early_exit=args.early_exit)
         before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
         print(f"accuracy on {len(items)} test questions: {before}{100 * acc_after:.1f}%")
         if rank == 0:

@@ -3,6 +3,7 @@ Speed and memory of the hot paths, measured (not asserted). Not collected by pyt
 
     python tests/benchmark.py            # prints a table and writes out/benchmark.json
     python tests/benchmark.py --quick    # smaller shapes, for a smoke test
+    python tests/benchmark.py --ckpt out/sft_bench   # early exit measured on another SFT checkpoint
 
 What it measures (NOTES.md "Performance" holds the numbers):
 - sampler: seconds per generated token at batch 64 with the embedded model, and its overhead = total time
@@ -15,6 +16,10 @@ What it measures (NOTES.md "Performance" holds the numbers):
   logits repeated for every sample): time and peak memory;
 - one IGPO step on the embedded model, split into rollouts, inpainting rollouts, grading, old/ref passes
   and updates;
+- early exit (eval.generate's end_ids, --early_exit): one IGPO step on the SFT checkpoint --ckpt (default
+  out/sft) with it off and on: row-forwards per rollout, rollout seconds, and whether everything the step
+  reads is identical; then the sampler alone at the paper's shape (L = 256, block 32, 128 steps) with a model
+  whose answers end at a known position (mid-answer, and where LLaDA-8B-Instruct's GSM8K answers end);
 - optionally (--pipeline) the wall time of the default `python igpo.py` pipeline from scratch.
 Peak memory on CPU: torch has no CPU high-water mark, so peak_bytes() replays the allocation and free events
 that torch's profiler records (profile_memory=True) and takes the maximum of live tensor bytes.
@@ -22,6 +27,7 @@ that torch's profiler records (profile_memory=True) and takes the maximum of liv
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,6 +41,8 @@ import igpo  # noqa: E402
 import sft  # noqa: E402
 
 LLADA_VOCAB = 126464
+LLADA_GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures",
+                           "llada_generations", "gsm8k_instruct_256_128_0_generations.json")  # real generations
 
 
 def peak_bytes(fn):
@@ -42,9 +50,13 @@ def peak_bytes(fn):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
+    # Replay the allocator's own stream, one event per allocation (+bytes) or free (-bytes), in time order.
+    # Per-operation figures do not give the peak: cpu_memory_usage counts an allocation once per enclosing
+    # operation (a linear layer's output three times), self_cpu_memory_usage nets what an operation frees
+    # before it returns (logsumexp over an 8 MB tensor: 0.008 MB, hiding its 8 MB temporary).
     live, peak = 0, 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.cpu_memory_usage if e.cpu_memory_usage else 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += e.nbytes()
         peak = max(peak, live)
     return out, peak
 
@@ -102,6 +114,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     ap.add_argument("--pipeline", action="store_true", help="also time the default `python igpo.py` from scratch")
     ap.add_argument("--out", default="out/benchmark.json")
+    ap.add_argument("--ckpt", default="out/sft", help="SFT checkpoint for the early-exit comparison")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = sft.build_toy_tokenizer()
@@ -179,6 +192,17 @@ def main():
     # ---- one IGPO step on the embedded model, by phase
     res["igpo_step_phases"] = igpo_step_phases(tok, quick=args.quick)
 
+    # ---- early exit: one IGPO step's rollouts on the SFT checkpoint, then the paper's rollout shape
+    if os.path.isdir(args.ckpt):
+        ee = res["early_exit_igpo_step"] = early_exit_igpo_step(args.ckpt, args.quick)
+        res["early_exit_forward_ratio"], res["early_exit_identical"] = ee["forward_ratio"], ee["identical"]
+    else:
+        print(f"no checkpoint at {args.ckpt}: early exit on the embedded task not measured (run sft.py or pass --ckpt)")
+    n = 8 if args.quick else 64
+    res["early_exit_paper_shape_half"] = early_exit_paper_shape([128] * n)
+    if os.path.exists(LLADA_GSM8K):
+        res["early_exit_paper_shape_llada_gsm8k"] = early_exit_paper_shape(llada_gsm8k_ends(n))
+
     # ---- the default pipeline, from scratch
     if args.pipeline:
         t = time.time()
@@ -195,51 +219,131 @@ def main():
         print(f"{k:38s} {v if not isinstance(v, float) else round(v, 4)}")
 
 
-def igpo_step_phases(tok, quick):
-    """Time the phases of one IGPO step with the default flags on a random embedded model (every group is
-    all-wrong, so inpainting always runs: the most expensive case)."""
-    args = igpo.get_args(["--eval_limit", "0"])
-    if quick:
-        args.batch_prompts, args.num_generations = 2, 4
-    model = sft.build_toy_model(tok)
-    mask_id, G = tok.mask_token_id, args.num_generations
-    ds = sft.toy_dataset("train", args.batch_prompts, seed=3)
-    batch = list(zip(ds["question"], ds["trace"], ds["answer"]))
+def count_rows(model):
+    """A list whose [0] counts the rows of every forward call of model (a sequence forward pass each)."""
+    rows = [0]
+    model.register_forward_pre_hook(lambda module, a: rows.__setitem__(0, rows[0] + a[0].shape[0]))
+    return rows
+
+
+def igpo_step(model, tok, args, batch):
+    """One IGPO step as igpo.py runs it, timed by phase. Returns (phase seconds, what the step reads: tokens,
+    rewards, hint and loss masks, the loss, the rollout generator's state, and row-forwards per rollout)."""
+    mask_id, G, rows = tok.mask_token_id, args.num_generations, count_rows(model)
+    end_ids = torch.tensor(ev.end_token_ids(tok))
     prompts, attn = sft.left_pad([tok(sft.make_prompt(tok, q, True), add_special_tokens=False).input_ids
                                   for q, _, _ in batch], tok.pad_token_id)
     gen, hint_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     times = {}
     t = time.perf_counter()
     model.eval()
-    comp = igpo.rollout(model, prompts.repeat_interleave(G, 0), attn.repeat_interleave(G, 0), args, mask_id, gen)
+    comp = igpo.rollout(model, prompts.repeat_interleave(G, 0), attn.repeat_interleave(G, 0), args, mask_id, gen,
+                        end_ids=end_ids)
     times["rollouts"] = time.perf_counter() - t
     t = time.perf_counter()
     texts = tok.batch_decode(comp)
     reward = torch.tensor([float(ev.grade(texts[j], batch[j // G][2], "toy")) for j in range(len(texts))]).view(-1, G)
     times["grading"] = time.perf_counter() - t
     t = time.perf_counter()
-    all_wrong = list(range(len(batch)))
-    igpo.inpaint_all_wrong(model, tok, batch, all_wrong, prompts, attn, comp, reward, texts, args, mask_id, "toy",
-                           gen, hint_gen)
+    all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
+    hint_mask, *_ = igpo.inpaint_all_wrong(model, tok, batch, all_wrong, prompts, attn, comp, reward, texts, args,
+                                           mask_id, "toy", gen, hint_gen)
     times["inpainting_rollouts_and_grading"] = time.perf_counter() - t
+    n_rollouts, rollout_rows = len(comp) + G * len(all_wrong), rows[0]
     t = time.perf_counter()
     with torch.no_grad():
         logp_old, ent = igpo.token_logps(model, prompts, attn, comp, G, mask_id, with_entropy=True)
         logp_ref = igpo.token_logps(model, prompts, attn, comp, G, mask_id)
     times["old_and_ref_passes"] = time.perf_counter() - t
+    valid = ev.completion_mask(comp, end_ids)
+    loss_mask = valid & (~hint_mask | igpo.entropy_filter(ent.repeat_interleave(G, 0), hint_mask & valid, args.entropy_keep))
+    adv = (reward - reward.mean(1, keepdim=True)).flatten()
     t = time.perf_counter()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    adv = torch.randn(len(texts))
     for _ in range(args.num_iterations):
         logp = igpo.token_logps(model, prompts, attn, comp, G, mask_id)
-        loss, _, _ = igpo.grpo_loss(logp, logp_old, logp_ref, adv, torch.ones_like(comp, dtype=torch.bool), 0.2, 0.01)
+        loss, _, _ = igpo.grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, args.epsilon, args.beta)
         loss.backward()
         opt.step()
         opt.zero_grad()
     times["updates"] = time.perf_counter() - t
+    reads = {"tokens": comp.masked_fill(~valid, -1), "reward": reward, "loss_mask": loss_mask, "loss": loss.detach(),
+             "hint_mask": hint_mask & valid, "generator": gen.get_state()}
+    return times, reads, rollout_rows / n_rollouts
+
+
+def igpo_step_phases(tok, quick):
+    """Time the phases of one IGPO step with the default flags on a random embedded model (every group is
+    all-wrong, so inpainting always runs: the most expensive case)."""
+    args = igpo.get_args(["--eval_limit", "0"])
+    if quick:
+        args.batch_prompts, args.num_generations = 2, 4
+    ds = sft.toy_dataset("train", args.batch_prompts, seed=3)
+    times, _, _ = igpo_step(sft.build_toy_model(tok), tok, args, list(zip(ds["question"], ds["trace"], ds["answer"])))
     total = sum(times.values())
     return {k: {"seconds": round(v, 3), "share": round(v / total, 3)} for k, v in times.items()}
+
+
+def early_exit_igpo_step(ckpt, quick):
+    """One IGPO step (default flags) on an SFT checkpoint with and without --early_exit, from the same weights
+    and seeds: row-forwards per rollout, seconds of the rollout phases, and whether everything the step reads
+    afterwards is identical (tokens up to each row's first end token, rewards, hint and loss masks, the loss,
+    the rollout generator's state)."""
+    args = igpo.get_args(["--eval_limit", "0"])
+    if quick:
+        args.batch_prompts = 2
+    ds = sft.toy_dataset("train", args.batch_prompts, seed=3)
+    batch = list(zip(ds["question"], ds["trace"], ds["answer"]))
+    runs = {}
+    for on in (False, True, False, True):  # twice each, alternating; the faster of the two is kept
+        args.early_exit = on
+        model, tok = sft.load_model(ckpt)
+        times, reads, per_rollout = igpo_step(model, tok, args, batch)
+        seconds = times["rollouts"] + times["inpainting_rollouts_and_grading"]
+        if on not in runs or seconds < runs[on][0]:
+            runs[on] = (seconds, reads, per_rollout, sum(times.values()))
+    (off_s, off, off_rows, off_step), (on_s, on, on_rows, on_step) = runs[False], runs[True]
+    return {"checkpoint": ckpt, "forwards_per_rollout": {"off": round(off_rows, 2), "on": round(on_rows, 2)},
+            "rollout_seconds": {"off": round(off_s, 2), "on": round(on_s, 2)},
+            "rollout_share_of_step": {"off": round(off_s / off_step, 3), "on": round(on_s / on_step, 3)},
+            "forward_ratio": on_rows / off_rows, "time_ratio": on_s / off_s,
+            "identical": all(torch.equal(off[k], on[k]) for k in off)}
+
+
+def early_exit_paper_shape(ends, L=256, Lb=32, steps=128, temperature=1.2):
+    """The sampler at the paper's rollout shape with a model whose answer ends (<|eot_id|>) are known: row r
+    ends at ends[r] (the Scripted wrapper of test_sampler.py around a tiny random model)."""
+    from conftest import tiny_model
+    from test_sampler import Scripted
+    tok = sft.build_toy_tokenizer()
+    end_ids = torch.tensor(ev.end_token_ids(tok))
+    B, P = len(ends), 40
+    prompts = torch.cat([torch.arange(B)[:, None] + 7, torch.randint(7, 100, (B, P - 1))], 1)  # row r: first token r+7
+    scripts = {r + 7: torch.full((L,), -1).index_fill_(0, torch.tensor([e]), int(end_ids[0])) for r, e in enumerate(ends)}
+    res = {}
+    for on in (False, True, False, True):  # twice each, alternating; the faster of the two is kept
+        model = Scripted(tiny_model(tok, hidden=64, layers=4), P, scripts, end_ids)
+        g = torch.Generator().manual_seed(0)
+        t = time.perf_counter()
+        out = ev.generate(model, prompts, L, Lb, steps, temperature, tok.mask_token_id, generator=g,
+                          end_ids=end_ids if on else None)[:, P:]
+        seconds = time.perf_counter() - t
+        if on not in res or seconds < res[on][3]:
+            res[on] = (out.masked_fill(~ev.completion_mask(out, end_ids), -1), g.get_state(), model.rows / B, seconds)
+    return {"L": L, "block": Lb, "steps": steps, "rows": B, "mean_end": sum(ends) / B,
+            "forwards_per_rollout": {"off": res[False][2], "on": res[True][2]},
+            "seconds": {"off": round(res[False][3], 2), "on": round(res[True][3], 2)},
+            "forward_ratio": res[True][2] / res[False][2], "time_ratio": res[True][3] / res[False][3],
+            "identical": torch.equal(res[False][0], res[True][0]) and torch.equal(res[False][1], res[True][1])}
+
+
+def llada_gsm8k_ends(n):
+    """Where LLaDA-8B-Instruct's greedy GSM8K answers end (L = 256): 256 minus the end tokens that close each
+    saved generation (../shared fixtures, d1's layout), the first n."""
+    texts = [r["generations"] for r in json.load(open(LLADA_GSM8K))["generations"][:n]]
+    return [256 - len(re.findall(r"<\|eot_id\|>|<\|endoftext\|>", re.search(r"(?:<\|eot_id\|>|<\|endoftext\|>)*$", t).group()))
+            for t in texts]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from eval import extract_answer, grade, strip_special  # noqa: E402
 
@@ -45,6 +46,26 @@ def test_strip_special_removes_every_pipe_token_and_keeps_text():
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("text, gold, ok", [
+    ("4+4=8\n<|eot_id|>8-4=4\n\\boxed{4}", "4", False),              # the box after the end is not read
+    ("\\boxed{8}<|eot_id|><|endoftext|>\\boxed{4}", "8", True),         # the box before it is
+    ("\\boxed{8}<|endoftext|>\\boxed{4}<|eot_id|>", "4", False),        # EOS ends a completion too
+    ("<|eot_id|>\\boxed{4}", "4", False),
+])
+def test_grade_reads_only_up_to_the_first_end_token(text, gold, ok):
+    """The reward reads what the loss trains on (igpo.py deviation 2): the text before the first end token."""
+    assert grade(text, gold, "toy") is ok
+
+
+def test_reward_and_loss_mask_see_the_same_tokens():
+    from eval import completion_mask
+    vocab = ["4+4=8\n", "<|eot_id|>", "\\boxed{8}", "<|endoftext|>"]  # a four-token stand-in tokenizer
+    ids = torch.tensor([[0, 1, 2, 3]])
+    seen = ids[completion_mask(ids, torch.tensor([1, 3]))]  # the tokens the loss is computed on
+    decode = lambda t: "".join(vocab[i] for i in t.tolist())
+    assert grade(decode(ids[0]), "8", "toy") is grade(decode(seen), "8", "toy") is False
 
 
 # ---------------------------------------------------------------- numeric tasks

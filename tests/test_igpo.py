@@ -75,7 +75,7 @@ def test_replacement_rule_and_own_trace(tokenizer, monkeypatch, n_correct, expec
     batch, prompts, attn = fake_batch(tokenizer, [11, 13, 15], B, G)
     seen = {}
 
-    def fake_rollout(model, p, a, args_, mask_id_, gen, hints=None):
+    def fake_rollout(model, p, a, args_, mask_id_, gen, hints=None, end_ids=None):
         seen["prompts"], seen["hints"] = p, hints
         return torch.where(hints == mask_id, tokenizer.eos_token_id, hints)
 

@@ -363,3 +363,18 @@ def test_trust_remote_code_off_unless_flag(tmp_path, tokenizer, monkeypatch):
     seen.clear()
     sft.load_model(str(tmp_path), trust_remote_code=True)  # harmless here: this model ships no code
     assert len(seen) >= 3 and set(seen) == {True}
+
+
+def test_igpo_run_identical_without_early_exit(igpo_setup, igpo_reference, tmp_path, one_thread, monkeypatch):
+    """--early_exit is a speed knob only: without it the run has the same metrics and final weights, and with
+    it (the default, as in the reference run) the sampler carried fewer rows through forward passes."""
+    import eval as ev
+    root, args = igpo_setup
+    rows, real = [], ev.logits_at
+    monkeypatch.setattr(ev, "logits_at", lambda m, x, *a: rows.append(len(x)) or real(m, x, *a))  # the sampler's
+    counts = []
+    for flag in ("--no-early_exit", "--early_exit"):
+        igpo.main(args + ["--out_dir", str(tmp_path / flag), flag])
+        assert_same_run(igpo_reference, tmp_path / flag)
+        counts.append(sum(rows) - sum(counts))
+    assert counts[1] < counts[0]  # some rows ended early (504 vs 437 row-forwards when written)

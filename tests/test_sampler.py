@@ -1,10 +1,13 @@
 """generate() against an independent, straightforward implementation of LLaDA's reference sampler, plus the
 properties inpainting relies on."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sft
+from conftest import tiny_model
 from eval import generate, num_transfer_tokens
 
 
@@ -126,3 +129,141 @@ def test_temperature_sampling_reproducible_with_generator(model, tokenizer):
 def test_bad_lengths_give_one_line_errors(model, tokenizer, L, B, steps):
     with pytest.raises(SystemExit, match="must be a positive multiple"):
         generate(model, prompt_ids(tokenizer, "x"), L, B, steps, 0.0, tokenizer.mask_token_id)
+
+
+# ---------------------------------------------------------------- early exit (end_ids)
+
+class Scripted(torch.nn.Module):
+    """A tiny model pushed (+1000 on the logit) towards a per-row script of answer tokens: script[j] >= 0 forces
+    that token at answer position j, -1 leaves it to the tiny model, which may then not end the answer there.
+    A row is recognised by its first prompt token, so its script follows it when other rows leave the batch.
+    Counts forward calls and the rows they carry."""
+
+    def __init__(self, inner, P, scripts, end_ids):
+        super().__init__()
+        self.inner, self.P, self.scripts, self.end_ids, self.config = inner, P, scripts, end_ids, inner.config
+        self.calls, self.rows = 0, 0
+
+    def get_output_embeddings(self):
+        return None  # logits_at then slices the full logits: the script is written in sequence positions
+
+    def forward(self, x, attention_mask=None):
+        self.calls, self.rows = self.calls + 1, self.rows + x.shape[0]
+        logits = self.inner(x, attention_mask=attention_mask).logits.clone()
+        for r in range(x.shape[0]):
+            script = self.scripts[int(x[r, 0])]
+            free = (script < 0).nonzero().flatten() + self.P
+            logits[r, free[:, None], self.end_ids] -= 1000.0  # the answer ends only where the script says
+            j = (script >= 0).nonzero().flatten()
+            logits[r, self.P + j, script[j]] += 1000.0
+        return SimpleNamespace(logits=logits)
+
+
+def scripted_rows(tokenizer, L, P=6):
+    """Five rows: <|eot_id|> in block 0 (then a box the reward must not read), <|eot_id|> in block 1, EOS in
+    block 1, <|eot_id|> in the last block, no end at all. Blocks of 8."""
+    eot, eos = tokenizer.convert_tokens_to_ids(sft.EOT), tokenizer.eos_token_id
+    box = tokenizer("\\boxed{8}", add_special_tokens=False).input_ids
+    scripts = {}
+    for first, end_at, end in [(40, 5, eot), (41, 12, eot), (42, 9, eos), (43, L - 2, eot), (44, None, None)]:
+        s = torch.full((L,), -1)
+        if end is not None:
+            s[end_at] = end
+            s[end_at + 1:end_at + 1 + len(box)] = torch.tensor(box)[:L - end_at - 1]
+        scripts[first] = s
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.cat([torch.tensor(list(scripts))[:, None], torch.randint(7, 100, (5, P - 1), generator=g)], 1)
+    return prompts, scripts, torch.tensor([eot, eos])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_early_exit_same_tokens_rewards_loss_mask_and_generator(tokenizer, temperature):
+    from eval import completion_mask, grade
+    L, Lb, steps = 32, 8, 16
+    prompts, scripts, end_ids = scripted_rows(tokenizer, L)
+    outs, states, rows = [], [], []
+    for ends in [None, end_ids]:
+        model = Scripted(tiny_model(tokenizer, seed=3), prompts.shape[1], scripts, end_ids)
+        g = torch.Generator().manual_seed(7)
+        outs.append(generate(model, prompts, L, Lb, steps, temperature, tokenizer.mask_token_id, generator=g,
+                             end_ids=ends)[:, -L:])
+        states.append(g.get_state())
+        rows.append(model.rows)
+    full, early = outs
+    keep = completion_mask(full, end_ids)
+    assert torch.equal(keep, completion_mask(early, end_ids))  # the loss mask
+    assert torch.equal(full[keep], early[keep])  # every token up to and including the first end token
+    assert (early[~keep] == tokenizer.eos_token_id).all() and (~keep[:4]).any(1).all() and keep[4].all()
+    assert (full[0, 6:15] != tokenizer.eos_token_id).any()  # the full sampler wrote the box after the end
+    texts = [tokenizer.batch_decode(o) for o in outs]
+    assert [grade(t, "8", "toy") for t in texts[0]] == [grade(t, "8", "toy") for t in texts[1]]
+    assert torch.equal(states[0], states[1])  # later calls on the same generator are unchanged too
+    # rows leave after the block holding their end: 4 + 8 + 8 + 16 + 16 row-forwards instead of 5 x 16
+    assert rows == [80, 52]
+
+
+def test_early_exit_with_hints(tokenizer):
+    """A hint after a row's end does not keep it alive: the row leaves after the block holding its end, and
+    the hint becomes EOS like the rest of the tail (nothing after the end is read by reward or loss). Hints
+    before the end are kept; a hinted end token ends its row once its block is complete."""
+    from eval import completion_mask
+    L, Lb, steps = 32, 8, 16
+    prompts, scripts, end_ids = scripted_rows(tokenizer, L)
+    mask_id = tokenizer.mask_token_id
+    hints = torch.full((5, L), mask_id)
+    hints[0, 17:20] = torch.tensor([30, 31, 32])  # after row 0's end (position 5), in block 2
+    hints[3, 2:5] = torch.tensor([33, 34, 35])  # before row 3's end
+    hints[:, 24:30] = 36  # block 3: only 2 positions left to fill per row
+    hints[4, 28] = end_ids[0]  # row 4's end is a hint in the last block: it ends only once block 3 is done
+    outs, rows = [], []
+    for ends in [None, end_ids]:
+        model = Scripted(tiny_model(tokenizer, seed=3), prompts.shape[1], scripts, end_ids)
+        outs.append(generate(model, prompts, L, Lb, steps, 1.0, mask_id, hints=hints, end_ids=ends,
+                             generator=torch.Generator().manual_seed(7))[:, -L:])
+        rows.append(model.rows)
+    full, early = outs
+    keep = completion_mask(full, end_ids)
+    assert torch.equal(full[keep], early[keep]) and torch.equal(keep, completion_mask(early, end_ids))
+    assert (full[0, 17:20] == hints[0, 17:20]).all() and (early[0, 17:20] == tokenizer.eos_token_id).all()
+    assert (early[3, 2:5] == hints[3, 2:5]).all() and keep[4, :29].all() and not keep[4, 29:].any()
+    # block 3 has 2 masked positions per row over 4 steps: its last 2 steps commit nothing and are skipped in
+    # both modes (5 rows x 14 steps); early exit: rows 0-2 leave after blocks 0, 1, 1 (4 + 8 + 8 + 14 + 14)
+    assert rows == [70, 48]
+
+
+def test_fully_hinted_block_costs_no_forward(tokenizer):
+    """A step at which no row commits anything skips its forward pass, with or without early exit."""
+    L, Lb, steps = 16, 4, 16  # 4 blocks of 4 steps; block 1 fully hinted in every row
+    prompts, scripts, end_ids = scripted_rows(tokenizer, L)
+    scripts = {k: torch.full((L,), -1) for k in scripts}  # no row ends
+    hints = torch.full((5, L), tokenizer.mask_token_id)
+    hints[:, 4:8] = 36
+    outs, calls = [], []
+    for ends in [None, end_ids]:
+        model = Scripted(tiny_model(tokenizer, seed=3), prompts.shape[1], scripts, end_ids)
+        outs.append(generate(model, prompts, L, Lb, steps, 0.0, tokenizer.mask_token_id, hints=hints, end_ids=ends))
+        calls.append(model.calls)
+    assert torch.equal(outs[0], outs[1]) and calls == [12, 12]  # not 16: block 1 is skipped
+
+
+def test_early_exit_flag_default_on_same_name_in_both_scripts():
+    import eval as ev
+    import igpo
+    for get_args in (ev.get_args, igpo.get_args):
+        assert get_args([]).early_exit is True and get_args(["--no-early_exit"]).early_exit is False
+
+
+def test_evaluate_saves_the_full_eos_padded_canvas(tokenizer):
+    """With early exit the saved generation still has all gen_length tokens, EOS after the end (d1's layout)."""
+    from eval import evaluate
+    L = 32
+    prompt = tokenizer(sft.make_prompt(tokenizer, "Ann has 3 pens.", True), add_special_tokens=False).input_ids
+    script = torch.full((L,), -1)
+    script[5] = tokenizer.convert_tokens_to_ids(sft.EOT)
+    end_ids = torch.tensor([script[5], tokenizer.eos_token_id])
+    model = Scripted(tiny_model(tokenizer, seed=3), len(prompt), {prompt[0]: script}, end_ids)
+    records, _ = evaluate(model, tokenizer, [("Ann has 3 pens.", "3")] * 2, "toy", L, 8, 16, progress=False)
+    for r in records:
+        text = r["generations"]
+        assert text.endswith(sft.EOT + sft.EOS * (L - 6)) and sft.MASK not in text
+    assert model.rows == 2 * 4  # one block of 4 steps per row
