@@ -50,8 +50,8 @@ def get_args(argv=None):
     p.add_argument("--data", default="", help="local JSON/JSONL with the task's hub columns instead of the hub")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (0: all; toy: 500)")
     # ---- sampler (NOTES.md §4)
-    p.add_argument("--gen_length", type=int, default=0, help="L: tokens generated (toy: 64; paper: 128/256/512)")
-    p.add_argument("--block_length", type=int, default=0, help="B: semi-autoregressive block (toy: 16; paper: 32)")
+    p.add_argument("--gen_length", type=int, default=0, help="L: tokens generated (toy: 48; paper: 128/256/512)")
+    p.add_argument("--block_length", type=int, default=0, help="B: semi-autoregressive block (toy: 8; paper: 32)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps over the whole answer (default: L/2)")
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature; 0 is greedy (paper: 0; AMC: 0.1)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per question, accuracy averaged (AMC: 16)")
@@ -375,7 +375,7 @@ TASKS = {  # task: (hub id, config, split, question column, answer column, gold-
     "amc": ("AI-MO/aimo-validation-amc", None, "train", "problem", "answer", str),
     "minerva": ("math-ai/minervamath", None, "test", "question", "answer", str),
 }
-DEFAULTS = {"toy": (64, 16, 500), "gsm8k": (256, 32, 0), "math500": (256, 32, 0), "amc": (256, 32, 0),
+DEFAULTS = {"toy": (48, 8, 500), "gsm8k": (256, 32, 0), "math500": (256, 32, 0), "amc": (256, 32, 0),
             "minerva": (256, 32, 0)}  # task: (gen_length, block_length, limit)
 
 

@@ -70,9 +70,9 @@ def get_args(argv=None):
     p.add_argument("--rewrite_model", default="", help="local instruct LM that rewrites traces concisely (paper §3.3)")
     p.add_argument("--rewrite_cache", default="out/rewritten.jsonl", help="JSONL cache of rewritten traces")
     # ---- length alignment
-    p.add_argument("--gen_length", type=int, default=64, help="L: response length = RL/eval generation length (paper: 256)")
+    p.add_argument("--gen_length", type=int, default=48, help="L: response length = RL/eval generation length (paper: 256)")
     # ---- optimisation
-    p.add_argument("--max_steps", type=int, default=6000, help="optimizer steps (the embedded model learns to copy numbers from the prompt after ~3000)")
+    p.add_argument("--max_steps", type=int, default=3000, help="optimizer steps (embedded default: ~2 min on 2 CPU cores)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per micro-batch")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -97,18 +97,31 @@ def fail(msg):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The embedded world: character tokenizer, tiny bidirectional transformer, arithmetic word problems.
+# The embedded world: word tokenizer, tiny bidirectional transformer, arithmetic word problems.
+
+NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kim", "Lea", "Max", "Nia"]
+ITEMS = ["apples", "coins", "cards", "books", "shells", "stamps", "pens", "eggs", "beads", "rocks"]
+WORDS = NAMES + ITEMS + ["user", "assistant", "has", "Each", "day", "gets", "more", "gives", "away", "How", "many",
+                         "after", "days", "Day", "so", "The", "answer", "is", "boxed"]
+MAX_NUMBER = 99  # numbers 0..99 are single tokens
+# Difficulty knob: a problem applies its rule on 1..TOY_MAX_DAYS days; the trace has one line per day.
+TOY_MAX_DAYS, TOY_MAX_RULE, TOY_MAX_VALUE = 6, 4, 30  # days, k in "gets k more", largest number in a trace
+
 
 def build_toy_tokenizer():
-    """One token per character (printable ASCII + newline) plus LLaDA's special tokens and chat template."""
+    """A word-level tokenizer, as LLaDA's BPE is: one token per word (with its leading space, as BPE merges
+    it), per number 0..99 and per punctuation mark, plus LLaDA's special tokens and chat template.
+    A space before a number is a token of its own, so that a number is the *same* token in the question
+    ("has 14") and in the trace ("14+3=17"): copying it is then the identity, which a tiny model learns
+    in a few hundred steps; with " 14" and "14" as two tokens it must also learn 100 pairings first."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
-    # WordLevel over single characters: digits are single tokens, so arithmetic is never split oddly
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
-    tok.decoder = decoders.Fuse()  # and glued back without separators
+    pieces = [p for w in WORDS + list("+-*=.,:?{}\\") for p in (w, " " + w)]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + pieces + [str(n) for n in range(MAX_NUMBER + 1)]
+                                            + [" ", "\n"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))  # anything outside the task's words is <|unk|>
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+|\d+| ?[^\sA-Za-z\d]|\s"), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # tokens are glued back as they are: decode(encode(text)) == text
     tok.add_special_tokens(SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
                                         mask_token=MASK, unk_token=UNK, clean_up_tokenization_spaces=False)
@@ -116,8 +129,8 @@ def build_toy_tokenizer():
     return tokenizer
 
 
-def build_toy_model(tokenizer, hidden=128, layers=4, heads=4, max_len=512, vocab_size=None):
-    """A ~1M-parameter bidirectional transformer. ModernBERT with global attention in every layer has LLaDA's
+def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512, vocab_size=None):
+    """A ~0.2M-parameter bidirectional transformer. ModernBERT with global attention in every layer has LLaDA's
     calling contract (model(ids, attention_mask).logits at every position, no causal mask) and loads back
     through the transformers Auto classes with no custom code."""
     from transformers import ModernBertConfig, ModernBertForMaskedLM
@@ -132,47 +145,38 @@ def build_toy_model(tokenizer, hidden=128, layers=4, heads=4, max_len=512, vocab
     return ModernBertForMaskedLM(config)
 
 
-NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kim", "Lea", "Max", "Nia"]
-ITEMS = ["apples", "coins", "cards", "books", "shells", "stamps", "pens", "eggs", "beads", "rocks"]
-
-
-def toy_problem(rng, min_ops=1, max_ops=5):
-    """One word problem: a start amount and 1-5 operations, every number a single digit (so each step is a
-    table lookup and the difficulty is the length of the chain: the number of operations). Returns the
-    question, a concise trace (fits 64 characters), a verbose trace (about 4x longer) and the answer."""
+def toy_problem(rng, max_days=TOY_MAX_DAYS):
+    """One word problem: a start amount and one rule applied every day for n days (1 <= n <= max_days).
+    Each trace line needs only the line before it and the rule, which sits at a fixed place in the question,
+    so nothing has to be searched for in the prompt; n is the difficulty (one more line, one more chance to
+    slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one (~4x longer),
+    the answer and n."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    x = rng.randint(1, 9)
-    sentences, concise, verbose = [f"{name} has {x} {item}."], [], [f"{name} starts with {x} {item}."]
-    for _ in range(rng.randint(min_ops, max_ops)):
-        kinds = ["add"] * (x < 9) + ["sub"] * (x > 1) + ["mul"] * (x <= 4)
-        kind = rng.choice(kinds)
-        if kind == "add":
-            k = rng.randint(1, 9 - x)
-            y, text, sym = x + k, rng.choice([f"Gets {k} more.", f"Finds {k} more.", f"Buys {k}."]), f"{x}+{k}={x + k}"
-        elif kind == "sub":
-            k = rng.randint(1, x - 1)
-            y, text, sym = x - k, rng.choice([f"Gives away {k}.", f"Loses {k}.", f"Sells {k}."]), f"{x}-{k}={x - k}"
-        else:
-            k = 2 if x > 3 else rng.choice([2, 3])
-            y, text, sym = x * k, ("Doubles them." if k == 2 else "Triples them."), f"{x}*{k}={x * k}"
-        sentences.append(text)
-        concise.append(sym)
-        verbose.append(f"{text[:-1]}, so now {sym.replace('=', ' = ').replace('*', ' * ').replace('+', ' + ').replace('-', ' - ')} {item}.")
+    n, k = rng.randint(1, max_days), rng.randint(1, TOY_MAX_RULE)
+    if rng.random() < 0.5:  # grows: every value stays <= TOY_MAX_VALUE
+        x, sign, rule = rng.randint(1, TOY_MAX_VALUE - n * k), "+", f"gets {k} more"
+    else:  # shrinks: every value stays >= 1
+        x, sign, rule = rng.randint(n * k + 1, TOY_MAX_VALUE), "-", f"gives away {k}"
+    question = f"{name} has {x} {item}. Each day {name} {rule}. How many {item} after {n} days?"
+    concise, verbose = [], []
+    for day in range(1, n + 1):
+        y = x + k if sign == "+" else x - k
+        concise.append(f"{x}{sign}{k}={y}")
+        verbose.append(f"Day {day}: {name} {rule}, so {x} {sign} {k} = {y} {item}.")
         x = y
-    question = " ".join(sentences) + f" How many {item} now?"
     boxed = f"\\boxed{{{x}}}"
     return {"question": question, "trace": "\n".join(concise) + f"\n{boxed}",
-            "verbose": " ".join(verbose) + f" The answer is {boxed}.", "answer": str(x)}
+            "verbose": " ".join(verbose) + f" The answer is {boxed}.", "answer": str(x), "days": n}
 
 
-def toy_dataset(split, n, seed=0, traces="concise"):
+def toy_dataset(split, n, seed=0, traces="concise", max_days=TOY_MAX_DAYS):
     """n problems of one split, as a datasets.Dataset. Train and test are disjoint by construction: a problem
     belongs to the test split iff a hash of its question text is 0 mod 10, so no question is in both."""
     import zlib
     from datasets import Dataset
     rng, rows, seen = random.Random(f"{split}-{seed}"), [], set()
     while len(rows) < n:
-        row = toy_problem(rng)
+        row = toy_problem(rng, max_days)
         # crc32, not hash(): Python salts str hashes per process, and the split must be the same every run
         in_test = zlib.crc32(row["question"].encode()) % 10 == 0
         if in_test == (split == "test") and row["question"] not in seen:

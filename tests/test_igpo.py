@@ -53,8 +53,8 @@ def test_hints_never_contain_the_answer(tokenizer):
     trace = "12+30=42\n42-5=37\n\\boxed{37}"
     ids = igpo.hintable_trace_ids(tokenizer, trace, 64)
     assert tokenizer.decode(ids) == "12+30=42\n42-5=37\n"
-    metamath = "Tom has 3 and buys 4, so 3+4=7.\nThe answer is: 7"
-    assert tokenizer.decode(igpo.hintable_trace_ids(tokenizer, metamath, 64)) == "Tom has 3 and buys 4, so 3+4=7.\n"
+    metamath = "Ann gets 4 more, so 3+4=7.\nThe answer is: 7"
+    assert tokenizer.decode(igpo.hintable_trace_ids(tokenizer, metamath, 64)) == "Ann gets 4 more, so 3+4=7.\n"
     assert igpo.answer_from_trace(metamath) == "7" and igpo.answer_from_trace(trace) == "37"
 
 

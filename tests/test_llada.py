@@ -160,7 +160,7 @@ def test_rollout_rows_do_not_see_each_other(tiny_llada):
     """igpo.rollout on LLaDA: a prompt's samples do not depend on the other prompts of the batch (greedy)."""
     model, tok = sft.load_model(tiny_llada, trust_remote_code=True)
     prompts, attn, _ = llada_batch(tok)
-    args = argparse.Namespace(gen_length=16, block_length=8, steps=8, temperature=0.0, gen_batch=0)
+    args = argparse.Namespace(gen_length=16, block_length=8, steps=8, temperature=0.0, gen_batch=0, early_exit=True)
     mask_id = tok.convert_tokens_to_ids(sft.MASK)
     both = igpo.rollout(model.eval(), prompts, attn, args, mask_id, None)
     for b in range(2):

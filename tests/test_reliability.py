@@ -102,7 +102,7 @@ def igpo_setup(tokenizer, tmp_path_factory):
         # with REVEAL_ANSWER the whole trace is hintable, so a fully revealed trace grades as correct
         for a in range(2, 12):
             for b in range(3, 7):
-                f.write(json.dumps({"question": f"What is {a}+{b}?", "trace": f"#### {a + b}\n"}) + "\n")
+                f.write(json.dumps({"question": f"What is {a}+{b}?", "trace": f"\\boxed{{{a + b}}}\n"}) + "\n")
     args = ["--init", str(root / "init"), "--dataset", str(root / "add.jsonl"), "--max_steps", "4",
             "--save_every", "1", "--batch_prompts", "2", "--num_generations", "4", "--gen_length", "16",
             "--block_length", "8", "--steps", "8", "--eta_low", "0.5", "--eta_high", "1", "--eval_limit", "0"]
@@ -370,6 +370,7 @@ def test_igpo_run_identical_without_early_exit(igpo_setup, igpo_reference, tmp_p
     it (the default, as in the reference run) the sampler carried fewer rows through forward passes."""
     import eval as ev
     root, args = igpo_setup
+    monkeypatch.setattr(igpo, "ANSWER_START", re.compile(r"(?!)"))  # as REVEAL_ANSWER, like the reference run
     rows, real = [], ev.logits_at
     monkeypatch.setattr(ev, "logits_at", lambda m, x, *a: rows.append(len(x)) or real(m, x, *a))  # the sampler's
     counts = []

@@ -71,7 +71,7 @@ def test_hints_fixed_and_schedule_followed(model, tokenizer, monkeypatch):
     mask_id, L, Lb, steps = tokenizer.mask_token_id, 16, 8, 8
     prompts = torch.cat([prompt_ids(tokenizer, "Ann has 3 pens. How many?")] * 2)
     hints = torch.full((2, L), mask_id)
-    hints[0, [1, 2, 3, 9, 10]] = torch.tensor(tokenizer("12+5=", add_special_tokens=False).input_ids)
+    hints[0, [1, 2, 3, 9, 10]] = torch.tensor(tokenizer("12+5=1", add_special_tokens=False).input_ids)
     hints[1, 4:8] = torch.tensor(tokenizer("abcd", add_special_tokens=False).input_ids)  # a fully... half block
     canvases = []
     real_forward = model.forward

@@ -14,10 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_tokenizer_round_trip_and_save(tokenizer, tmp_path):
-    text = "Ann has 23 coins.\n23+17=40\n\\boxed{40} ~!@#$%^&*()_{}|<>?"
+    text = "Ann has 23 coins. Each day Ann gets 2 more.\n23+2=25\n\\boxed{25}"
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    assert len(ids) == len(text)  # one token per character
-    assert tokenizer.decode(ids) == text
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[:6] == ["Ann", " has", " ", "23", " coins", "."]  # words carry their space, as in BPE
+    assert pieces.count("23") == 2  # a number is one token, the same in the question and in the trace
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
     assert tokenizer.mask_token_id != tokenizer.pad_token_id
     tokenizer.save_pretrained(tmp_path)
     from transformers import AutoTokenizer
@@ -46,7 +48,7 @@ def test_encode_response_pads_to_gen_length(tokenizer):
     assert len(resp) == 12
     assert resp[:6] == tokenizer("1+2=3", add_special_tokens=False).input_ids + [eot]
     assert resp[6:] == [eos] * 6
-    assert sft.encode_response(tokenizer, "1+2=3", 6) is not None  # exactly fits: 5 chars + end of turn
+    assert sft.encode_response(tokenizer, "1+2=3", 6) is not None  # exactly fits: 5 tokens + end of turn
     assert sft.encode_response(tokenizer, "1+2=3", 5) is None
 
 
@@ -63,6 +65,20 @@ def test_toy_splits_disjoint_and_traces_correct():
             assert x == int(rhs)
         assert row["trace"].endswith(f"\\boxed{{{row['answer']}}}") and int(row["answer"]) == x
         assert len(row["verbose"]) > 2 * len(row["trace"])
+        assert len(row["trace"].split("\n")) == row["days"] + 1  # one line per day, then the answer
+
+
+def test_toy_difficulty_knob_and_every_trace_fits(tokenizer):
+    """The difficulty is the number of days (trace lines); every concise trace fits the default L = 48 with its
+    end-of-turn token, so the length filter drops nothing; every word of the task is in the vocabulary."""
+    rows = sft.toy_dataset("train", 2000)
+    assert {r["days"] for r in rows} == set(range(1, sft.TOY_MAX_DAYS + 1))
+    assert {r["days"] for r in sft.toy_dataset("train", 300, max_days=2)} == {1, 2}
+    L = sft.get_args([]).gen_length
+    for r in rows:
+        assert sft.encode_response(tokenizer, r["trace"], L) is not None
+        ids = tokenizer(sft.make_prompt(tokenizer, r["question"], True) + r["verbose"], add_special_tokens=False).input_ids
+        assert tokenizer.unk_token_id not in ids
 
 
 class UniformModel(torch.nn.Module):
@@ -116,14 +132,15 @@ def args_for(tmp_path, *extra):
 def test_local_jsonl_with_renamed_columns_and_length_filter(tokenizer, tmp_path, capsys):
     path = tmp_path / "data.jsonl"
     rows = [{"query": "What is 2+3?", "response": "2+3=5. The answer is: 5"},
-            {"query": "Long one?", "response": "x" * 100}]
+            {"query": "Long one?", "response": "1+1=2\n" * 10}]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     args = args_for(tmp_path, "--dataset", str(path), "--question_col", "query", "--trace_col", "response",
                     "--gen_length", "32")
     data = sft.build_sft_data(args, tokenizer, toy=False)
     assert len(data) == 1 and "1 longer ones dropped" in capsys.readouterr().out
     prompt, resp = data[0]
-    assert "What is 2+3?" in tokenizer.decode(prompt) and sft.REASONING_PROMPT.split("\n")[0] in tokenizer.decode(prompt)
+    text = sft.make_prompt(tokenizer, "What is 2+3?", toy=False)  # real data gets the reasoning-format prompt
+    assert sft.REASONING_PROMPT in text and prompt == tokenizer(text, add_special_tokens=False).input_ids
     assert len(resp) == 32
 
 
