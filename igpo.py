@@ -70,7 +70,7 @@ def get_args(argv=None):
     p.add_argument("--gen_length", type=int, default=48, help="L: completion length (paper: 256)")
     p.add_argument("--block_length", type=int, default=8, help="semi-autoregressive block (paper: 32)")
     p.add_argument("--steps", type=int, default=24, help="denoising steps per completion (paper: 128)")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.2)")
+    p.add_argument("--temperature", type=float, default=1.2, help="rollout temperature (paper: 1.2)")
     p.add_argument("--gen_batch", type=int, default=0, help="sequences per sampler call; 0: all at once (memory knob)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
                    help="skip forward passes of rows whose answer has ended (same tokens; --no-early_exit: all)")
@@ -92,7 +92,7 @@ def get_args(argv=None):
     p.add_argument("--grad_clip", type=float, default=0.2, help="gradient-norm clip (paper: 0.2)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches the prompts are split into for updates")
     # ---- run
-    p.add_argument("--max_steps", type=int, default=40, help="batches of rollouts, each followed by mu optimizer steps")
+    p.add_argument("--max_steps", type=int, default=60, help="batches of rollouts, each followed by mu optimizer steps")
     p.add_argument("--out_dir", default="out/igpo", help="checkpoint folder; metrics.jsonl goes inside")
     p.add_argument("--save_every", type=int, default=20, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")

@@ -198,3 +198,34 @@ def test_rewrite_traces_plumbing_and_cache(tokenizer, tmp_path):
     finally:
         transformers.GenerationMixin.generate = original
     assert len(open(cache).readlines()) == 3
+
+
+SHORT_SFT_STEPS = 800  # about 40 s on one core
+SHORT_SFT_SHAPED = 0  # placeholder until measured
+
+
+def test_short_default_sft_learns_the_task_format(tmp_path):
+    """The embedded world is learnable fast: after a short SFT with every other default (seed 0, one thread),
+    greedy answers to unseen test questions have the trace's shape, one "a+k=b" line per day of the
+    question, starting from the question's number (copied from the prompt), and a final \\boxed{} answer.
+    Measured: see NOTES.md §10.1 (full accuracy needs the default 3,000 steps; this checks the early part)."""
+    import re
+    import eval as evaluation
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sft.main(["--out_dir", str(tmp_path / "run"), "--max_steps", str(SHORT_SFT_STEPS), "--save_every", "100000"])
+        model, tok = sft.load_model(str(tmp_path / "run"))
+        items = evaluation.load_task("toy", limit=100)
+        records, acc = evaluation.evaluate(model, tok, items, "toy", 48, 8, 24, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    shaped = 0
+    for r in records:
+        start, days = map(int, re.search(r"has (\d+) .* after (\d+) days", r["question"]).groups())
+        text = r["generations"].split(sft.EOT)[0]
+        lines = text.split("\n")
+        shaped += (len(lines) == days + 1 and re.fullmatch(r"\\boxed\{\d+\}", lines[-1]) is not None
+                   and all(re.fullmatch(r"\d+[-+]\d+=\d+", l) for l in lines[:-1]) and re.match(rf"{start}[-+]", lines[0]) is not None)
+    print(f"shaped {shaped}/100, accuracy {acc:.2f}")
+    assert shaped >= SHORT_SFT_SHAPED
