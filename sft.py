@@ -7,11 +7,11 @@ to predict the originals (Eq. (2)). Each response is padded with EOS to exactly 
 and evaluation use, so what SFT teaches ("write a trace, then stop and emit EOS up to position L") is what the
 sampler will be asked to do later. That padding is the length alignment.
 
-This file also defines the embedded world the whole project runs on without a hub: a character-level
+This file also defines the embedded world the whole project runs on without a hub: a word-level
 tokenizer, a tiny bidirectional transformer and a procedurally generated arithmetic word-problem task with
 ground-truth traces. eval.py and igpo.py import them from here.
 
-    python sft.py                                   # embedded model + task, ~15 min on 2 CPU cores -> out/sft
+    python sft.py                                   # embedded model + task, ~2-3 min on 2 CPU cores -> out/sft
     python sft.py --traces verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
     # paper scale (one GPU; see README for the full command):
     python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
