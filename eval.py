@@ -52,14 +52,14 @@ def get_args(argv=None):
     # ---- sampler (NOTES.md §4)
     p.add_argument("--gen_length", type=int, default=0, help="L: tokens generated (toy: 48; paper: 128/256/512)")
     p.add_argument("--block_length", type=int, default=0, help="B: semi-autoregressive block (toy: 8; paper: 32)")
-    p.add_argument("--steps", type=int, default=0, help="denoising steps over the whole answer (default: L/2)")
+    p.add_argument("--diffusion_steps", "--steps", type=int, default=0, help="denoising steps over the whole answer (default: L/2)")
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature; 0 is greedy (paper: 0; AMC: 0.1)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per question, accuracy averaged (AMC: 16)")
     p.add_argument("--batch_size", type=int, default=64, help="sequences per generate() call (equal-length prompts only)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
                    help="skip forward passes of rows whose answer has ended (same tokens; --no-early_exit: all)")
     # ---- run
-    p.add_argument("--out", default="", help="results JSON (default: out/eval_<task>.json)")
+    p.add_argument("--out_dir", default="out", help="folder of the results file eval_<task>.json")
     p.add_argument("--grade", default="", help="re-grade this results JSON instead of generating")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired accuracy difference B - A of two results "
                    "JSONs on their shared questions; a,b,c averages several files (seeds) per side")
@@ -506,8 +506,8 @@ def main(argv=None):
         fail(f"unknown task '{args.task}' (choose from {', '.join(DEFAULTS)})")
     gen_length = args.gen_length or DEFAULTS[args.task][0]
     block_length = args.block_length or min(DEFAULTS[args.task][1], gen_length)
-    steps = args.steps or gen_length // 2
-    out = args.out or f"out/eval_{args.task}.json"
+    steps = args.diffusion_steps or gen_length // 2
+    out = os.path.join(args.out_dir, f"eval_{args.task}.json")
 
     if args.grade:
         data, records = regrade(args.grade, args.task)

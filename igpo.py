@@ -13,8 +13,8 @@ entropy, are trained on (Eq. (10)).
     python igpo.py --no_inpaint                     # plain GRPO baseline
     python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
     # paper scale, one GPU (README has the full command):
-    python igpo.py --init GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
-        --metamath_official --question_col query --trace_col response --gen_length 256 --block_length 32 --steps 128 \
+    python igpo.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
+        --metamath_official --question_col query --trace_col response --gen_length 256 --block_length 32 --diffusion_steps 128 \
         --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 --grad_accum 64 --gen_batch 64
 
 Deviations from the paper (details and reasons in NOTES.md §3):
@@ -51,7 +51,7 @@ from sft import MASK, fail, left_pad, load_model, make_prompt
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- model
-    p.add_argument("--init", default="out/sft", help="starting checkpoint: the SFT output, a hub id or a path")
+    p.add_argument("--model", "--init", default="out/sft", help="starting checkpoint: the SFT output, a hub id or a path")
     p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")
     p.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 trains every weight (paper: 128)")
     p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
@@ -69,7 +69,7 @@ def get_args(argv=None):
     p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt (paper: 8)")
     p.add_argument("--gen_length", type=int, default=48, help="L: completion length (paper: 256)")
     p.add_argument("--block_length", type=int, default=8, help="semi-autoregressive block (paper: 32)")
-    p.add_argument("--steps", type=int, default=24, help="denoising steps per completion (paper: 128)")
+    p.add_argument("--diffusion_steps", "--steps", type=int, default=24, help="denoising steps per completion (paper: 128)")
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (paper: 1.2)")
     p.add_argument("--gen_batch", type=int, default=0, help="sequences per sampler call; 0: all at once (memory knob)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
@@ -97,12 +97,12 @@ def get_args(argv=None):
     p.add_argument("--save_every", type=int, default=20, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
-    p.add_argument("--eval_limit", type=int, default=500, help="embedded test questions for the before/after eval (0: skip)")
+    p.add_argument("--limit", "--eval_limit", type=int, default=500, help="embedded test questions for the before/after eval (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="auto", choices=sft.PRECISIONS, help=sft.PRECISION_HELP)
     args = p.parse_args(argv)
-    check_lengths(args.gen_length, args.block_length, args.steps)
+    check_lengths(args.gen_length, args.block_length, args.diffusion_steps)
     if not (0 <= args.eta_low <= args.eta_high <= 1):
         fail(f"need 0 <= eta_low <= eta_high <= 1 (got {args.eta_low}, {args.eta_high})")
     if args.chunk_min < 1 or args.chunk_min > args.chunk_max:
@@ -228,7 +228,7 @@ def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None, end_ids
     lengths = prompt_attn.sum(1).tolist()
     for rows in equal_length_batches(lengths, args.gen_batch or len(prompts)):
         x = prompts[rows, prompts.shape[1] - lengths[rows[0]]:]  # (b, P_b): the left padding cut off
-        out[rows] = generate(model, x, args.gen_length, args.block_length, args.steps, args.temperature, mask_id,
+        out[rows] = generate(model, x, args.gen_length, args.block_length, args.diffusion_steps, args.temperature, mask_id,
                              hints=None if hints is None else hints[rows], attention_mask=torch.ones_like(x),
                              generator=gen, end_ids=end_ids if args.early_exit else None)[:, x.shape[1]:]
     return out
@@ -335,11 +335,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     gen = torch.Generator(device).manual_seed(args.seed + 1000 * rank)  # rollouts
     hint_gen = torch.Generator().manual_seed(args.seed + 1000 * rank + 1)  # eta, chunks, revealed chunks
-    if args.init == "out/sft" and not os.path.isdir("out/sft"):
+    if args.model == "out/sft" and not os.path.isdir("out/sft"):
         print("out/sft not found: running `python sft.py` (default length-aligned SFT) first")
         sft.main([])
-    if not os.path.isdir(args.init) and os.path.exists(args.init):
-        fail(f"--init {args.init} is not a checkpoint folder")
+    if not os.path.isdir(args.model) and os.path.exists(args.model):
+        fail(f"--model {args.model} is not a checkpoint folder")
     if rank == 0:
         sft.prepare_out_dir(args.out_dir, args.resume, args.overwrite)
     sft.barrier(world)
@@ -349,7 +349,7 @@ def main(argv=None):
     dtype, amp_dtype = sft.precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
     print(sft.describe_precision(dtype, amp_dtype, args.lora_r > 0))
     amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
-    model, tokenizer = load_model(args.init, args.trust_remote_code, device, dtype)
+    model, tokenizer = load_model(args.model, args.trust_remote_code, device, dtype)
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
     end_ids = torch.tensor(end_token_ids(tokenizer), device=device)
     ref_model = None
@@ -419,11 +419,11 @@ def main(argv=None):
         return [data[i] for i in perm[(k % per_epoch) * args.batch_prompts:][:args.batch_prompts].tolist()]
 
     acc_before = None
-    if args.eval_limit and toy and not resuming:
-        items = load_task("toy", limit=args.eval_limit)
+    if args.limit and toy and not resuming:
+        items = load_task("toy", limit=args.limit)
         with amp():
             records, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length,
-                                           args.steps, early_exit=args.early_exit)
+                                           args.diffusion_steps, early_exit=args.early_exit)
         print(f"accuracy before RL: {100 * acc_before:.1f}% on {len(items)} test questions")
         if rank == 0:  # per question, so that methods can be compared paired: eval.py --compare A B
             write_json(os.path.join(args.out_dir, "eval_before.json"), {"generations": records})
@@ -523,11 +523,11 @@ def main(argv=None):
             sft.barrier(world)
     bar.close()
 
-    if args.eval_limit and toy:
-        items = load_task("toy", limit=args.eval_limit)
+    if args.limit and toy:
+        items = load_task("toy", limit=args.limit)
         with amp():
             records, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length,
-                                          args.steps, early_exit=args.early_exit)
+                                          args.diffusion_steps, early_exit=args.early_exit)
         before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
         print(f"accuracy on {len(items)} test questions: {before}{100 * acc_after:.1f}%")
         if rank == 0:

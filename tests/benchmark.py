@@ -276,7 +276,7 @@ def igpo_step(model, tok, args, batch):
 def igpo_step_phases(tok, quick):
     """Time the phases of one IGPO step with the default flags on a random embedded model (every group is
     all-wrong, so inpainting always runs: the most expensive case)."""
-    args = igpo.get_args(["--eval_limit", "0"])
+    args = igpo.get_args(["--limit", "0"])
     if quick:
         args.batch_prompts, args.num_generations = 2, 4
     ds = sft.toy_dataset("train", args.batch_prompts, seed=3)
@@ -290,7 +290,7 @@ def early_exit_igpo_step(ckpt, quick):
     and seeds: row-forwards per rollout, seconds of the rollout phases, and whether everything the step reads
     afterwards is identical (tokens up to each row's first end token, rewards, hint and loss masks, the loss,
     the rollout generator's state)."""
-    args = igpo.get_args(["--eval_limit", "0"])
+    args = igpo.get_args(["--limit", "0"])
     if quick:
         args.batch_prompts = 2
     ds = sft.toy_dataset("train", args.batch_prompts, seed=3)

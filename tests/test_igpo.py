@@ -14,7 +14,7 @@ from conftest import tiny_model
 
 
 def make_args(**kw):
-    args = igpo.get_args(["--eval_limit", "0"])
+    args = igpo.get_args(["--limit", "0"])
     for k, v in kw.items():
         setattr(args, k, v)
     return args
@@ -70,7 +70,7 @@ def test_replacement_rule_and_own_trace(tokenizer, monkeypatch, n_correct, expec
     """Only all-wrong groups are inpainted, each from its own trace, and K = min(#correct, floor(lambda G))."""
     B, G, L = 3, 8, 24
     mask_id = tokenizer.mask_token_id
-    args = make_args(num_generations=G, gen_length=L, block_length=8, steps=8, max_replace_frac=0.5,
+    args = make_args(num_generations=G, gen_length=L, block_length=8, diffusion_steps=8, max_replace_frac=0.5,
                      eta_low=0.5, eta_high=0.5, chunk_min=2, chunk_max=3)
     batch, prompts, attn = fake_batch(tokenizer, [11, 13, 15], B, G)
     seen = {}
@@ -195,9 +195,9 @@ def tiny_init(tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("mu", [1, 2])
 def test_end_to_end_short_run(tiny_init, tmp_path, mu):
     out = tmp_path / "igpo"
-    igpo.main(["--init", tiny_init, "--out_dir", str(out), "--max_steps", "2", "--batch_prompts", "2",
-               "--num_generations", "4", "--gen_length", "16", "--block_length", "8", "--steps", "8",
-               "--num_iterations", str(mu), "--eval_limit", "0", "--save_every", "1"])
+    igpo.main(["--model", tiny_init, "--out_dir", str(out), "--max_steps", "2", "--batch_prompts", "2",
+               "--num_generations", "4", "--gen_length", "16", "--block_length", "8", "--diffusion_steps", "8",
+               "--num_iterations", str(mu), "--limit", "0", "--save_every", "1"])
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     keys = {"step", "reward", "all_wrong", "all_wrong_after", "inpainted_groups", "replaced", "hint_frac",
             "entropy", "loss", "kl", "clip_frac", "seconds"}
