@@ -244,42 +244,6 @@ def left_pad(seqs, pad_id):
 # ----------------------------------------------------------------------------------------------------------
 # Model loading and atomic checkpoints, shared by the three scripts.
 
-def pick_device(name="auto"):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def init_distributed(device_name="auto"):
-    """(rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
-    process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_name)
-    import torch.distributed as dist
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def gather_objects(obj, world):
-    """The list of obj from every rank (just [obj] in a single process)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def barrier(world):
-    if world > 1:
-        torch.distributed.barrier()
-
 
 def precision_policy(name, device, frozen_base):
     """(dtype the weights are loaded in, autocast dtype or None). bf16 computes under autocast but keeps every
@@ -368,73 +332,6 @@ def enable_grad_ckpt(model):
     model.gradient_checkpointing_enable()
 
 
-def prepare_out_dir(out_dir, resume, overwrite):
-    """Recover from a save that was interrupted mid-swap, and refuse to clobber another run."""
-    old, tmp = out_dir + ".old", out_dir + ".tmp"
-    if not os.path.exists(out_dir) and os.path.exists(old):
-        os.rename(old, out_dir)  # killed between the two renames of save_checkpoint: the old one is intact
-    shutil.rmtree(old, ignore_errors=True)  # killed before deleting it: out_dir already holds the new one
-    shutil.rmtree(tmp, ignore_errors=True)
-    has_run = os.path.exists(os.path.join(out_dir, "args.json"))
-    if has_run and not (resume or overwrite):
-        fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if overwrite and not resume:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    elif not has_run:  # a run killed before its first checkpoint: its metric lines would be logged twice
-        for name in ("metrics.jsonl", "example.json"):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-    return has_run and resume
-
-
-def save_checkpoint(out_dir, model, tokenizer, args, state):
-    """Write the whole checkpoint to out_dir.tmp, then swap it in with two renames, so an interrupted save
-    never damages the last good checkpoint. The folder loads with load_model() / the Auto classes."""
-    for p in model.parameters():
-        if not torch.isfinite(p).all():
-            fail("model weights are not finite; refusing to save over the last good checkpoint")
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    if state is not None:
-        torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
-    for name in ("metrics.jsonl", "example.json"):  # files the run writes between saves: carry them over
-        if os.path.exists(os.path.join(out_dir, name)):
-            shutil.copy(os.path.join(out_dir, name), tmp)
-    if os.path.exists(out_dir):
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_state(out_dir):
-    return torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)  # no pickled code, ever
-
-
-def rng_state(gen):
-    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(gen, s):
-    torch.set_rng_state(s["torch"]); gen.set_state(s["gen"]); random.setstate(s["python"])
-
-
-def truncate_metrics(out_dir, step):
-    """On resume, drop metric lines written after the checkpoint (they will be written again)."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
-        open(path, "w").writelines(lines)
-
-
-def log_metrics(out_dir, row):
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def lr_lambda(warmup, total):
     """Linear warmup, then cosine decay to 10% of the peak."""
     return lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
@@ -511,32 +408,28 @@ def rewrite_traces(ds, args):
 
 def main(argv=None):
     args = get_args(argv)
+    # ---- device and RNG: every random draw of the run comes from `gen` (the model's init: the global RNG)
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
     dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
-    toy = args.dataset == "toy"
     torch.manual_seed(args.seed)
-    gen = torch.Generator(device).manual_seed(args.seed + rank)  # every random draw of the run comes from here
-    if rank == 0:
-        prepare_out_dir(args.out_dir, args.resume, args.overwrite)
-    barrier(world)
-    resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt"))
+    gen = torch.Generator(device).manual_seed(args.seed + rank)
+    state = open_run(args, rank, world)  # None unless --resume finds a checkpoint
 
-    # ---- data (the tokenizer alone is enough to build it; the model is loaded once the data is known to be good)
+    # ---- data: the tokenizer alone builds it, so bad data fails before a large model is loaded
+    toy = args.dataset == "toy"
     tokenizer = load_model(args.model, args.trust_remote_code, "cpu")[1] if args.model != "toy" else build_toy_tokenizer()
-    rows = build_sft_data(args, tokenizer, toy)
+    rows = build_sft_data(args, tokenizer, toy)  # [(prompt ids, response ids of length L)]
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
 
-    # ---- model
-    model, tokenizer = load_model(args.out_dir if resuming and not args.lora_r else args.model,
-                                  args.trust_remote_code, device, dtype)  # resume: same policy, same dtype
+    # ---- model (a resumed full model comes back from --out_dir in the same dtype; LoRA reloads its adapter)
+    model, tokenizer = load_model(args.out_dir if state and not args.lora_r else args.model,
+                                  args.trust_remote_code, device, dtype)
     if args.grad_ckpt:
         enable_grad_ckpt(model)
     if args.lora_r:
         model = add_lora(model, args.lora_r, args.lora_alpha)
-        if resuming:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-            set_peft_model_state_dict(model, load_file(os.path.join(args.out_dir, "adapter_model.safetensors")))
+        if state:
+            load_adapter(model, args.out_dir)
     raw_model = model  # the unwrapped model is what gets saved, whatever wraps it for training
     if world > 1:  # gradients are averaged over ranks inside backward()
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -544,27 +437,21 @@ def main(argv=None):
     print(f"model: {args.model} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | "
           + describe_precision(dtype, amp_dtype, args.lora_r > 0))
+
+    # ---- optimizer
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, args.max_steps))
-    # skipped: non-finite updates so far (logged); bad_in_a_row: how many of the last updates were non-finite
-    step, skipped, bad_in_a_row = 0, 0, 0
-    if resuming:
-        state = load_state(args.out_dir)
-        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        set_rng_state(gen, state["rng"][rank]); step, skipped = state["step"], state["skipped"]
-        if rank == 0:
-            truncate_metrics(args.out_dir, step)
-        print(f"resumed {args.out_dir} at step {step}")
-    os.makedirs(args.out_dir, exist_ok=True)
+    # skipped: non-finite updates so far (logged); bad: how many of the latest updates in a row were non-finite
+    step, skipped, bad = restore(state, args.out_dir, opt, sched, [gen], rank) + (0,) if state else (0, 0, 0)
 
     def batch_at(step, micro):
-        """Data order is a pure function of (seed, step): resuming needs no saved data position."""
+        # Data order is a pure function of (seed, step): resuming needs no saved data position.
         per_epoch = len(rows) // args.batch_size
         k = (step * args.grad_accum + micro) * world + rank  # each rank reads its own micro-batches
         perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch))
         chosen = [rows[i] for i in perm[(k % per_epoch) * args.batch_size:][:args.batch_size].tolist()]
-        ids, attn = left_pad([q + r for q, r in chosen], tokenizer.pad_token_id)
-        response_mask = torch.zeros_like(ids)
+        ids, attn = left_pad([q + r for q, r in chosen], tokenizer.pad_token_id)  # (B, T)
+        response_mask = torch.zeros_like(ids)  # (B, T)
         # Eq. (2): only these positions are ever masked; the prompt to their left stays clean
         response_mask[:, -args.gen_length:] = 1  # responses all have length gen_length and sit at the right end
         return ids.to(device), attn.to(device), response_mask.to(device)
@@ -583,35 +470,188 @@ def main(argv=None):
                 loss = sft_loss(model, ids, attn, response_mask, mask_id, gen) / args.grad_accum
             loss.backward()
             total += loss.item()
-        # clip_grad_norm_ returns the norm before clipping: inf/nan there means some gradient is not finite
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        if torch.isfinite(gnorm):
-            opt.step()
-            bad_in_a_row = 0
-        else:  # a non-finite update is skipped and counted; several in a row stop the run
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            if bad_in_a_row > MAX_BAD_UPDATES:
-                fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
-        opt.zero_grad(set_to_none=True)
+        gnorm, bad = safe_step(opt, params, args.grad_clip, bad)  # a non-finite update is skipped and counted
+        skipped += bad > 0
         sched.step()  # the schedule follows steps taken, skipped or not, so resume needs only `step`
         step += 1
         bar.update(1)
+        # ---- everything below is logging and checkpoints
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4), "skipped": skipped,
-                   "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
+            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4), "lr": sched.get_last_lr()[0],
+                   "skipped": skipped, "seconds": round(time.time() - t0, 1)}
             log_metrics(args.out_dir, row)
-            bar.write(json.dumps(row))
+            bar.write(log_line(row, row))
         if step % args.save_every == 0 or step == args.max_steps:
-            rngs = gather_objects(rng_state(gen), world)  # every rank's RNG, so a resume continues each stream
-            if rank == 0:
-                save_checkpoint(args.out_dir, raw_model, tokenizer, args,
-                                {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rngs, "step": step,
-                                 "skipped": skipped})
-            barrier(world)
+            checkpoint(args, raw_model, tokenizer, opt, sched, [gen], step, skipped, rank, world)
     bar.close()
     if rank == 0:
         print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")
 
+
+# ==========================================================================================================
+# Run machinery: skip on first reading. Atomic checkpoints, exact resume, torchrun. Each trainer calls it in
+# three places: open_run (before the model), restore (after the optimizer), checkpoint (in the loop).
+
+def pick_device(name="auto"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def init_distributed(device_name="auto"):
+    """(rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
+    process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    import torch.distributed as dist
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather_objects(obj, world):
+    """The list of obj from every rank (just [obj] in a single process)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def prepare_out_dir(out_dir, resume, overwrite):
+    """Recover from a save that was interrupted mid-swap, and refuse to clobber another run."""
+    old, tmp = out_dir + ".old", out_dir + ".tmp"
+    if not os.path.exists(out_dir) and os.path.exists(old):
+        os.rename(old, out_dir)  # killed between the two renames of save_checkpoint: the old one is intact
+    shutil.rmtree(old, ignore_errors=True)  # killed before deleting it: out_dir already holds the new one
+    shutil.rmtree(tmp, ignore_errors=True)
+    has_run = os.path.exists(os.path.join(out_dir, "args.json"))
+    if has_run and not (resume or overwrite):
+        fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if overwrite and not resume:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    elif not has_run:  # a run killed before its first checkpoint: its metric lines would be logged twice
+        for name in ("metrics.jsonl", "example.json"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    return has_run and resume
+
+
+def save_checkpoint(out_dir, model, tokenizer, args, state):
+    """Write the whole checkpoint to out_dir.tmp, then swap it in with two renames, so an interrupted save
+    never damages the last good checkpoint. The folder loads with load_model() / the Auto classes."""
+    for p in model.parameters():
+        if not torch.isfinite(p).all():
+            fail("model weights are not finite; refusing to save over the last good checkpoint")
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    if state is not None:
+        torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
+    for name in ("metrics.jsonl", "example.json"):  # files the run writes between saves: carry them over
+        if os.path.exists(os.path.join(out_dir, name)):
+            shutil.copy(os.path.join(out_dir, name), tmp)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(out_dir):
+    return torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)  # no pickled code, ever
+
+
+def rng_state(gen):
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(gen, s):
+    torch.set_rng_state(s["torch"]); gen.set_state(s["gen"]); random.setstate(s["python"])
+
+
+def truncate_metrics(out_dir, step):
+    """On resume, drop metric lines written after the checkpoint (they will be written again)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
+        open(path, "w").writelines(lines)
+
+
+def log_metrics(out_dir, row):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+
+def open_run(args, rank, world):
+    """The saved state when --resume finds a checkpoint in --out_dir, else None (a fresh run)."""
+    if rank == 0:
+        prepare_out_dir(args.out_dir, args.resume, args.overwrite)
+    barrier(world)
+    return load_state(args.out_dir) if args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt")) else None
+
+
+def load_adapter(model, out_dir):
+    """Resume a LoRA run: its saved adapter weights into the freshly wrapped model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    set_peft_model_state_dict(model, load_file(os.path.join(out_dir, "adapter_model.safetensors")))
+
+
+def restore(state, out_dir, opt, sched, gens, rank):
+    """Optimizer, schedule and every RNG stream as saved; returns (step, skipped)."""
+    opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+    set_rng_state(gens[0], state["rng"][rank])
+    if len(gens) > 1:  # igpo's hint stream
+        gens[1].set_state(state["hint_gen"][rank])
+    if rank == 0:
+        truncate_metrics(out_dir, state["step"])
+    print(f"resumed {out_dir} at step {state['step']}")
+    return state["step"], state["skipped"]
+
+
+def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped, rank, world):
+    """Save weights + optimizer + every rank's RNG streams (gathered, so a resume continues each one)."""
+    state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": gather_objects(rng_state(gens[0]), world),
+             "step": step, "skipped": skipped}
+    if len(gens) > 1:
+        state["hint_gen"] = gather_objects(gens[1].get_state(), world)
+    if rank == 0:
+        save_checkpoint(args.out_dir, model, tokenizer, args, state)
+    barrier(world)
+
+
+def safe_step(opt, params, grad_clip, bad_in_a_row, finite=True):
+    """Clip and step, or skip a non-finite update; returns (grad norm, non-finite updates in a row)."""
+    # clip_grad_norm_ returns the norm before clipping: inf/nan there means some gradient is not finite
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    bad_in_a_row = 0 if finite and torch.isfinite(gnorm) else bad_in_a_row + 1
+    if bad_in_a_row == 0:
+        opt.step()
+    elif bad_in_a_row > MAX_BAD_UPDATES:  # the last good checkpoint is kept on disk
+        fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
+    opt.zero_grad(set_to_none=True)
+    return gnorm, bad_in_a_row
+
+
+def log_line(row, keys):
+    """The printed line of both trainers, `step 12 | loss 0.41 | ...` (fields: NOTES.md §5)."""
+    return " | ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys)
 
 if __name__ == "__main__":
     main()
