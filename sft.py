@@ -562,7 +562,7 @@ def save_checkpoint(out_dir, model, tokenizer, args, state):
         json.dump(vars(args), f, indent=1)
     if state is not None:
         torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
-    for name in ("metrics.jsonl", "example.json"):  # files the run writes between saves: carry them over
+    for name in ("metrics.jsonl", "example.json", "eval_before.json"):  # written between saves: carry them over
         if os.path.exists(os.path.join(out_dir, name)):
             shutil.copy(os.path.join(out_dir, name), tmp)
     if os.path.exists(out_dir):
@@ -647,6 +647,15 @@ def safe_step(opt, params, grad_clip, bad_in_a_row, finite=True):
         fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
     opt.zero_grad(set_to_none=True)
     return gnorm, bad_in_a_row
+
+
+def over_ranks(means, counts, world, device):
+    """Under torchrun, means averaged and counts summed over ranks; as they are in one process."""
+    if world == 1:
+        return means, counts
+    vals = torch.tensor(list(means.values()) + list(counts.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(vals)
+    return dict(zip(means, (vals[:len(means)] / world).tolist())), dict(zip(counts, vals[len(means):].long().tolist()))
 
 
 def log_line(row, keys):

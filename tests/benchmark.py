@@ -246,8 +246,14 @@ def igpo_step(model, tok, args, batch):
     times["grading"] = time.perf_counter() - t
     t = time.perf_counter()
     all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
-    hint_mask, *_ = igpo.inpaint_all_wrong(model, tok, batch, all_wrong, prompts, attn, comp, reward, texts, args,
-                                           mask_id, "toy", gen, hint_gen)
+    hints = igpo.hint_canvases(tok, [batch[b][1] for b in all_wrong], args, mask_id, hint_gen)
+    rep = lambda t: t.repeat_interleave(G, 0)
+    inpainted = igpo.rollout(model, rep(prompts[all_wrong]), rep(attn[all_wrong]), args, mask_id, gen, hints, end_ids)
+    inp_texts = tok.batch_decode(inpainted)
+    correct = torch.tensor([ev.grade(t, batch[all_wrong[j // G]][2], "toy") for j, t in enumerate(inp_texts)],
+                           dtype=torch.bool).view(len(all_wrong), G)
+    comp, reward, texts, hint_mask, _ = igpo.replace_wrong(comp, reward, texts, all_wrong, inpainted, inp_texts, correct,
+                                                           hints, args.max_replace_frac, mask_id)
     times["inpainting_rollouts_and_grading"] = time.perf_counter() - t
     n_rollouts, rollout_rows = len(comp) + G * len(all_wrong), rows[0]
     t = time.perf_counter()
