@@ -1,29 +1,28 @@
 """
 The diffusion sampler (with inpainting) and benchmark evaluation.
 
-A masked diffusion LM writes its answer by starting from a canvas of mask tokens and, step by step, committing
-the tokens it is most confident about (LLaDA's low-confidence remasking, NOTES.md §4). The canvas is cut into
-blocks that are filled left to right (semi-autoregressive decoding); inside a block the order is free.
-Inpainting is the same loop started from a canvas where some positions already hold fixed tokens (hints).
-igpo.py uses generate() for rollouts and grade() as its reward, so RL and evaluation share one code path.
-
     python eval.py                                  # evaluates out/igpo (else out/sft) on the embedded test split
     python eval.py --model out/sft --show --limit 1 # watch one canvas being denoised
     python eval.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --task gsm8k --gen_length 256
     python eval.py --grade generations.json --task gsm8k   # re-grade a saved file, no model needed
-
-Deviations from the paper (details in NOTES.md §3):
-1. Gumbel-max sampling is written as argmax(logits + T * Gumbel) in float64 instead of LLaDA's equivalent
-   argmax(exp(logits) / (-log u)^T); both pick the same token for the same uniform draw u.
-2. The mask token itself is never sampled (its logit is set to -inf). A trained LLaDA never ranks it first,
-   so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
-3. Only the current block's logits are computed at all (logits_at): positions outside it cannot be
-   unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
-4. Only prompts of equal length share a sampler call, unpadded: LLaDA's hub code ignores attention_mask, so
-   padding would make an answer depend on its batch (NOTES.md §3, item 16).
-5. Early exit (--early_exit, default on): a row leaves the batch once its first end token lies in a completed
-   block (tail: EOS), and steps with nothing to commit skip the forward pass; nothing read downstream changes.
 """
+# A masked diffusion LM writes its answer by starting from a canvas of mask tokens and, step by step, committing
+# the tokens it is most confident about (LLaDA's low-confidence remasking, NOTES.md §4). The canvas is cut into
+# blocks that are filled left to right (semi-autoregressive decoding); inside a block the order is free.
+# Inpainting is the same loop started from a canvas where some positions already hold fixed tokens (hints).
+# igpo.py uses generate() for rollouts and grade() as its reward, so RL and evaluation share one code path.
+#
+# Deviations from the paper (details in NOTES.md §3):
+# 1. Gumbel-max sampling is written as argmax(logits + T * Gumbel) in float64 instead of LLaDA's equivalent
+#    argmax(exp(logits) / (-log u)^T); both pick the same token for the same uniform draw u.
+# 2. The mask token itself is never sampled (its logit is set to -inf). A trained LLaDA never ranks it first,
+#    so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
+# 3. Only the current block's logits are computed at all (logits_at): positions outside it cannot be
+#    unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
+# 4. Only prompts of equal length share a sampler call, unpadded: LLaDA's hub code ignores attention_mask, so
+#    padding would make an answer depend on its batch (NOTES.md §3, item 16).
+# 5. Early exit (--early_exit, default on): a row leaves the batch once its first end token lies in a completed
+#    block (tail: EOS), and steps with nothing to commit skip the forward pass; nothing read downstream changes.
 import argparse
 import ctypes
 import json
@@ -82,8 +81,8 @@ def check_lengths(gen_length, block_length, steps):
 
 
 def num_transfer_tokens(mask_index, steps):
-    """How many tokens each row unmasks at each step of a block: the n masked positions spread as evenly as
-    possible over the steps, the remainder going to the first steps. (B, Lb) bool -> (B, steps) long."""
+    # How many tokens each row unmasks at each step of a block: the n masked positions spread as evenly as
+    # possible over the steps, the remainder going to the first steps. (B, Lb) bool -> (B, steps) long.
     n = mask_index.sum(dim=1, keepdim=True)  # (B, 1)
     base, rem = n // steps, n % steps
     return base + (torch.arange(steps, device=mask_index.device) < rem).long()  # (B, steps)
@@ -95,18 +94,18 @@ def end_token_ids(tokenizer):
 
 
 def completion_mask(completions, end_ids):
-    """(N, L) bool: positions up to and including the first end token (<|eot_id|> or EOS). The loss stops
-    there (igpo.py deviation 2), so does grade(), and the early-exit sampler fills what follows with EOS."""
+    # (N, L) bool: positions up to and including the first end token (<|eot_id|> or EOS). The loss stops
+    # there (igpo.py deviation 2), so does grade(), and the early-exit sampler fills what follows with EOS.
     is_end = torch.isin(completions, end_ids)  # (N, L)
     after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # strictly after the first end token
     return ~after_end
 
 
 def logits_at(model, x, attention_mask, start, end):
-    """model(x).logits[:, start:end], without computing the rest. The vocabulary projection is applied position
-    by position, so feeding it only the hidden states we will read gives the same numbers; at LLaDA's 126k
-    vocabulary that projection's output is the largest tensor of the forward pass. A forward pre-hook on the
-    output embedding slices its input; a model without get_output_embeddings() is sliced afterwards."""
+    # model(x).logits[:, start:end], without computing the rest. The vocabulary projection is applied position
+    # by position, so feeding it only the hidden states we will read gives the same numbers; at LLaDA's 126k
+    # vocabulary that projection's output is the largest tensor of the forward pass. A forward pre-hook on the
+    # output embedding slices its input; a model without get_output_embeddings() is sliced afterwards.
     head = getattr(model, "module", model).get_output_embeddings()
     if head is None:
         return model(x, attention_mask=attention_mask).logits[:, start:end]
@@ -118,11 +117,11 @@ def logits_at(model, x, attention_mask, start, end):
 
 
 def sample_tokens(logits, temperature, u=None):
-    """Draw x0 by Gumbel-max at the given temperature in float64 (low precision makes the Gumbel noise
-    coarse, which hurts quality), and return the model's probability of each drawn token as its confidence.
-    u: uniform draws shaped like logits (required when temperature > 0)."""
+    # Draw x0 by Gumbel-max at the given temperature in float64 (low precision makes the Gumbel noise
+    # coarse, which hurts quality), and return the model's probability of each drawn token as its confidence.
+    # u: uniform draws shaped like logits (required when temperature > 0).
     logits = logits.double()  # (B, Lb, V)
-    # Gumbel-max (deviation 6): argmax(l + T g) with g = -log(-log u) is a sample from softmax(l / T)
+    # Gumbel-max (deviation 1): argmax(l + T g) with g = -log(-log u) is a sample from softmax(l / T)
     x0 = (logits - temperature * torch.log(-torch.log(u))).argmax(-1) if temperature > 0 else logits.argmax(-1)
     logp = logits.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # log softmax at x0
     return x0, logp.exp()
@@ -138,12 +137,12 @@ def logits_size(model):
 @torch.no_grad()
 def generate(model, prompt_ids, gen_length, block_length, steps, temperature, mask_id, hints=None,
              attention_mask=None, generator=None, show=None, end_ids=None):
-    """Fill gen_length masked positions after each prompt. prompt_ids (B, P), left-padded with attention_mask
-    (B, P). hints (B, gen_length): a token id where the answer is fixed in advance, mask_id elsewhere; hint
-    tokens are never candidates, never overwritten, and not counted in the unmasking schedule.
-    end_ids (<|eot_id|>, EOS): early exit (deviation 4); each row's tokens up to its first end token and the
-    generator's final state are those of the full sampler (end_ids None), the row's tail is EOS.
-    Returns the full sequences (B, P + gen_length). `show` (a tokenizer) prints the first canvas each step."""
+    # Fill gen_length masked positions after each prompt. prompt_ids (B, P), left-padded with attention_mask
+    # (B, P). hints (B, gen_length): a token id where the answer is fixed in advance, mask_id elsewhere; hint
+    # tokens are never candidates, never overwritten, and not counted in the unmasking schedule.
+    # end_ids (<|eot_id|>, EOS): early exit (deviation 5); each row's tokens up to its first end token and the
+    # generator's final state are those of the full sampler (end_ids None), the row's tail is EOS.
+    # Returns the full sequences (B, P + gen_length). `show` (a tokenizer) prints the first canvas each step.
     check_lengths(gen_length, block_length, steps)
     B, P = prompt_ids.shape
     x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt_ids.device)
@@ -226,9 +225,9 @@ def strip_special(text) -> str:
 
 
 def extract_answer(text):
-    """Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x', in the text
-    before the first end token: the loss stops there too (completion_mask), so reward and loss read the same
-    tokens. Real LLaDA generations put nothing but EOS after their <|eot_id|> (tests/test_grader.py)."""
+    # Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x', in the text
+    # before the first end token: the loss stops there too (completion_mask), so reward and loss read the same
+    # tokens. Real LLaDA generations put nothing but EOS after their <|eot_id|> (tests/test_grader.py).
     text = strip_special(_END.split("" if text is None else str(text), 1)[0])
     opens = {m.end() - 1: m.start() for m in _BOX.finditer(text)}  # brace index -> box start
     spans, stack = [], []  # (box start, content start, content end); slice only at the end
@@ -271,8 +270,8 @@ def _norm(s):
 
 
 def _too_hard(s):
-    """True if sympy might do uninterruptible C big-int work (or deep recursion) on s.
-    The deadline in _latex_equal cannot stop C code, so such inputs must never reach sympy."""
+    """True if sympy might do uninterruptible C big-int work (or deep recursion) on s."""
+    # The deadline in _latex_equal cannot stop C code, so such inputs must never reach sympy.
     if len(s) > 400 or re.search(r"\d{50}|(?:\d{4}|[)}\]])\s*!", s):
         return True  # giant literals; factorial of a big or compound argument
     if ("binom" in s or "choose" in s) and re.search(r"\^|\d{5}", s):
@@ -394,9 +393,9 @@ def load_task(task, data="", limit=0, seed=0):
 
 
 def equal_length_batches(lengths, size):
-    """Lists of at most `size` row indices that share a prompt length. LLaDA's hub code accepts attention_mask
-    but never applies it, so a left-padded prompt attends to its pads and its answer would depend on what else
-    is in its batch; generating only equal-length, unpadded prompts together is exact for every model."""
+    # Lists of at most `size` row indices that share a prompt length. LLaDA's hub code accepts attention_mask
+    # but never applies it, so a left-padded prompt attends to its pads and its answer would depend on what else
+    # is in its batch; generating only equal-length, unpadded prompts together is exact for every model.
     groups = {}
     for i, n in enumerate(lengths):
         groups.setdefault(n, []).append(i)
@@ -405,8 +404,8 @@ def equal_length_batches(lengths, size):
 
 def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, temperature=0.0, num_samples=1,
              batch_size=64, generator=None, show=False, progress=True, early_exit=True):
-    """Generate num_samples answers per question and grade them. Returns (records, accuracy). Under torchrun
-    each rank takes every world-th question and the records are gathered back into the original order."""
+    # Generate num_samples answers per question and grade them. Returns (records, accuracy). Under torchrun
+    # each rank takes every world-th question and the records are gathered back into the original order.
     from tqdm import tqdm
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
     all_items, items = items, items[rank::world]
@@ -464,10 +463,10 @@ def regrade(path, task):
 
 
 def compare(paths_a, paths_b, n_boot=4000, seed=0):
-    """Paired comparison of two methods on the questions their results files share. Each side may be several
-    files (e.g. 3 seeds), averaged per question. The accuracy difference B - A gets a 95% paired-bootstrap
-    interval: questions are resampled together for both sides, so what makes a question hard cancels out,
-    which makes the interval much narrower than two separate error bars would suggest."""
+    # Paired comparison of two methods on the questions their results files share. Each side may be several
+    # files (e.g. 3 seeds), averaged per question. The accuracy difference B - A gets a 95% paired-bootstrap
+    # interval: questions are resampled together for both sides, so what makes a question hard cancels out,
+    # which makes the interval much narrower than two separate error bars would suggest.
     def per_question(paths):
         runs = [{r["question"]: float(r["correct"]) for r in read_records(p)} for p in paths]
         return {q: sum(run[q] for run in runs) / len(runs) for q in set.intersection(*map(set, runs))}

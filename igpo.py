@@ -229,8 +229,8 @@ def hint_canvases(tokenizer, traces, args, mask_id, gen):
 
 
 def replace_wrong(completions, reward, texts, groups, inpainted, inpainted_texts, correct, hints, lam, mask_id):
-    """Eq. (8): in each all-wrong group b of `groups`, K = min(#correct, floor(lambda G)) wrong samples are
-    replaced by correct inpainted ones. Returns new (completions, reward, texts, hint_mask (B*G, L), K per group)."""
+    # Eq. (8): in each all-wrong group b of `groups`, K = min(#correct, floor(lambda G)) wrong samples are
+    # replaced by correct inpainted ones. Returns new (completions, reward, texts, hint_mask (B*G, L), K per group).
     G = reward.shape[1]
     completions, reward, texts = completions.clone(), reward.clone(), list(texts)
     hint_mask = torch.zeros(completions.shape, dtype=torch.bool, device=completions.device)  # (B*G, L)
@@ -251,8 +251,8 @@ def replace_wrong(completions, reward, texts, groups, inpainted, inpainted_texts
 # ---- the estimator, the entropy filter and the loss: Eq. (5), (6), (9), (10)
 
 def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_entropy=False):
-    """Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L), one forward per prompt for its G samples.
-    prompt_ids (B, P), completions (B*G, L) -> logp (B*G, L) [, entropy (B, L) for Eq. (10)]."""
+    """Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L), one forward per prompt for its G samples."""
+    # prompt_ids (B, P), completions (B*G, L) -> logp (B*G, L) [, entropy (B, L) for Eq. (10)].
     # The input (prompt clean, whole completion masked) is the same for all G samples of a prompt, so the G
     # completions are read off the same distributions (deviation 4).
     B, P = prompt_ids.shape
@@ -336,8 +336,8 @@ def summarize(out_dir):
 
 
 def plot_run(out_dir, acc_before, acc_after):
-    """curves.png in out_dir: the policy's own reward and the all-wrong fractions per step (thin: each step,
-    thick: running mean over 5), and test accuracy before -> after."""
+    # curves.png in out_dir: the policy's own reward and the all-wrong fractions per step (thin: each step,
+    # thick: running mean over 5), and test accuracy before -> after.
     import matplotlib
     matplotlib.use("Agg")  # write a file; no display needed
     import matplotlib.pyplot as plt

@@ -1,34 +1,32 @@
 """
 Length-aligned supervised fine-tuning (SFT) of a masked diffusion language model.
 
-Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the prompt
-stays clean, every response token is replaced by the mask token with probability t, and the model is trained
-to predict the originals (Eq. (2)). Each response is padded with EOS to exactly the generation length that RL
-and evaluation use, so what SFT teaches ("write a trace, then stop and emit EOS up to position L") is what the
-sampler will be asked to do later. That padding is the length alignment.
-
-This file also defines the embedded world the whole project runs on without a hub: a character-level
-tokenizer, a tiny bidirectional transformer and a procedurally generated arithmetic word-problem task with
-ground-truth traces. eval.py and igpo.py import them from here.
-
     python sft.py                                   # embedded model + task, ~15 min on 2 CPU cores -> out/sft
     python sft.py --traces verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
     # paper scale (one GPU; see README for the full command):
     python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
         --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5
-
-Deviations from the paper (details and reasons in NOTES.md §3):
-1. The concise traces of the embedded task are generated, not rewritten by a large model; for real data,
-   --rewrite_model performs the rewriting step with any local instruct model.
-2. Traces that do not fit the generation length are dropped (with a printed count), not truncated: a
-   truncated trace would teach the model to stop mid-reasoning.
 """
+# Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the prompt
+# stays clean, every response token is replaced by the mask token with probability t, and the model is trained
+# to predict the originals (Eq. (2)). Each response is padded with EOS to exactly the generation length that RL
+# and evaluation use, so what SFT teaches ("write a trace, then stop and emit EOS up to position L") is what the
+# sampler will be asked to do later. That padding is the length alignment.
+#
+# This file also defines the embedded world the whole project runs on without a hub: a word-level
+# tokenizer, a tiny bidirectional transformer and a procedurally generated arithmetic word-problem task with
+# ground-truth traces. eval.py and igpo.py import them from here.
+#
+# Deviations from the paper (details and reasons in NOTES.md §3):
+# 1. The concise traces of the embedded task are generated, not rewritten by a large model; for real data,
+#    --rewrite_model performs the rewriting step with any local instruct model.
+# 2. Traces that do not fit the generation length are dropped (with a printed count), not truncated: a
+#    truncated trace would teach the model to stop mid-reasoning.
 import argparse
 import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -109,11 +107,11 @@ TOY_MAX_DAYS, TOY_MAX_RULE, TOY_MAX_VALUE = 6, 4, 30  # days, k in "gets k more"
 
 
 def build_toy_tokenizer():
-    """A word-level tokenizer, as LLaDA's BPE is: one token per word (with its leading space, as BPE merges
-    it), per number 0..99 and per punctuation mark, plus LLaDA's special tokens and chat template.
-    A space before a number is a token of its own, so that a number is the *same* token in the question
-    ("has 14") and in the trace ("14+3=17"): copying it is then the identity, which a tiny model learns
-    in a few hundred steps; with " 14" and "14" as two tokens it must also learn 100 pairings first."""
+    # A word-level tokenizer, as LLaDA's BPE is: one token per word (with its leading space, as BPE merges
+    # it), per number 0..99 and per punctuation mark, plus LLaDA's special tokens and chat template.
+    # A space before a number is a token of its own, so that a number is the *same* token in the question
+    # ("has 14") and in the trace ("14+3=17"): copying it is then the identity, which a tiny model learns
+    # in a few hundred steps; with " 14" and "14" as two tokens it must also learn 100 pairings first.
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     pieces = [p for w in WORDS + list("+-*=.,:?{}\\") for p in (w, " " + w)]
@@ -130,9 +128,9 @@ def build_toy_tokenizer():
 
 
 def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512, vocab_size=None):
-    """A ~0.2M-parameter bidirectional transformer. ModernBERT with global attention in every layer has LLaDA's
-    calling contract (model(ids, attention_mask).logits at every position, no causal mask) and loads back
-    through the transformers Auto classes with no custom code."""
+    # A ~0.2M-parameter bidirectional transformer. ModernBERT with global attention in every layer has LLaDA's
+    # calling contract (model(ids, attention_mask).logits at every position, no causal mask) and loads back
+    # through the transformers Auto classes with no custom code.
     from transformers import ModernBertConfig, ModernBertForMaskedLM
     # global_attn_every_n_layers=1 and local_attention=max_len: every layer attends over the whole sequence
     # in both directions, as LLaDA's do (ModernBERT's default alternates with a sliding window)
@@ -146,11 +144,11 @@ def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512, vocab_
 
 
 def toy_problem(rng, max_days=TOY_MAX_DAYS):
-    """One word problem: a start amount and one rule applied every day for n days (1 <= n <= max_days).
-    Each trace line needs only the line before it and the rule, which sits at a fixed place in the question,
-    so nothing has to be searched for in the prompt; n is the difficulty (one more line, one more chance to
-    slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one (~4x longer),
-    the answer and n."""
+    """One word problem: a start amount and one rule applied every day for n days (1 <= n <= max_days)."""
+    # Each trace line needs only the line before it and the rule, which sits at a fixed place in the question,
+    # so nothing has to be searched for in the prompt; n is the difficulty (one more line, one more chance to
+    # slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one (~4x longer),
+    # the answer and n.
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     n, k = rng.randint(1, max_days), rng.randint(1, TOY_MAX_RULE)
     if rng.random() < 0.5:  # grows: every value stays <= TOY_MAX_VALUE
@@ -170,8 +168,8 @@ def toy_problem(rng, max_days=TOY_MAX_DAYS):
 
 
 def toy_dataset(split, n, seed=0, traces="concise", max_days=TOY_MAX_DAYS):
-    """n problems of one split, as a datasets.Dataset. Train and test are disjoint by construction: a problem
-    belongs to the test split iff a hash of its question text is 0 mod 10, so no question is in both."""
+    # n problems of one split, as a datasets.Dataset. Train and test are disjoint by construction: a problem
+    # belongs to the test split iff a hash of its question text is 0 mod 10, so no question is in both.
     import zlib
     from datasets import Dataset
     rng, rows, seen = random.Random(f"{split}-{seed}"), [], set()
@@ -221,8 +219,8 @@ def make_prompt(tokenizer, question, toy):
 
 
 def encode_response(tokenizer, trace, gen_length):
-    """Eq. (2) length alignment: trace + <|eot_id|>, padded with EOS to exactly gen_length tokens.
-    Returns None when the trace does not fit."""
+    """Eq. (2) length alignment: trace + <|eot_id|>, padded with EOS to exactly gen_length tokens."""
+    # Returns None when the trace does not fit.
     # <|eot_id|> closes the turn as in LLaDA's chat format; the EOS tail after it is what "stop" looks like
     ids = tokenizer(trace, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids(EOT)]
     if len(ids) > gen_length:
@@ -246,10 +244,10 @@ def left_pad(seqs, pad_id):
 
 
 def precision_policy(name, device, frozen_base):
-    """(dtype the weights are loaded in, autocast dtype or None). bf16 computes under autocast but keeps every
-    trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp of most weights at the
-    learning rates in use, so bf16 weights would mostly not move at all. Weights nothing updates (a frozen LoRA
-    base, evaluation) are stored in bf16, which halves their memory; peft keeps the adapters fp32 on it."""
+    # (dtype the weights are loaded in, autocast dtype or None). bf16 computes under autocast but keeps every
+    # trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp of most weights at the
+    # learning rates in use, so bf16 weights would mostly not move at all. Weights nothing updates (a frozen LoRA
+    # base, evaluation) are stored in bf16, which halves their memory; peft keeps the adapters fp32 on it.
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
     if name == "fp32":
@@ -263,17 +261,17 @@ def autocast(device, amp_dtype):
 
 
 def describe_precision(dtype, amp_dtype, lora=False):
-    """The line each script prints at start, e.g. 'precision: weights bfloat16 + LoRA float32, compute bfloat16
-    autocast'."""
+    # The line each script prints at start, e.g. 'precision: weights bfloat16 + LoRA float32, compute bfloat16
+    # autocast'.
     name = lambda t: str(t).replace("torch.", "")
     return (f"precision: weights {name(dtype)}" + (" + LoRA float32" if lora else "")
             + (f", compute {name(amp_dtype)} autocast" if amp_dtype else f", compute {name(dtype)}"))
 
 
 def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
-    """(model, tokenizer) from 'toy', a hub id, or a save_pretrained folder (a full model or a LoRA adapter,
-    which is merged into its base). Masked LMs load with AutoModelForMaskedLM; models that ship their own
-    code (LLaDA) load with AutoModel, which their auto_map points at their diffusion LM class."""
+    # (model, tokenizer) from 'toy', a hub id, or a save_pretrained folder (a full model or a LoRA adapter,
+    # which is merged into its base). Masked LMs load with AutoModelForMaskedLM; models that ship their own
+    # code (LLaDA) load with AutoModel, which their auto_map points at their diffusion LM class.
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
     if name == "toy":
         tokenizer = build_toy_tokenizer()
@@ -308,9 +306,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", 
 
 
 def add_lora(model, r, alpha, dropout=0.05):
-    """Wrap the model with LoRA adapters on whichever of the known projection names it has, never on the
-    vocabulary head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464, 16.7 M
-    adapter parameters at r = 128) and neither the paper nor the official code adapts it."""
+    # Wrap the model with LoRA adapters on whichever of the known projection names it has, never on the
+    # vocabulary head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464, 16.7 M
+    # adapter parameters at r = 128) and neither the paper nor the official code adapts it.
     from peft import LoraConfig, get_peft_model
     head = getattr(model, "get_output_embeddings", lambda: None)()
     names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
@@ -341,13 +339,12 @@ def lr_lambda(warmup, total):
 # The objective.
 
 def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
-    """Eq. (2): masked-diffusion SFT loss on response tokens only.
-    input_ids (B, T) = prompt ⊕ response; response_mask (B, T) is 1 on the gen_length response positions
-    (EOS padding included: learning where to stop is part of the task). Per sequence draw t ~ U(0,1),
-    mask each response token with probability p = (1-eps) t + eps, and score the masked ones with 1/p
-    importance weights; normalise by the response length |r| and average over the batch:
-        loss = (1/B) sum_b (1/|r_b|) sum_{i masked} -log f(x0_i | x_t) / p_b
-    """
+    """Eq. (2): masked-diffusion SFT loss on response tokens only."""
+    # input_ids (B, T) = prompt ⊕ response; response_mask (B, T) is 1 on the gen_length response positions
+    # (EOS padding included: learning where to stop is part of the task). Per sequence draw t ~ U(0,1),
+    # mask each response token with probability p = (1-eps) t + eps, and score the masked ones with 1/p
+    # importance weights; normalise by the response length |r| and average over the batch:
+    #     loss = (1/B) sum_b (1/|r_b|) sum_{i masked} -log f(x0_i | x_t) / p_b
     B, T = input_ids.shape
     t = torch.rand(B, 1, device=input_ids.device, generator=gen)
     p = (1 - LOG_EPS) * t + LOG_EPS  # (B, 1)
@@ -382,8 +379,8 @@ def build_sft_data(args, tokenizer, toy):
 
 
 def rewrite_traces(ds, args):
-    """The paper's rewriting step (§3.3): a local instruct LM turns long traces into concise ones. Results are
-    cached line by line in a JSONL so an interrupted rewrite continues where it stopped."""
+    # The paper's rewriting step (§3.3): a local instruct LM turns long traces into concise ones. Results are
+    # cached line by line in a JSONL so an interrupted rewrite continues where it stopped.
     from transformers import AutoModelForCausalLM, AutoTokenizer
     instruction = "Rewrite this solution as a concise step-by-step derivation that keeps the final answer:\n\n"
     cache = {}
@@ -499,8 +496,8 @@ def pick_device(name="auto"):
 
 
 def init_distributed(device_name="auto"):
-    """(rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
-    process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0."""
+    # (rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
+    # process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0.
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     import torch.distributed as dist
@@ -549,8 +546,8 @@ def prepare_out_dir(out_dir, resume, overwrite):
 
 
 def save_checkpoint(out_dir, model, tokenizer, args, state):
-    """Write the whole checkpoint to out_dir.tmp, then swap it in with two renames, so an interrupted save
-    never damages the last good checkpoint. The folder loads with load_model() / the Auto classes."""
+    # Write the whole checkpoint to out_dir.tmp, then swap it in with two renames, so an interrupted save
+    # never damages the last good checkpoint. The folder loads with load_model() / the Auto classes.
     for p in model.parameters():
         if not torch.isfinite(p).all():
             fail("model weights are not finite; refusing to save over the last good checkpoint")
