@@ -89,7 +89,7 @@ def num_transfer_tokens(mask_index, steps):
 
 
 def end_token_ids(tokenizer):
-    """[<|eot_id|>, EOS]: a completion ends at the first of them; EOS (last) is the padding after it."""
+    # [<|eot_id|>, EOS]: a completion ends at the first of them; EOS (last) is the padding after it.
     return [tokenizer.convert_tokens_to_ids(EOT), tokenizer.convert_tokens_to_ids(EOS)]
 
 
@@ -128,7 +128,7 @@ def sample_tokens(logits, temperature, u=None):
 
 
 def logits_size(model):
-    """The logits' last dimension, read off the output layer without a forward pass."""
+    # The logits' last dimension, read off the output layer without a forward pass.
     m = getattr(model, "module", model)
     head = m.get_output_embeddings()
     return head.weight.shape[0] if head is not None else m.config.vocab_size
@@ -195,7 +195,7 @@ def generate(model, prompt_ids, gen_length, block_length, steps, temperature, ma
 
 
 def print_canvas(tokenizer, answer_ids, hints, mask_id, title):
-    """One line per denoising step: '_' for a mask, hint tokens underlined."""
+    # One line per denoising step: '_' for a mask, hint tokens underlined.
     out = []
     for j, t in enumerate(answer_ids.tolist()):
         c = "_" if t == mask_id else tokenizer.decode([t]).replace("\n", "⏎")
@@ -249,7 +249,7 @@ def extract_answer(text):
 
 
 def _to_number(s):
-    """Exact Fraction from '18', '$1,000.', '18 \\text{dollars}', 'x = 3/4', '\\frac{7}{2}'; else None."""
+    # Exact Fraction from '18', '$1,000.', '18 \\text{dollars}', 'x = 3/4', '\\frac{7}{2}'; else None.
     s = repr(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else s
     s = re.sub(r"\\[a-z]*frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", s.replace("{,}", ","))
     s = s.split("=")[-1].replace("\\$", "").replace("$", "").strip()  # "5 \times 3 = 15" -> 15
@@ -263,14 +263,14 @@ def _to_number(s):
 
 
 def _norm(s):
-    """Cheap canonical form for an exact string match before any sympy work."""
+    # Cheap canonical form for an exact string match before any sympy work.
     s = re.sub(r"\\(?:left|right|!|,|;|:|\$)|\$|\s|\^\{?\\circ\}?|\\?%", "", s)
     s = re.sub(r"\\text\{(.*?)\}", r"\1", s.replace("dfrac", "frac").replace("tfrac", "frac"))
     return re.sub(r"^[a-zA-Z]\w?=", "", s).rstrip(".")  # "x=5." -> "5"
 
 
 def _too_hard(s):
-    """True if sympy might do uninterruptible C big-int work (or deep recursion) on s."""
+    # True if sympy might do uninterruptible C big-int work (or deep recursion) on s.
     # The deadline in _latex_equal cannot stop C code, so such inputs must never reach sympy.
     if len(s) > 400 or re.search(r"\d{50}|(?:\d{4}|[)}\]])\s*!", s):
         return True  # giant literals; factorial of a big or compound argument
@@ -379,7 +379,7 @@ DEFAULTS = {"toy": (48, 8, 500), "gsm8k": (256, 32, 0), "math500": (256, 32, 0),
 
 
 def load_task(task, data="", limit=0, seed=0):
-    """[(question, gold answer)] for a benchmark."""
+    # [(question, gold answer)] for a benchmark.
     from sft import load_rows
     if task not in DEFAULTS:
         fail(f"unknown task '{task}' (choose from {', '.join(DEFAULTS)})")
@@ -440,7 +440,7 @@ def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, tem
 
 
 def write_json(path, obj):
-    """Write via a temporary file and rename, so an interrupted run never leaves a half-written result."""
+    # Write via a temporary file and rename, so an interrupted run never leaves a half-written result.
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
@@ -448,7 +448,7 @@ def write_json(path, obj):
 
 
 def regrade(path, task):
-    """Re-grade a saved results file (d1's layout or ours) without a model."""
+    # Re-grade a saved results file (d1's layout or ours) without a model.
     if not os.path.exists(path):
         fail(f"results file not found: {path}")
     try:
@@ -482,7 +482,7 @@ def compare(paths_a, paths_b, n_boot=4000, seed=0):
 
 
 def read_records(path):
-    """The records of a results file, checked for the fields compare() reads."""
+    # The records of a results file, checked for the fields compare() reads.
     if not os.path.exists(path):
         fail(f"results file not found: {path}")
     try:

@@ -130,7 +130,7 @@ METAMATH_TYPES = ("GSM_AnsAug", "MATH_AnsAug")  # the official code's selection 
 
 
 def answer_from_trace(trace):
-    """Gold answer when the data has no answer column (MetaMathQA ends with 'The answer is: X')."""
+    # Gold answer when the data has no answer column (MetaMathQA ends with 'The answer is: X').
     boxed = extract_answer(trace)
     if boxed is not None:
         return boxed
@@ -139,7 +139,7 @@ def answer_from_trace(trace):
 
 
 def metamath_official(ds, qcol):
-    """Row indices as the official code selects MetaMathQA: GSM_AnsAug and MATH_AnsAug, first row per query."""
+    # Row indices as the official code selects MetaMathQA: GSM_AnsAug and MATH_AnsAug, first row per query.
     # the other types rephrase or invert questions that these rows already hold
     if "type" not in ds.column_names:
         fail("--metamath_official needs MetaMathQA's 'type' column")
@@ -151,7 +151,7 @@ def metamath_official(ds, qcol):
 
 
 def load_rl_data(args, world):
-    """[(question, trace, gold answer)]; rows whose answer cannot be found are dropped (counted)."""
+    # [(question, trace, gold answer)]; rows whose answer cannot be found are dropped (counted).
     if args.dataset == "toy":  # enough distinct problems that a default run never repeats one
         ds = sft.toy_dataset("train", max(1000, args.max_steps * args.batch_prompts * world), seed=args.seed)
         questions, traces, answers = ds["question"], ds["trace"], ds["answer"]
@@ -172,7 +172,7 @@ def load_rl_data(args, world):
 
 
 def batch_at(data, step, args, rank, world):
-    """The batch_prompts rows of a step: a pure function of (seed, step, rank), so resuming needs no data position."""
+    # The batch_prompts rows of a step: a pure function of (seed, step, rank), so resuming needs no data position.
     per_epoch = len(data) // args.batch_prompts
     k = step * world + rank  # under torchrun each rank rolls out its own batch_prompts prompts
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch))
@@ -182,7 +182,7 @@ def batch_at(data, step, args, rank, world):
 # ---- rollouts and inpainting: Eq. (7), (8)
 
 def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None, end_ids=None):
-    """One completion (N, L) per row of prompts (N, P) from the diffusion sampler; hints (N, L) for inpainting."""
+    # One completion (N, L) per row of prompts (N, P) from the diffusion sampler; hints (N, L) for inpainting.
     # Rows go through the sampler --gen_batch at a time (its logits, rows x block x vocab, bound its memory),
     # and only rows of equal prompt length together, unpadded: LLaDA's hub code ignores attention_mask (eval.py).
     # end_ids: a row stops at its first end token (--early_exit); what the loss and reward read is unchanged.
@@ -197,13 +197,13 @@ def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None, end_ids
 
 
 def hintable_trace_ids(tokenizer, trace, gen_length):
-    """Token ids of y* that may be revealed: those before the first final-answer statement, at most L."""
+    # Token ids of y* that may be revealed: those before the first final-answer statement, at most L.
     m = ANSWER_START.search(trace)  # Eq. (7): the answer itself is never a hint (deviation 3)
     return tokenizer(trace[:m.start()] if m else trace, add_special_tokens=False).input_ids[:gen_length]
 
 
 def make_hints(trace_ids, gen_length, eta, chunk_min, chunk_max, mask_id, gen):
-    """Eq. (7): one hint canvas (L,): y*'s tokens in round(eta * #chunks) random chunks, the mask elsewhere."""
+    # Eq. (7): one hint canvas (L,): y*'s tokens in round(eta * #chunks) random chunks, the mask elsewhere.
     hints = torch.full((gen_length,), mask_id, dtype=torch.long)  # (L,)
     chunks, pos = [], 0
     while pos < len(trace_ids):  # consecutive chunks of U{s_min..s_max} tokens cover the hintable trace
@@ -218,7 +218,7 @@ def make_hints(trace_ids, gen_length, eta, chunk_min, chunk_max, mask_id, gen):
 
 
 def hint_canvases(tokenizer, traces, args, mask_id, gen):
-    """Eq. (7) for each trace: G canvases, each with its own eta ~ U[eta_low, eta_high]. -> (len(traces)*G, L)."""
+    # Eq. (7) for each trace: G canvases, each with its own eta ~ U[eta_low, eta_high]. -> (len(traces)*G, L).
     canvases = []
     for trace in traces:
         trace_ids = hintable_trace_ids(tokenizer, trace, args.gen_length)
@@ -251,7 +251,7 @@ def replace_wrong(completions, reward, texts, groups, inpainted, inpainted_texts
 # ---- the estimator, the entropy filter and the loss: Eq. (5), (6), (9), (10)
 
 def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_entropy=False):
-    """Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L), one forward per prompt for its G samples."""
+    # Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L), one forward per prompt for its G samples.
     # prompt_ids (B, P), completions (B*G, L) -> logp (B*G, L) [, entropy (B, L) for Eq. (10)].
     # The input (prompt clean, whole completion masked) is the same for all G samples of a prompt, so the G
     # completions are read off the same distributions (deviation 4).
@@ -271,7 +271,7 @@ def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_en
 
 
 def entropy_filter(entropy, hint_mask, keep_frac):
-    """Eq. (10): of each row's n hint positions keep the max(1, floor(tau n)) of highest entropy. -> (N, L) bool."""
+    # Eq. (10): of each row's n hint positions keep the max(1, floor(tau n)) of highest entropy. -> (N, L) bool.
     n_hint = hint_mask.sum(1, keepdim=True)  # (N, 1)
     k = torch.clamp(torch.floor(keep_frac * n_hint), min=1)  # (N, 1)
     score = torch.where(hint_mask, entropy, float("-inf"))  # (N, L): non-hint positions rank last
@@ -282,7 +282,7 @@ def entropy_filter(entropy, hint_mask, keep_frac):
 
 
 def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
-    """Eq. (6)/(9): clipped surrogate + beta * k3 KL per token. logp.. (N, L); adv (N,) -> (loss, kl, clip_frac)."""
+    # Eq. (6)/(9): clipped surrogate + beta * k3 KL per token. logp.. (N, L); adv (N,) -> (loss, kl, clip_frac).
     ratio = torch.exp(logp - logp_old)  # per token (deviation 1: the official code uses a sequence-level ratio)
     a = adv[:, None]  # (N, 1): one advantage per sample, shared by its tokens
     surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)  # (N, L)
@@ -300,7 +300,7 @@ def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
 
 
 def estimate(model, prompts, prompt_attn, completions, G, mask_id, micro, with_entropy=False):
-    """Eq. (5) without gradients, one micro-batch of prompts at a time (bounds the logits' memory), concatenated."""
+    # Eq. (5) without gradients, one micro-batch of prompts at a time (bounds the logits' memory), concatenated.
     with torch.no_grad():
         parts = [token_logps(model, prompts[p], prompt_attn[p], completions[s], G, mask_id, with_entropy)
                  for p, s in micro]
@@ -312,7 +312,7 @@ def estimate(model, prompts, prompt_attn, completions, G, mask_id, micro, with_e
 
 def save_example(out_dir, step, row, b, canvases, inpainted_texts, correct, K, reward, adv, texts, hint_mask,
                  keep_hint, tokenizer):
-    """The first rescued group of the run, in full, for NOTES.md's worked example."""
+    # The first rescued group of the run, in full, for NOTES.md's worked example.
     G = reward.shape[1]
     rows = range(b * G, (b + 1) * G)
     example = {"question": row[0], "trace": row[1], "answer": row[2], "group": b,
@@ -325,7 +325,7 @@ def save_example(out_dir, step, row, b, canvases, inpainted_texts, correct, K, r
     with open(os.path.join(out_dir, "example.json"), "w") as f:
         json.dump(example, f, indent=1)
 def summarize(out_dir):
-    """Whole-run means from metrics.jsonl: the numbers the results tables of NOTES.md §10 report."""
+    # Whole-run means from metrics.jsonl: the numbers the results tables of NOTES.md §10 report.
     rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl")) if l.strip()]
     mean = lambda key, rs=rows: round(sum(r[key] for r in rs) / max(1, len(rs)), 4)
     quarters = [rows[len(rows) * k // 4:len(rows) * (k + 1) // 4] for k in range(4)]
@@ -363,7 +363,7 @@ def plot_run(out_dir, acc_before, acc_after):
 
 
 def test_accuracy(policy, tokenizer, args, amp):
-    """(records, accuracy) of greedy decoding on the first --limit embedded test questions."""
+    # (records, accuracy) of greedy decoding on the first --limit embedded test questions.
     with amp():
         return evaluate(policy, tokenizer, load_task("toy", limit=args.limit), "toy", args.gen_length,
                         args.block_length, args.diffusion_steps, early_exit=args.early_exit)

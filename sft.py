@@ -90,7 +90,7 @@ def get_args(argv=None):
 
 
 def fail(msg):
-    """Bad input ends the run with one line that names the problem, never a traceback."""
+    # Bad input ends the run with one line that names the problem, never a traceback.
     raise SystemExit(f"error: {msg}")
 
 
@@ -144,7 +144,7 @@ def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512, vocab_
 
 
 def toy_problem(rng, max_days=TOY_MAX_DAYS):
-    """One word problem: a start amount and one rule applied every day for n days (1 <= n <= max_days)."""
+    # One word problem: a start amount and one rule applied every day for n days (1 <= n <= max_days).
     # Each trace line needs only the line before it and the rule, which sits at a fixed place in the question,
     # so nothing has to be searched for in the prompt; n is the difficulty (one more line, one more chance to
     # slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one (~4x longer),
@@ -189,7 +189,7 @@ def toy_dataset(split, n, seed=0, traces="concise", max_days=TOY_MAX_DAYS):
 # Data for real runs: hub id or local JSON/JSONL, with the columns named by flags.
 
 def load_rows(dataset, split, columns, config=None):
-    """Load a dataset and check that the columns we need exist (one-line error otherwise)."""
+    # Load a dataset and check that the columns we need exist (one-line error otherwise).
     import datasets
     from datasets import load_dataset
     datasets.disable_progress_bars()  # keeps stderr for errors
@@ -212,14 +212,14 @@ def load_rows(dataset, split, columns, config=None):
 
 
 def make_prompt(tokenizer, question, toy):
-    """The chat-formatted prompt used identically by SFT, RL and evaluation."""
+    # The chat-formatted prompt used identically by SFT, RL and evaluation.
     content = question if toy else REASONING_PROMPT + question
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
 
 
 def encode_response(tokenizer, trace, gen_length):
-    """Eq. (2) length alignment: trace + <|eot_id|>, padded with EOS to exactly gen_length tokens."""
+    # Eq. (2) length alignment: trace + <|eot_id|>, padded with EOS to exactly gen_length tokens.
     # Returns None when the trace does not fit.
     # <|eot_id|> closes the turn as in LLaDA's chat format; the EOS tail after it is what "stop" looks like
     ids = tokenizer(trace, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids(EOT)]
@@ -229,7 +229,7 @@ def encode_response(tokenizer, trace, gen_length):
 
 
 def left_pad(seqs, pad_id):
-    """Left-pad token lists into (B, T) ids and attention mask; the right end is where generation happens."""
+    # Left-pad token lists into (B, T) ids and attention mask; the right end is where generation happens.
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -256,7 +256,7 @@ def precision_policy(name, device, frozen_base):
 
 
 def autocast(device, amp_dtype):
-    """The policy's compute precision as a context (nothing under fp32)."""
+    # The policy's compute precision as a context (nothing under fp32).
     return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
 
 
@@ -331,7 +331,7 @@ def enable_grad_ckpt(model):
 
 
 def lr_lambda(warmup, total):
-    """Linear warmup, then cosine decay to 10% of the peak."""
+    # Linear warmup, then cosine decay to 10% of the peak.
     return lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
 
 
@@ -339,7 +339,7 @@ def lr_lambda(warmup, total):
 # The objective.
 
 def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
-    """Eq. (2): masked-diffusion SFT loss on response tokens only."""
+    # Eq. (2): masked-diffusion SFT loss on response tokens only.
     # input_ids (B, T) = prompt ⊕ response; response_mask (B, T) is 1 on the gen_length response positions
     # (EOS padding included: learning where to stop is part of the task). Per sequence draw t ~ U(0,1),
     # mask each response token with probability p = (1-eps) t + eps, and score the masked ones with 1/p
@@ -358,7 +358,7 @@ def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
 
 
 def build_sft_data(args, tokenizer, toy):
-    """Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter)."""
+    # Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter).
     if toy:
         ds = toy_dataset("train", args.toy_size, args.seed, args.traces)
     else:
@@ -513,7 +513,7 @@ def init_distributed(device_name="auto"):
 
 
 def gather_objects(obj, world):
-    """The list of obj from every rank (just [obj] in a single process)."""
+    # The list of obj from every rank (just [obj] in a single process).
     if world == 1:
         return [obj]
     out = [None] * world
@@ -527,7 +527,7 @@ def barrier(world):
 
 
 def prepare_out_dir(out_dir, resume, overwrite):
-    """Recover from a save that was interrupted mid-swap, and refuse to clobber another run."""
+    # Recover from a save that was interrupted mid-swap, and refuse to clobber another run.
     old, tmp = out_dir + ".old", out_dir + ".tmp"
     if not os.path.exists(out_dir) and os.path.exists(old):
         os.rename(old, out_dir)  # killed between the two renames of save_checkpoint: the old one is intact
@@ -581,7 +581,7 @@ def set_rng_state(gen, s):
 
 
 def truncate_metrics(out_dir, step):
-    """On resume, drop metric lines written after the checkpoint (they will be written again)."""
+    # On resume, drop metric lines written after the checkpoint (they will be written again).
     path = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(path):
         lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
@@ -596,7 +596,7 @@ def log_metrics(out_dir, row):
 
 
 def open_run(args, rank, world):
-    """The saved state when --resume finds a checkpoint in --out_dir, else None (a fresh run)."""
+    # The saved state when --resume finds a checkpoint in --out_dir, else None (a fresh run).
     if rank == 0:
         prepare_out_dir(args.out_dir, args.resume, args.overwrite)
     barrier(world)
@@ -604,14 +604,14 @@ def open_run(args, rank, world):
 
 
 def load_adapter(model, out_dir):
-    """Resume a LoRA run: its saved adapter weights into the freshly wrapped model."""
+    # Resume a LoRA run: its saved adapter weights into the freshly wrapped model.
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     set_peft_model_state_dict(model, load_file(os.path.join(out_dir, "adapter_model.safetensors")))
 
 
 def restore(state, out_dir, opt, sched, gens, rank):
-    """Optimizer, schedule and every RNG stream as saved; returns (step, skipped)."""
+    # Optimizer, schedule and every RNG stream as saved; returns (step, skipped).
     opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
     set_rng_state(gens[0], state["rng"][rank])
     if len(gens) > 1:  # igpo's hint stream
@@ -623,7 +623,7 @@ def restore(state, out_dir, opt, sched, gens, rank):
 
 
 def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped, rank, world):
-    """Save weights + optimizer + every rank's RNG streams (gathered, so a resume continues each one)."""
+    # Save weights + optimizer + every rank's RNG streams (gathered, so a resume continues each one).
     state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": gather_objects(rng_state(gens[0]), world),
              "step": step, "skipped": skipped}
     if len(gens) > 1:
@@ -634,7 +634,7 @@ def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped, rank, wo
 
 
 def safe_step(opt, params, grad_clip, bad_in_a_row, finite=True):
-    """Clip and step, or skip a non-finite update; returns (grad norm, non-finite updates in a row)."""
+    # Clip and step, or skip a non-finite update; returns (grad norm, non-finite updates in a row).
     # clip_grad_norm_ returns the norm before clipping: inf/nan there means some gradient is not finite
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     bad_in_a_row = 0 if finite and torch.isfinite(gnorm) else bad_in_a_row + 1
@@ -647,7 +647,7 @@ def safe_step(opt, params, grad_clip, bad_in_a_row, finite=True):
 
 
 def over_ranks(means, counts, world, device):
-    """Under torchrun, means averaged and counts summed over ranks; as they are in one process."""
+    # Under torchrun, means averaged and counts summed over ranks; as they are in one process.
     if world == 1:
         return means, counts
     vals = torch.tensor(list(means.values()) + list(counts.values()), dtype=torch.float64, device=device)
@@ -656,7 +656,7 @@ def over_ranks(means, counts, world, device):
 
 
 def log_line(row, keys):
-    """The printed line of both trainers, `step 12 | loss 0.41 | ...` (fields: NOTES.md §5)."""
+    # The printed line of both trainers, `step 12 | loss 0.41 | ...` (fields: NOTES.md §5).
     return " | ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys)
 
 if __name__ == "__main__":
