@@ -193,18 +193,14 @@ def load_rows(dataset, split, columns, config=None):
     import datasets
     from datasets import load_dataset
     datasets.disable_progress_bars()  # keeps stderr for errors
-    if dataset.endswith((".json", ".jsonl")):
-        if not os.path.exists(dataset):
-            fail(f"dataset file not found: {dataset}")
-        try:
-            ds = load_dataset("json", data_files=dataset, split="train")
-        except Exception as e:  # malformed JSON surfaces as a deep datasets traceback otherwise
-            fail(f"could not read {dataset} as JSON/JSONL: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    else:
-        try:
-            ds = load_dataset(dataset, config, split=split)
-        except Exception as e:
-            fail(f"could not load dataset '{dataset}' (split {split}): {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    local = dataset.endswith((".json", ".jsonl"))
+    if local and not os.path.exists(dataset):
+        fail(f"dataset file not found: {dataset}")
+    try:
+        ds = load_dataset("json", data_files=dataset, split="train") if local else load_dataset(dataset, config, split=split)
+    except Exception as e:  # malformed JSON or a bad hub id surfaces as a deep datasets traceback otherwise
+        what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
+        fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         fail(f"dataset {dataset} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
@@ -240,7 +236,7 @@ def left_pad(seqs, pad_id):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model loading and atomic checkpoints, shared by the three scripts.
+# Model loading and precision, shared by the three scripts.
 
 
 def precision_policy(name, device, frozen_base):
@@ -330,11 +326,6 @@ def enable_grad_ckpt(model):
     model.gradient_checkpointing_enable()
 
 
-def lr_lambda(warmup, total):
-    # Linear warmup, then cosine decay to 10% of the peak.
-    return lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The objective.
 
@@ -365,14 +356,10 @@ def build_sft_data(args, tokenizer, toy):
         ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
         if args.rewrite_model:
             ds = rewrite_traces(ds, args)
-    rows, dropped = [], 0  # length alignment (Eq. (2)): a trace longer than L is dropped, never truncated
-    for q, trace in zip(ds[args.question_col], ds[args.trace_col]):
-        resp = encode_response(tokenizer, str(trace), args.gen_length)
-        if resp is None:
-            dropped += 1
-            continue
-        rows.append((tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids, resp))
-    print(f"data: {len(rows)} traces fit gen_length={args.gen_length}, {dropped} longer ones dropped")
+    # length alignment (Eq. (2)): a trace longer than L is dropped (None), never truncated
+    pairs = [(q, encode_response(tokenizer, str(t), args.gen_length)) for q, t in zip(ds[args.question_col], ds[args.trace_col])]
+    rows = [(tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids, r) for q, r in pairs if r is not None]
+    print(f"data: {len(rows)} traces fit gen_length={args.gen_length}, {len(pairs) - len(rows)} longer ones dropped")
     if not rows:
         fail(f"no trace fits --gen_length {args.gen_length}; raise it or use shorter (--traces concise) traces")
     return rows
@@ -383,9 +370,8 @@ def rewrite_traces(ds, args):
     # cached line by line in a JSONL so an interrupted rewrite continues where it stopped.
     from transformers import AutoModelForCausalLM, AutoTokenizer
     instruction = "Rewrite this solution as a concise step-by-step derivation that keeps the final answer:\n\n"
-    cache = {}
-    if os.path.exists(args.rewrite_cache):
-        cache = {r["source"]: r["rewritten"] for r in map(json.loads, open(args.rewrite_cache))}
+    cache = {r["source"]: r["rewritten"] for r in map(json.loads, open(args.rewrite_cache))} \
+        if os.path.exists(args.rewrite_cache) else {}
     tok = AutoTokenizer.from_pretrained(args.rewrite_model)
     lm = AutoModelForCausalLM.from_pretrained(args.rewrite_model)
     os.makedirs(os.path.dirname(args.rewrite_cache) or ".", exist_ok=True)
@@ -437,7 +423,10 @@ def main(argv=None):
 
     # ---- optimizer
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, args.max_steps))
+    # linear warmup, then cosine decay to 10% of the peak
+    W, T = args.warmup_steps, args.max_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / W if s < W else
+                                              0.1 + 0.45 * (1 + math.cos(math.pi * (s - W) / max(1, T - W))))
     # skipped: non-finite updates so far (logged); bad: how many of the latest updates in a row were non-finite
     step, skipped, bad = restore(state, args.out_dir, opt, sched, [gen], rank) + (0,) if state else (0, 0, 0)
 
@@ -489,19 +478,15 @@ def main(argv=None):
 # Run machinery: skip on first reading. Atomic checkpoints, exact resume, torchrun. Each trainer calls it in
 # three places: open_run (before the model), restore (after the optimizer), checkpoint (in the loop).
 
-def pick_device(name="auto"):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def init_distributed(device_name="auto"):
     # (rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
     # process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0.
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
     if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_name)
+        return 0, 1, device
     import torch.distributed as dist
-    device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -514,10 +499,9 @@ def init_distributed(device_name="auto"):
 
 def gather_objects(obj, world):
     # The list of obj from every rank (just [obj] in a single process).
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
+    out = [obj] * world
+    if world > 1:
+        torch.distributed.all_gather_object(out, obj)
     return out
 
 
@@ -548,9 +532,8 @@ def prepare_out_dir(out_dir, resume, overwrite):
 def save_checkpoint(out_dir, model, tokenizer, args, state):
     # Write the whole checkpoint to out_dir.tmp, then swap it in with two renames, so an interrupted save
     # never damages the last good checkpoint. The folder loads with load_model() / the Auto classes.
-    for p in model.parameters():
-        if not torch.isfinite(p).all():
-            fail("model weights are not finite; refusing to save over the last good checkpoint")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        fail("model weights are not finite; refusing to save over the last good checkpoint")
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -574,18 +557,6 @@ def load_state(out_dir):
 
 def rng_state(gen):
     return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(gen, s):
-    torch.set_rng_state(s["torch"]); gen.set_state(s["gen"]); random.setstate(s["python"])
-
-
-def truncate_metrics(out_dir, step):
-    # On resume, drop metric lines written after the checkpoint (they will be written again).
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
-        open(path, "w").writelines(lines)
 
 
 def log_metrics(out_dir, row):
@@ -613,11 +584,14 @@ def load_adapter(model, out_dir):
 def restore(state, out_dir, opt, sched, gens, rank):
     # Optimizer, schedule and every RNG stream as saved; returns (step, skipped).
     opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-    set_rng_state(gens[0], state["rng"][rank])
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["torch"]); gens[0].set_state(rng["gen"]); random.setstate(rng["python"])
     if len(gens) > 1:  # igpo's hint stream
         gens[1].set_state(state["hint_gen"][rank])
-    if rank == 0:
-        truncate_metrics(out_dir, state["step"])
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if rank == 0 and os.path.exists(path):  # metric lines written after the checkpoint will be written again
+        lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= state["step"]]
+        open(path, "w").writelines(lines)
     print(f"resumed {out_dir} at step {state['step']}")
     return state["step"], state["skipped"]
 
