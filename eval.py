@@ -35,7 +35,7 @@ from fractions import Fraction
 import torch
 
 from sft import (EOS, EOT, MASK, PRECISION_HELP, PRECISIONS, autocast, describe_precision, fail, init_distributed,
-                 load_model, make_prompt, precision_policy, toy_dataset)
+                 load_model, load_rows, make_prompt, precision_policy, toy_dataset)
 
 NEG_INF = float("-inf")
 
@@ -378,11 +378,8 @@ DEFAULTS = {"toy": (48, 8, 500), "gsm8k": (256, 32, 0), "math500": (256, 32, 0),
             "minerva": (256, 32, 0)}  # task: (gen_length, block_length, limit)
 
 
-def load_task(task, data="", limit=0, seed=0):
-    # [(question, gold answer)] for a benchmark.
-    from sft import load_rows
-    if task not in DEFAULTS:
-        fail(f"unknown task '{task}' (choose from {', '.join(DEFAULTS)})")
+def load_task(task, data="", limit=0):
+    # [(question, gold answer)] for a benchmark; main() checks the task name, once
     if task == "toy":
         ds = toy_dataset("test", limit or DEFAULTS["toy"][2], seed=0)
         return list(zip(ds["question"], ds["answer"]))
@@ -403,7 +400,7 @@ def equal_length_batches(lengths, size):
 
 
 def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, temperature=0.0, num_samples=1,
-             batch_size=64, generator=None, show=False, progress=True, early_exit=True):
+             batch_size=64, generator=None, show=False, early_exit=True):
     # Generate num_samples answers per question and grade them. Returns (records, accuracy). Under torchrun
     # each rank takes every world-th question and the records are gathered back into the original order.
     from tqdm import tqdm
@@ -417,7 +414,7 @@ def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, tem
     was_training = model.training
     model.eval()
     for rows in tqdm(equal_length_batches(map(len, prompts), batch_size), desc=f"eval {task}",
-                     disable=not progress or rank or None):
+                     disable=rank or None):
         ids = torch.tensor([prompts[i] for i in rows], device=device)  # (b, P): no padding, batch-invariant
         out = generate(model, ids, gen_length, block_length, steps, temperature, mask_id,
                        attention_mask=torch.ones_like(ids), generator=generator,
@@ -517,7 +514,7 @@ def main(argv=None):
         if model_path is None:
             fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
         rank, world, device = init_distributed(args.device)  # under torchrun, questions are sharded over ranks
-        items = load_task(args.task, args.data, args.limit, args.seed)
+        items = load_task(args.task, args.data, args.limit)
         dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained here
         model, tokenizer = load_model(model_path, args.trust_remote_code, device, dtype)
         print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "

@@ -369,6 +369,15 @@ def test_accuracy(policy, tokenizer, args, amp):
                         args.block_length, args.diffusion_steps, early_exit=args.early_exit)
 
 
+def mean_over_ranks(means, counts, world, device):
+    # Under torchrun, means averaged and counts summed over ranks; as they are in one process.
+    if world == 1:
+        return means, counts
+    vals = torch.tensor(list(means.values()) + list(counts.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(vals)
+    return dict(zip(means, (vals[:len(means)] / world).tolist())), dict(zip(counts, vals[len(means):].long().tolist()))
+
+
 LOGGED = ["step", "loss", "reward", "all_wrong", "all_wrong_after", "kl", "skipped", "seconds"]  # NOTES.md §5
 
 
@@ -497,7 +506,7 @@ def main(argv=None):
         means = {"reward": own_reward, "all_wrong": len(all_wrong) / B, "all_wrong_after": (len(all_wrong) - len(rescued)) / B,
                  "hint_frac": ((hint_mask & loss_mask).sum() / loss_mask.sum().clamp(min=1)).item(),
                  "entropy": entropy.mean().item(), "loss": stats[0].item(), "kl": stats[1].item(), "clip_frac": stats[2].item()}
-        means, counts = sft.over_ranks(means, {"inpainted_groups": len(groups), "replaced": sum(Ks)}, world, device)
+        means, counts = mean_over_ranks(means, {"inpainted_groups": len(groups), "replaced": sum(Ks)}, world, device)
         row = {"step": step, **{k: round(v, 5) for k, v in means.items()}, **counts, "skipped": skipped,
                "seconds": round(time.time() - t0, 2)}
         if rank == 0:

@@ -219,19 +219,14 @@ def encode_response(tokenizer, trace, gen_length):
     # Returns None when the trace does not fit.
     # <|eot_id|> closes the turn as in LLaDA's chat format; the EOS tail after it is what "stop" looks like
     ids = tokenizer(trace, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids(EOT)]
-    if len(ids) > gen_length:
-        return None
-    return ids + [tokenizer.eos_token_id] * (gen_length - len(ids))
+    return ids + [tokenizer.eos_token_id] * (gen_length - len(ids)) if len(ids) <= gen_length else None
 
 
 def left_pad(seqs, pad_id):
     # Left-pad token lists into (B, T) ids and attention mask; the right end is where generation happens.
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        attn[i, T - len(s):] = 1
+    ids = torch.tensor([[pad_id] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long)  # (B, T)
+    attn = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)  # (B, T)
     return ids, attn
 
 
@@ -319,8 +314,7 @@ def add_lora(model, r, alpha, dropout=0.05):
 def enable_grad_ckpt(model):
     inner = getattr(model, "model", None)
     if hasattr(inner, "set_activation_checkpointing"):  # LLaDA (OLMo code): its own switch, no HF flag
-        inner.set_activation_checkpointing("whole_layer")  # recompute every block in backward
-        return
+        return inner.set_activation_checkpointing("whole_layer")  # recompute every block in backward
     if not getattr(model, "supports_gradient_checkpointing", False):
         fail(f"--grad_ckpt: {type(model).__name__} does not support gradient checkpointing")
     model.gradient_checkpointing_enable()
@@ -375,18 +369,16 @@ def rewrite_traces(ds, args):
     tok = AutoTokenizer.from_pretrained(args.rewrite_model)
     lm = AutoModelForCausalLM.from_pretrained(args.rewrite_model)
     os.makedirs(os.path.dirname(args.rewrite_cache) or ".", exist_ok=True)
-    out = []
     with open(args.rewrite_cache, "a") as f:
         for trace in ds[args.trace_col]:
-            if trace not in cache:
+            if trace not in cache:  # each distinct trace is rewritten once, ever
                 enc = tok(instruction + trace, return_tensors="pt")
                 # gen_length - 1 leaves room for the end-of-turn token when the two tokenizers agree
                 gen = lm.generate(**enc, max_new_tokens=args.gen_length - 1, do_sample=False,
                                   pad_token_id=tok.eos_token_id)
                 cache[trace] = tok.decode(gen[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip()
                 f.write(json.dumps({"source": trace, "rewritten": cache[trace]}) + "\n")
-            out.append(cache[trace])
-    return ds.remove_columns(args.trace_col).add_column(args.trace_col, out)
+    return ds.remove_columns(args.trace_col).add_column(args.trace_col, [cache[t] for t in ds[args.trace_col]])
 
 
 def main(argv=None):
@@ -618,15 +610,6 @@ def safe_step(opt, params, grad_clip, bad_in_a_row, finite=True):
         fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
     opt.zero_grad(set_to_none=True)
     return gnorm, bad_in_a_row
-
-
-def over_ranks(means, counts, world, device):
-    # Under torchrun, means averaged and counts summed over ranks; as they are in one process.
-    if world == 1:
-        return means, counts
-    vals = torch.tensor(list(means.values()) + list(counts.values()), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(vals)
-    return dict(zip(means, (vals[:len(means)] / world).tolist())), dict(zip(counts, vals[len(means):].long().tolist()))
 
 
 def log_line(row, keys):
