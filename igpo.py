@@ -362,11 +362,25 @@ def plot_run(out_dir, acc_before, acc_after):
 
 
 
-def test_accuracy(policy, tokenizer, args, amp):
-    # (records, accuracy) of greedy decoding on the first --limit embedded test questions.
+def test_accuracy(policy, tokenizer, args, amp, when, rank):
+    # Greedy accuracy on the first --limit embedded test questions, saved per question in eval_<when>.json so
+    # that runs can be compared paired (eval.py --compare A B).
     with amp():
-        return evaluate(policy, tokenizer, load_task("toy", limit=args.limit), "toy", args.gen_length,
-                        args.block_length, args.diffusion_steps, early_exit=args.early_exit)
+        records, acc = evaluate(policy, tokenizer, load_task("toy", limit=args.limit), "toy", args.gen_length,
+                                args.block_length, args.diffusion_steps, early_exit=args.early_exit)
+    print(f"accuracy {when} RL: {100 * acc:.1f}% on {len(records)} test questions")
+    if rank == 0:
+        write_json(os.path.join(args.out_dir, f"eval_{when}.json"), {"generations": records})
+    return acc
+
+
+def finish(out_dir, acc_before, acc_after, n):
+    # The run's summary (eval.json, printed) and its curves.
+    summary = {"accuracy_before": acc_before, "accuracy_after": acc_after, "n": n, **summarize(out_dir)}
+    write_json(os.path.join(out_dir, "eval.json"), summary)
+    print("run summary: " + json.dumps(summary))
+    plot_run(out_dir, acc_before, acc_after)
+    print(f"curves: {os.path.join(out_dir, 'curves.png')}")
 
 
 def mean_over_ranks(means, counts, world, device):
@@ -389,7 +403,7 @@ def main(argv=None):
     gen = torch.Generator(device).manual_seed(args.seed + 1000 * rank)
     hint_gen = torch.Generator().manual_seed(args.seed + 1000 * rank + 1)
     if args.model == "out/sft" and not os.path.isdir("out/sft"):  # the default pipeline is SFT, then RL
-        print("out/sft not found: running SFT first, as `python sft.py` would (~15 min on 2 CPU cores)")
+        print("out/sft not found: running `python sft.py` (SFT with its defaults) first, then RL from its output")
         sft.main([])
     if not os.path.isdir(args.model) and os.path.exists(args.model):
         fail(f"--model {args.model} is not a checkpoint folder")
@@ -430,12 +444,7 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
     step, skipped, bad = sft.restore(state, args.out_dir, opt, sched, [gen, hint_gen], rank) + (0,) if state else (0, 0, 0)
 
-    acc_before = None
-    if args.limit and toy and not state:
-        records, acc_before = test_accuracy(policy, tokenizer, args, amp)
-        print(f"accuracy before RL: {100 * acc_before:.1f}% on {len(records)} test questions")
-        if rank == 0:  # per question, so that methods can be compared paired: eval.py --compare A B
-            write_json(os.path.join(args.out_dir, "eval_before.json"), {"generations": records})
+    acc_before = test_accuracy(policy, tokenizer, args, amp, "before", rank) if args.limit and toy and not state else None
 
     from tqdm import tqdm
     bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None if rank == 0 else True)
@@ -523,17 +532,9 @@ def main(argv=None):
     bar.close()
 
     if args.limit and toy:
-        records, acc_after = test_accuracy(policy, tokenizer, args, amp)
-        before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
-        print(f"accuracy on {len(records)} test questions: {before}{100 * acc_after:.1f}%")
+        acc_after = test_accuracy(policy, tokenizer, args, amp, "after", rank)
         if rank == 0:
-            summary = {"accuracy_before": acc_before, "accuracy_after": acc_after, "n": len(records),
-                       **summarize(args.out_dir)}
-            write_json(os.path.join(args.out_dir, "eval.json"), summary)
-            write_json(os.path.join(args.out_dir, "eval_after.json"), {"generations": records})
-            print("run summary: " + json.dumps(summary))
-            plot_run(args.out_dir, acc_before, acc_after)
-            print(f"curves: {os.path.join(args.out_dir, 'curves.png')}")
+            finish(args.out_dir, acc_before, acc_after, args.limit)
 
 
 if __name__ == "__main__":
