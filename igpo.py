@@ -427,10 +427,8 @@ def main(argv=None):
     if args.grad_ckpt:
         sft.enable_grad_ckpt(model)
     if args.lora_r:
-        model = sft.add_lora(model, args.lora_r, args.lora_alpha)
-    if state and args.lora_r:
-        sft.load_adapter(model, args.out_dir)
-    elif state:
+        model = sft.add_lora(model, args.lora_r, args.lora_alpha, resume_dir=args.out_dir if state else None)
+    elif state:  # a resumed full run: its trained weights (the frozen reference above keeps the initial ones)
         model.load_state_dict(load_model(args.out_dir, args.trust_remote_code, device, dtype)[0].state_dict())
     policy = model  # rollouts and no-grad passes use the bare model; gradients go through the DDP wrapper
     ref_model = policy if ref_model is None else ref_model  # pi_ref: used only when beta > 0

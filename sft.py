@@ -296,7 +296,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", 
                 "Wqkv", "Wo", "Wi"]  # ModernBERT (the embedded model)
 
 
-def add_lora(model, r, alpha, dropout=0.05):
+def add_lora(model, r, alpha, resume_dir=None, dropout=0.05):
     # Wrap the model with LoRA adapters on whichever of the known projection names it has, never on the
     # vocabulary head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464, 16.7 M
     # adapter parameters at r = 128) and neither the paper nor the official code adapts it.
@@ -307,8 +307,13 @@ def add_lora(model, r, alpha, dropout=0.05):
     if not targets:
         fail(f"--lora_r: none of the LoRA target modules {LORA_TARGETS} exist in this model")
     exclude = [n for n, m in model.named_modules() if m is head]
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                            exclude_modules=exclude or None))
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                             exclude_modules=exclude or None))
+    if resume_dir:  # a resumed LoRA run: its saved adapter weights
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        set_peft_model_state_dict(model, load_file(os.path.join(resume_dir, "adapter_model.safetensors")))
+    return model
 
 
 def enable_grad_ckpt(model):
@@ -402,9 +407,7 @@ def main(argv=None):
     if args.grad_ckpt:
         enable_grad_ckpt(model)
     if args.lora_r:
-        model = add_lora(model, args.lora_r, args.lora_alpha)
-        if state:
-            load_adapter(model, args.out_dir)
+        model = add_lora(model, args.lora_r, args.lora_alpha, resume_dir=args.out_dir if state else None)
     raw_model = model  # the unwrapped model is what gets saved, whatever wraps it for training
     if world > 1:  # gradients are averaged over ranks inside backward()
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -467,8 +470,9 @@ def main(argv=None):
 
 
 # ==========================================================================================================
-# Run machinery: skip on first reading. Atomic checkpoints, exact resume, torchrun. Each trainer calls it in
-# three places: open_run (before the model), restore (after the optimizer), checkpoint (in the loop).
+# Run machinery: skip on first reading. Atomic checkpoints, exact resume, torchrun, non-finite updates, the
+# metrics file. sft.py and igpo.py call it with one line each: init_distributed (first), open_run (before the
+# model), restore (after the optimizer), safe_step (each update), log_metrics and checkpoint (in the loop).
 
 def init_distributed(device_name="auto"):
     # (rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
@@ -564,13 +568,6 @@ def open_run(args, rank, world):
         prepare_out_dir(args.out_dir, args.resume, args.overwrite)
     barrier(world)
     return load_state(args.out_dir) if args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt")) else None
-
-
-def load_adapter(model, out_dir):
-    # Resume a LoRA run: its saved adapter weights into the freshly wrapped model.
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    set_peft_model_state_dict(model, load_file(os.path.join(out_dir, "adapter_model.safetensors")))
 
 
 def restore(state, out_dir, opt, sched, gens, rank):
