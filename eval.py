@@ -1,11 +1,10 @@
-"""
-The diffusion sampler (with inpainting) and benchmark evaluation.
-
-    python eval.py                                  # evaluates out/igpo (else out/sft) on the embedded test split
-    python eval.py --model out/sft --show --limit 1 # watch one canvas being denoised
-    python eval.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --task gsm8k --gen_length 256
-    python eval.py --grade generations.json --task gsm8k   # re-grade a saved file, no model needed
-"""
+"""The diffusion sampler (with inpainting) and benchmark evaluation."""
+# Run it:
+#   python eval.py                                  # evaluates out/igpo (else out/sft) on the embedded test split
+#   python eval.py --model out/sft --show --limit 1 # watch one canvas being denoised
+#   python eval.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --task gsm8k --gen_length 256
+#   python eval.py --grade generations.json --task gsm8k   # re-grade a saved file, no model needed
+#
 # A masked diffusion LM writes its answer by starting from a canvas of mask tokens and, step by step, committing
 # the tokens it is most confident about (LLaDA's low-confidence remasking, NOTES.md §4). The canvas is cut into
 # blocks that are filled left to right (semi-autoregressive decoding); inside a block the order is free.
@@ -34,7 +33,7 @@ from fractions import Fraction
 
 import torch
 
-from sft import (EOS, EOT, MASK, PRECISION_HELP, PRECISIONS, autocast, describe_precision, fail, init_distributed,
+from sft import (EOS, EOT, MASK, PRECISION_HELP, PRECISIONS, autocast, fail, init_distributed,
                  load_model, load_rows, make_prompt, precision_policy, toy_dataset)
 
 NEG_INF = float("-inf")
@@ -515,11 +514,11 @@ def main(argv=None):
             fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
         rank, world, device = init_distributed(args.device)  # under torchrun, questions are sharded over ranks
         items = load_task(args.task, args.data, args.limit)
-        dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained here
+        dtype, amp_dtype, precision = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained
         model, tokenizer = load_model(model_path, args.trust_remote_code, device, dtype)
         print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "
               f"L={gen_length} block={block_length} steps={steps} T={args.temperature} | "
-              + describe_precision(dtype, amp_dtype))
+              + precision)
         gen = torch.Generator(device).manual_seed(args.seed + rank)
         t0 = time.time()
         with autocast(device, amp_dtype):

@@ -1,15 +1,14 @@
-"""
-IGPO: Inpainting-Guided Policy Optimization for masked diffusion language models (Zhao et al. 2025).
-
-    python igpo.py                                  # embedded task; runs `python sft.py` first if out/sft is missing
-    python igpo.py --no_inpaint                     # plain GRPO baseline
-    python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
-    # paper scale, one GPU (README has the full command):
-    python igpo.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
-        --metamath_official --question_col query --trace_col response --gen_length 256 --block_length 32 \
-        --diffusion_steps 128 --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 \
-        --grad_accum 64 --gen_batch 64
-"""
+"""IGPO: Inpainting-Guided Policy Optimization for masked diffusion language models (Zhao et al. 2025)."""
+# Run it:
+#   python igpo.py                                  # embedded task; runs `python sft.py` first if out/sft is missing
+#   python igpo.py --no_inpaint                     # plain GRPO baseline
+#   python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
+#   paper scale, one GPU (README has the full command):
+#   python igpo.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
+#       --metamath_official --question_col query --trace_col response --gen_length 256 --block_length 32 \
+#       --diffusion_steps 128 --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 \
+#       --grad_accum 64 --gen_batch 64
+#
 # What it does. GRPO learns only from groups whose samples disagree: if all G answers to a prompt are wrong,
 # every advantage is zero (Eq. (4)) and the prompt is wasted. A masked diffusion LM can *inpaint*: generate
 # with some answer positions fixed in advance. IGPO uses this on exactly those groups. It reveals fragments of
@@ -416,8 +415,8 @@ def main(argv=None):
     G = args.num_generations
 
     # ---- model: the policy, and the reference pi_ref of the KL term
-    dtype, amp_dtype = sft.precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
-    print(sft.describe_precision(dtype, amp_dtype, args.lora_r > 0))
+    dtype, amp_dtype, precision = sft.precision_policy(args.precision, device, args.lora_r > 0, lora=args.lora_r > 0)
+    print(precision)
     amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
     model, tokenizer = load_model(args.model, args.trust_remote_code, device, dtype)
     mask_id = tokenizer.convert_tokens_to_ids(MASK)

@@ -1,12 +1,11 @@
-"""
-Length-aligned supervised fine-tuning (SFT) of a masked diffusion language model.
-
-    python sft.py                                   # embedded model + task, ~15 min on 2 CPU cores -> out/sft
-    python sft.py --traces verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
-    # paper scale (one GPU; see README for the full command):
-    python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
-        --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5
-"""
+"""Length-aligned supervised fine-tuning (SFT) of a masked diffusion language model."""
+# Run it:
+#   python sft.py                                   # embedded model + task, ~15 min on 2 CPU cores -> out/sft
+#   python sft.py --traces verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
+#   paper scale (one GPU; see README for the full command):
+#   python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
+#       --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5
+#
 # Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the prompt
 # stays clean, every response token is replaced by the mask token with probability t, and the model is trained
 # to predict the originals (Eq. (2)). Each response is padded with EOS to exactly the generation length that RL
@@ -32,7 +31,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 # Special tokens, spelled as in LLaDA-8B-Instruct so that one code path serves both models.
 EOS, BOS, MASK, EOT = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot_id|>"
@@ -191,13 +189,13 @@ def toy_dataset(split, n, seed=0, traces="concise", max_days=TOY_MAX_DAYS):
 def load_rows(dataset, split, columns, config=None):
     # Load a dataset and check that the columns we need exist (one-line error otherwise).
     import datasets
-    from datasets import load_dataset
     datasets.disable_progress_bars()  # keeps stderr for errors
     local = dataset.endswith((".json", ".jsonl"))
     if local and not os.path.exists(dataset):
         fail(f"dataset file not found: {dataset}")
     try:
-        ds = load_dataset("json", data_files=dataset, split="train") if local else load_dataset(dataset, config, split=split)
+        ds = datasets.load_dataset("json", data_files=dataset, split="train") if local else \
+            datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # malformed JSON or a bad hub id surfaces as a deep datasets traceback otherwise
         what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
         fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -209,9 +207,8 @@ def load_rows(dataset, split, columns, config=None):
 
 def make_prompt(tokenizer, question, toy):
     # The chat-formatted prompt used identically by SFT, RL and evaluation.
-    content = question if toy else REASONING_PROMPT + question
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    return tokenizer.apply_chat_template([{"role": "user", "content": question if toy else REASONING_PROMPT + question}],
+                                         add_generation_prompt=True, tokenize=False)
 
 
 def encode_response(tokenizer, trace, gen_length):
@@ -234,29 +231,25 @@ def left_pad(seqs, pad_id):
 # Model loading and precision, shared by the three scripts.
 
 
-def precision_policy(name, device, frozen_base):
-    # (dtype the weights are loaded in, autocast dtype or None). bf16 computes under autocast but keeps every
-    # trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp of most weights at the
-    # learning rates in use, so bf16 weights would mostly not move at all. Weights nothing updates (a frozen LoRA
-    # base, evaluation) are stored in bf16, which halves their memory; peft keeps the adapters fp32 on it.
+def precision_policy(name, device, frozen_base, lora=False):
+    # (dtype the weights are loaded in, autocast dtype or None, the line each script prints). bf16 computes under
+    # autocast but keeps every trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp
+    # of most weights at the learning rates in use, so bf16 weights would mostly not move at all. Weights nothing
+    # updates (a frozen LoRA base, evaluation) are stored in bf16, which halves their memory; peft keeps the
+    # adapters fp32 on it.
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
-    if name == "fp32":
-        return torch.float32, None
-    return (torch.bfloat16 if frozen_base else torch.float32), torch.bfloat16
+    dtype = torch.bfloat16 if name == "bf16" and frozen_base else torch.float32
+    amp_dtype = torch.bfloat16 if name == "bf16" else None
+    # the printed line, e.g. 'precision: weights bfloat16 + LoRA float32, compute bfloat16 autocast'
+    n = lambda t: str(t).replace("torch.", "")
+    return dtype, amp_dtype, (f"precision: weights {n(dtype)}" + (" + LoRA float32" if lora else "")
+                              + (f", compute {n(amp_dtype)} autocast" if amp_dtype else f", compute {n(dtype)}"))
 
 
 def autocast(device, amp_dtype):
     # The policy's compute precision as a context (nothing under fp32).
     return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
-
-
-def describe_precision(dtype, amp_dtype, lora=False):
-    # The line each script prints at start, e.g. 'precision: weights bfloat16 + LoRA float32, compute bfloat16
-    # autocast'.
-    name = lambda t: str(t).replace("torch.", "")
-    return (f"precision: weights {name(dtype)}" + (" + LoRA float32" if lora else "")
-            + (f", compute {name(amp_dtype)} autocast" if amp_dtype else f", compute {name(dtype)}"))
 
 
 def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
@@ -271,12 +264,11 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
         from peft import PeftModel
         base = json.load(open(os.path.join(name, "adapter_config.json")))["base_model_name_or_path"]
         model, _ = load_model(base, trust_remote_code, device, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
         model = PeftModel.from_pretrained(model, name).merge_and_unload()
         # an adapter trained on top of this model must name THIS folder as its base, not the raw base: that is
         # how loading an IGPO adapter brings the merged SFT adapter back with it (SFT -> IGPO -> eval chain)
         model.name_or_path = name
-        return model, tokenizer
+        return model, AutoTokenizer.from_pretrained(name)
     if not os.path.isdir(name) and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
         fail(f"model not found: '{name}' is neither a checkpoint folder nor a hub id (org/name)")
     try:
@@ -341,7 +333,7 @@ def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
     masked = (torch.rand(B, T, device=input_ids.device, generator=gen) < p) & response_mask.bool()  # (B, T)
     noisy = torch.where(masked, mask_id, input_ids)  # x_t of Eq. (1), restricted to the response
     logits = model(noisy, attention_mask=attention_mask).logits  # (B, T, V)
-    token_nll = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (n_masked,)
+    token_nll = torch.nn.functional.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (n_masked,)
     # 1/p undoes the masking rate (Eq. (1)): without it low-t samples, with few masked tokens, would barely count
     weight = 1.0 / (p.expand(B, T)[masked] * response_mask.sum(1, keepdim=True).expand(B, T)[masked])
     return (token_nll * weight).sum() / B
@@ -349,12 +341,10 @@ def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
 
 def build_sft_data(args, tokenizer, toy):
     # Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter).
-    if toy:
-        ds = toy_dataset("train", args.toy_size, args.seed, args.traces)
-    else:
-        ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
-        if args.rewrite_model:
-            ds = rewrite_traces(ds, args)
+    ds = toy_dataset("train", args.toy_size, args.seed, args.traces) if toy else \
+        load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
+    if args.rewrite_model and not toy:
+        ds = rewrite_traces(ds, args)
     # length alignment (Eq. (2)): a trace longer than L is dropped (None), never truncated
     pairs = [(q, encode_response(tokenizer, str(t), args.gen_length)) for q, t in zip(ds[args.question_col], ds[args.trace_col])]
     rows = [(tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids, r) for q, r in pairs if r is not None]
@@ -390,15 +380,14 @@ def main(argv=None):
     args = get_args(argv)
     # ---- device and RNG: every random draw of the run comes from `gen` (the model's init: the global RNG)
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
-    dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
+    dtype, amp_dtype, precision = precision_policy(args.precision, device, args.lora_r > 0, lora=args.lora_r > 0)
     torch.manual_seed(args.seed)
     gen = torch.Generator(device).manual_seed(args.seed + rank)
     state = open_run(args, rank, world)  # None unless --resume finds a checkpoint
 
     # ---- data: the tokenizer alone builds it, so bad data fails before a large model is loaded
-    toy = args.dataset == "toy"
     tokenizer = load_model(args.model, args.trust_remote_code, "cpu")[1] if args.model != "toy" else build_toy_tokenizer()
-    rows = build_sft_data(args, tokenizer, toy)  # [(prompt ids, response ids of length L)]
+    rows = build_sft_data(args, tokenizer, args.dataset == "toy")  # [(prompt ids, response ids of length L)]
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
 
     # ---- model (a resumed full model comes back from --out_dir in the same dtype; LoRA reloads its adapter)
@@ -413,15 +402,13 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"model: {args.model} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | "
-          + describe_precision(dtype, amp_dtype, args.lora_r > 0))
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | {precision}")
 
     # ---- optimizer
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    # linear warmup, then cosine decay to 10% of the peak
-    W, T = args.warmup_steps, args.max_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / W if s < W else
-                                              0.1 + 0.45 * (1 + math.cos(math.pi * (s - W) / max(1, T - W))))
+    # linear warmup over W steps, then cosine decay to 10% of the peak at step T
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, W=args.warmup_steps, T=args.max_steps: (s + 1) / W if s < W
+                                              else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - W) / max(1, T - W))))
     # skipped: non-finite updates so far (logged); bad: how many of the latest updates in a row were non-finite
     step, skipped, bad = restore(state, args.out_dir, opt, sched, [gen], rank) + (0,) if state else (0, 0, 0)
 
@@ -465,8 +452,7 @@ def main(argv=None):
         if step % args.save_every == 0 or step == args.max_steps:
             checkpoint(args, raw_model, tokenizer, opt, sched, [gen], step, skipped, rank, world)
     bar.close()
-    if rank == 0:
-        print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")
+    print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")  # rank 0 only: the others print to /dev/null
 
 
 # ==========================================================================================================
@@ -477,9 +463,7 @@ def main(argv=None):
 def init_distributed(device_name="auto"):
     # (rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
     # process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0.
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = torch.device(device_name if device_name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ:
         return 0, 1, device
     import torch.distributed as dist
@@ -501,18 +485,13 @@ def gather_objects(obj, world):
     return out
 
 
-def barrier(world):
-    if world > 1:
-        torch.distributed.barrier()
-
-
 def prepare_out_dir(out_dir, resume, overwrite):
     # Recover from a save that was interrupted mid-swap, and refuse to clobber another run.
     old, tmp = out_dir + ".old", out_dir + ".tmp"
     if not os.path.exists(out_dir) and os.path.exists(old):
         os.rename(old, out_dir)  # killed between the two renames of save_checkpoint: the old one is intact
-    shutil.rmtree(old, ignore_errors=True)  # killed before deleting it: out_dir already holds the new one
-    shutil.rmtree(tmp, ignore_errors=True)
+    for d in (old, tmp):  # killed before deleting .old: out_dir already holds the new one; .tmp: half written
+        shutil.rmtree(d, ignore_errors=True)
     has_run = os.path.exists(os.path.join(out_dir, "args.json"))
     if has_run and not (resume or overwrite):
         fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
@@ -566,7 +545,8 @@ def open_run(args, rank, world):
     # The saved state when --resume finds a checkpoint in --out_dir, else None (a fresh run).
     if rank == 0:
         prepare_out_dir(args.out_dir, args.resume, args.overwrite)
-    barrier(world)
+    if world > 1:  # the other ranks wait until rank 0 has the folder ready
+        torch.distributed.barrier()
     return load_state(args.out_dir) if args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt")) else None
 
 
@@ -593,7 +573,8 @@ def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped, rank, wo
         state["hint_gen"] = gather_objects(gens[1].get_state(), world)
     if rank == 0:
         save_checkpoint(args.out_dir, model, tokenizer, args, state)
-    barrier(world)
+    if world > 1:  # no rank runs ahead of a save that may still fail
+        torch.distributed.barrier()
 
 
 def safe_step(opt, params, grad_clip, bad_in_a_row, finite=True):
