@@ -1,29 +1,27 @@
-"""
-The diffusion sampler (with inpainting) and benchmark evaluation.
-
-A masked diffusion LM writes its answer by starting from a canvas of mask tokens and, step by step, committing
-the tokens it is most confident about (LLaDA's low-confidence remasking, NOTES.md §4). The canvas is cut into
-blocks that are filled left to right (semi-autoregressive decoding); inside a block the order is free.
-Inpainting is the same loop started from a canvas where some positions already hold fixed tokens (hints).
-igpo.py uses generate() for rollouts and grade() as its reward, so RL and evaluation share one code path.
-
-    python eval.py                                  # evaluates out/igpo (else out/sft) on the embedded test split
-    python eval.py --model out/sft --show --limit 1 # watch one canvas being denoised
-    python eval.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --task gsm8k --gen_length 256
-    python eval.py --grade generations.json --task gsm8k   # re-grade a saved file, no model needed
-
-Deviations from the paper (details in NOTES.md §3):
-1. Gumbel-max sampling is written as argmax(logits + T * Gumbel) in float64 instead of LLaDA's equivalent
-   argmax(exp(logits) / (-log u)^T); both pick the same token for the same uniform draw u.
-2. The mask token itself is never sampled (its logit is set to -inf). A trained LLaDA never ranks it first,
-   so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
-3. Only the current block's logits are computed at all (logits_at): positions outside it cannot be
-   unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
-4. Only prompts of equal length share a sampler call, unpadded: LLaDA's hub code ignores attention_mask, so
-   padding would make an answer depend on its batch (NOTES.md §3, item 16).
-5. Early exit (--early_exit, default on): a row leaves the batch once its first end token lies in a completed
-   block (tail: EOS), and steps with nothing to commit skip the forward pass; nothing read downstream changes.
-"""
+"""The diffusion sampler (with inpainting) and benchmark evaluation."""
+# Run it:
+#   python eval.py                                  # evaluates out/igpo (else out/sft) on the embedded test split
+#   python eval.py --model out/sft --show --limit 1 # watch one canvas being denoised
+#   python eval.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --task gsm8k --gen_length 256
+#   python eval.py --grade generations.json --task gsm8k   # re-grade a saved file, no model needed
+#
+# A masked diffusion LM writes its answer by starting from a canvas of mask tokens and, step by step, committing
+# the tokens it is most confident about (LLaDA's low-confidence remasking, NOTES.md §4). The canvas is cut into
+# blocks that are filled left to right (semi-autoregressive decoding); inside a block the order is free.
+# Inpainting is the same loop started from a canvas where some positions already hold fixed tokens (hints).
+# igpo.py uses generate() for rollouts and grade() as its reward, so RL and evaluation share one code path.
+#
+# Deviations from the paper (details in NOTES.md §3):
+# 1. Gumbel-max sampling is written as argmax(logits + T * Gumbel) in float64 instead of LLaDA's equivalent
+#    argmax(exp(logits) / (-log u)^T); both pick the same token for the same uniform draw u.
+# 2. The mask token itself is never sampled (its logit is set to -inf). A trained LLaDA never ranks it first,
+#    so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
+# 3. Only the current block's logits are computed at all (logits_at): positions outside it cannot be
+#    unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
+# 4. Only prompts of equal length share a sampler call, unpadded: LLaDA's hub code ignores attention_mask, so
+#    padding would make an answer depend on its batch (NOTES.md §3, item 16).
+# 5. Early exit (--early_exit, default on): a row leaves the batch once its first end token lies in a completed
+#    block (tail: EOS), and steps with nothing to commit skip the forward pass; nothing read downstream changes.
 import argparse
 import ctypes
 import json
@@ -35,8 +33,8 @@ from fractions import Fraction
 
 import torch
 
-from sft import (EOS, EOT, MASK, PRECISION_HELP, PRECISIONS, autocast, describe_precision, fail, init_distributed,
-                 load_model, make_prompt, precision_policy, toy_dataset)
+from sft import (EOS, EOT, MASK, PRECISION_HELP, PRECISIONS, autocast, fail, init_distributed,
+                 load_model, load_rows, make_prompt, precision_policy, toy_dataset)
 
 NEG_INF = float("-inf")
 
@@ -52,14 +50,14 @@ def get_args(argv=None):
     # ---- sampler (NOTES.md §4)
     p.add_argument("--gen_length", type=int, default=0, help="L: tokens generated (toy: 48; paper: 128/256/512)")
     p.add_argument("--block_length", type=int, default=0, help="B: semi-autoregressive block (toy: 8; paper: 32)")
-    p.add_argument("--steps", type=int, default=0, help="denoising steps over the whole answer (default: L/2)")
+    p.add_argument("--diffusion_steps", "--steps", type=int, default=0, help="denoising steps over the whole answer (default: L/2)")
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature; 0 is greedy (paper: 0; AMC: 0.1)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per question, accuracy averaged (AMC: 16)")
     p.add_argument("--batch_size", type=int, default=64, help="sequences per generate() call (equal-length prompts only)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
                    help="skip forward passes of rows whose answer has ended (same tokens; --no-early_exit: all)")
     # ---- run
-    p.add_argument("--out", default="", help="results JSON (default: out/eval_<task>.json)")
+    p.add_argument("--out_dir", default="out", help="folder of the results file eval_<task>.json")
     p.add_argument("--grade", default="", help="re-grade this results JSON instead of generating")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired accuracy difference B - A of two results "
                    "JSONs on their shared questions; a,b,c averages several files (seeds) per side")
@@ -82,31 +80,31 @@ def check_lengths(gen_length, block_length, steps):
 
 
 def num_transfer_tokens(mask_index, steps):
-    """How many tokens each row unmasks at each step of a block: the n masked positions spread as evenly as
-    possible over the steps, the remainder going to the first steps. (B, Lb) bool -> (B, steps) long."""
+    # How many tokens each row unmasks at each step of a block: the n masked positions spread as evenly as
+    # possible over the steps, the remainder going to the first steps. (B, Lb) bool -> (B, steps) long.
     n = mask_index.sum(dim=1, keepdim=True)  # (B, 1)
     base, rem = n // steps, n % steps
     return base + (torch.arange(steps, device=mask_index.device) < rem).long()  # (B, steps)
 
 
 def end_token_ids(tokenizer):
-    """[<|eot_id|>, EOS]: a completion ends at the first of them; EOS (last) is the padding after it."""
+    # [<|eot_id|>, EOS]: a completion ends at the first of them; EOS (last) is the padding after it.
     return [tokenizer.convert_tokens_to_ids(EOT), tokenizer.convert_tokens_to_ids(EOS)]
 
 
 def completion_mask(completions, end_ids):
-    """(N, L) bool: positions up to and including the first end token (<|eot_id|> or EOS). The loss stops
-    there (igpo.py deviation 2), so does grade(), and the early-exit sampler fills what follows with EOS."""
+    # (N, L) bool: positions up to and including the first end token (<|eot_id|> or EOS). The loss stops
+    # there (igpo.py deviation 2), so does grade(), and the early-exit sampler fills what follows with EOS.
     is_end = torch.isin(completions, end_ids)  # (N, L)
     after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # strictly after the first end token
     return ~after_end
 
 
 def logits_at(model, x, attention_mask, start, end):
-    """model(x).logits[:, start:end], without computing the rest. The vocabulary projection is applied position
-    by position, so feeding it only the hidden states we will read gives the same numbers; at LLaDA's 126k
-    vocabulary that projection's output is the largest tensor of the forward pass. A forward pre-hook on the
-    output embedding slices its input; a model without get_output_embeddings() is sliced afterwards."""
+    # model(x).logits[:, start:end], without computing the rest. The vocabulary projection is applied position
+    # by position, so feeding it only the hidden states we will read gives the same numbers; at LLaDA's 126k
+    # vocabulary that projection's output is the largest tensor of the forward pass. A forward pre-hook on the
+    # output embedding slices its input; a model without get_output_embeddings() is sliced afterwards.
     head = getattr(model, "module", model).get_output_embeddings()
     if head is None:
         return model(x, attention_mask=attention_mask).logits[:, start:end]
@@ -118,18 +116,18 @@ def logits_at(model, x, attention_mask, start, end):
 
 
 def sample_tokens(logits, temperature, u=None):
-    """Draw x0 by Gumbel-max at the given temperature in float64 (low precision makes the Gumbel noise
-    coarse, which hurts quality), and return the model's probability of each drawn token as its confidence.
-    u: uniform draws shaped like logits (required when temperature > 0)."""
+    # Draw x0 by Gumbel-max at the given temperature in float64 (low precision makes the Gumbel noise
+    # coarse, which hurts quality), and return the model's probability of each drawn token as its confidence.
+    # u: uniform draws shaped like logits (required when temperature > 0).
     logits = logits.double()  # (B, Lb, V)
-    # Gumbel-max (deviation 6): argmax(l + T g) with g = -log(-log u) is a sample from softmax(l / T)
+    # Gumbel-max (deviation 1): argmax(l + T g) with g = -log(-log u) is a sample from softmax(l / T)
     x0 = (logits - temperature * torch.log(-torch.log(u))).argmax(-1) if temperature > 0 else logits.argmax(-1)
     logp = logits.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # log softmax at x0
     return x0, logp.exp()
 
 
 def logits_size(model):
-    """The logits' last dimension, read off the output layer without a forward pass."""
+    # The logits' last dimension, read off the output layer without a forward pass.
     m = getattr(model, "module", model)
     head = m.get_output_embeddings()
     return head.weight.shape[0] if head is not None else m.config.vocab_size
@@ -138,12 +136,12 @@ def logits_size(model):
 @torch.no_grad()
 def generate(model, prompt_ids, gen_length, block_length, steps, temperature, mask_id, hints=None,
              attention_mask=None, generator=None, show=None, end_ids=None):
-    """Fill gen_length masked positions after each prompt. prompt_ids (B, P), left-padded with attention_mask
-    (B, P). hints (B, gen_length): a token id where the answer is fixed in advance, mask_id elsewhere; hint
-    tokens are never candidates, never overwritten, and not counted in the unmasking schedule.
-    end_ids (<|eot_id|>, EOS): early exit (deviation 4); each row's tokens up to its first end token and the
-    generator's final state are those of the full sampler (end_ids None), the row's tail is EOS.
-    Returns the full sequences (B, P + gen_length). `show` (a tokenizer) prints the first canvas each step."""
+    # Fill gen_length masked positions after each prompt. prompt_ids (B, P), left-padded with attention_mask
+    # (B, P). hints (B, gen_length): a token id where the answer is fixed in advance, mask_id elsewhere; hint
+    # tokens are never candidates, never overwritten, and not counted in the unmasking schedule.
+    # end_ids (<|eot_id|>, EOS): early exit (deviation 5); each row's tokens up to its first end token and the
+    # generator's final state are those of the full sampler (end_ids None), the row's tail is EOS.
+    # Returns the full sequences (B, P + gen_length). `show` (a tokenizer) prints the first canvas each step.
     check_lengths(gen_length, block_length, steps)
     B, P = prompt_ids.shape
     x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt_ids.device)
@@ -196,7 +194,7 @@ def generate(model, prompt_ids, gen_length, block_length, steps, temperature, ma
 
 
 def print_canvas(tokenizer, answer_ids, hints, mask_id, title):
-    """One line per denoising step: '_' for a mask, hint tokens underlined."""
+    # One line per denoising step: '_' for a mask, hint tokens underlined.
     out = []
     for j, t in enumerate(answer_ids.tolist()):
         c = "_" if t == mask_id else tokenizer.decode([t]).replace("\n", "⏎")
@@ -226,9 +224,9 @@ def strip_special(text) -> str:
 
 
 def extract_answer(text):
-    """Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x', in the text
-    before the first end token: the loss stops there too (completion_mask), so reward and loss read the same
-    tokens. Real LLaDA generations put nothing but EOS after their <|eot_id|> (tests/test_grader.py)."""
+    # Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x', in the text
+    # before the first end token: the loss stops there too (completion_mask), so reward and loss read the same
+    # tokens. Real LLaDA generations put nothing but EOS after their <|eot_id|> (tests/test_grader.py).
     text = strip_special(_END.split("" if text is None else str(text), 1)[0])
     opens = {m.end() - 1: m.start() for m in _BOX.finditer(text)}  # brace index -> box start
     spans, stack = [], []  # (box start, content start, content end); slice only at the end
@@ -250,7 +248,7 @@ def extract_answer(text):
 
 
 def _to_number(s):
-    """Exact Fraction from '18', '$1,000.', '18 \\text{dollars}', 'x = 3/4', '\\frac{7}{2}'; else None."""
+    # Exact Fraction from '18', '$1,000.', '18 \\text{dollars}', 'x = 3/4', '\\frac{7}{2}'; else None.
     s = repr(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else s
     s = re.sub(r"\\[a-z]*frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", s.replace("{,}", ","))
     s = s.split("=")[-1].replace("\\$", "").replace("$", "").strip()  # "5 \times 3 = 15" -> 15
@@ -264,15 +262,15 @@ def _to_number(s):
 
 
 def _norm(s):
-    """Cheap canonical form for an exact string match before any sympy work."""
+    # Cheap canonical form for an exact string match before any sympy work.
     s = re.sub(r"\\(?:left|right|!|,|;|:|\$)|\$|\s|\^\{?\\circ\}?|\\?%", "", s)
     s = re.sub(r"\\text\{(.*?)\}", r"\1", s.replace("dfrac", "frac").replace("tfrac", "frac"))
     return re.sub(r"^[a-zA-Z]\w?=", "", s).rstrip(".")  # "x=5." -> "5"
 
 
 def _too_hard(s):
-    """True if sympy might do uninterruptible C big-int work (or deep recursion) on s.
-    The deadline in _latex_equal cannot stop C code, so such inputs must never reach sympy."""
+    # True if sympy might do uninterruptible C big-int work (or deep recursion) on s.
+    # The deadline in _latex_equal cannot stop C code, so such inputs must never reach sympy.
     if len(s) > 400 or re.search(r"\d{50}|(?:\d{4}|[)}\]])\s*!", s):
         return True  # giant literals; factorial of a big or compound argument
     if ("binom" in s or "choose" in s) and re.search(r"\^|\d{5}", s):
@@ -379,11 +377,8 @@ DEFAULTS = {"toy": (48, 8, 500), "gsm8k": (256, 32, 0), "math500": (256, 32, 0),
             "minerva": (256, 32, 0)}  # task: (gen_length, block_length, limit)
 
 
-def load_task(task, data="", limit=0, seed=0):
-    """[(question, gold answer)] for a benchmark."""
-    from sft import load_rows
-    if task not in DEFAULTS:
-        fail(f"unknown task '{task}' (choose from {', '.join(DEFAULTS)})")
+def load_task(task, data="", limit=0):
+    # [(question, gold answer)] for a benchmark; main() checks the task name, once
     if task == "toy":
         ds = toy_dataset("test", limit or DEFAULTS["toy"][2], seed=0)
         return list(zip(ds["question"], ds["answer"]))
@@ -394,9 +389,9 @@ def load_task(task, data="", limit=0, seed=0):
 
 
 def equal_length_batches(lengths, size):
-    """Lists of at most `size` row indices that share a prompt length. LLaDA's hub code accepts attention_mask
-    but never applies it, so a left-padded prompt attends to its pads and its answer would depend on what else
-    is in its batch; generating only equal-length, unpadded prompts together is exact for every model."""
+    # Lists of at most `size` row indices that share a prompt length. LLaDA's hub code accepts attention_mask
+    # but never applies it, so a left-padded prompt attends to its pads and its answer would depend on what else
+    # is in its batch; generating only equal-length, unpadded prompts together is exact for every model.
     groups = {}
     for i, n in enumerate(lengths):
         groups.setdefault(n, []).append(i)
@@ -404,9 +399,9 @@ def equal_length_batches(lengths, size):
 
 
 def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, temperature=0.0, num_samples=1,
-             batch_size=64, generator=None, show=False, progress=True, early_exit=True):
-    """Generate num_samples answers per question and grade them. Returns (records, accuracy). Under torchrun
-    each rank takes every world-th question and the records are gathered back into the original order."""
+             batch_size=64, generator=None, show=False, early_exit=True):
+    # Generate num_samples answers per question and grade them. Returns (records, accuracy). Under torchrun
+    # each rank takes every world-th question and the records are gathered back into the original order.
     from tqdm import tqdm
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
     all_items, items = items, items[rank::world]
@@ -418,7 +413,7 @@ def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, tem
     was_training = model.training
     model.eval()
     for rows in tqdm(equal_length_batches(map(len, prompts), batch_size), desc=f"eval {task}",
-                     disable=not progress or rank or None):
+                     disable=rank or None):
         ids = torch.tensor([prompts[i] for i in rows], device=device)  # (b, P): no padding, batch-invariant
         out = generate(model, ids, gen_length, block_length, steps, temperature, mask_id,
                        attention_mask=torch.ones_like(ids), generator=generator,
@@ -441,7 +436,7 @@ def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, tem
 
 
 def write_json(path, obj):
-    """Write via a temporary file and rename, so an interrupted run never leaves a half-written result."""
+    # Write via a temporary file and rename, so an interrupted run never leaves a half-written result.
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
@@ -449,7 +444,7 @@ def write_json(path, obj):
 
 
 def regrade(path, task):
-    """Re-grade a saved results file (d1's layout or ours) without a model."""
+    # Re-grade a saved results file (d1's layout or ours) without a model.
     if not os.path.exists(path):
         fail(f"results file not found: {path}")
     try:
@@ -464,10 +459,10 @@ def regrade(path, task):
 
 
 def compare(paths_a, paths_b, n_boot=4000, seed=0):
-    """Paired comparison of two methods on the questions their results files share. Each side may be several
-    files (e.g. 3 seeds), averaged per question. The accuracy difference B - A gets a 95% paired-bootstrap
-    interval: questions are resampled together for both sides, so what makes a question hard cancels out,
-    which makes the interval much narrower than two separate error bars would suggest."""
+    # Paired comparison of two methods on the questions their results files share. Each side may be several
+    # files (e.g. 3 seeds), averaged per question. The accuracy difference B - A gets a 95% paired-bootstrap
+    # interval: questions are resampled together for both sides, so what makes a question hard cancels out,
+    # which makes the interval much narrower than two separate error bars would suggest.
     def per_question(paths):
         runs = [{r["question"]: float(r["correct"]) for r in read_records(p)} for p in paths]
         return {q: sum(run[q] for run in runs) / len(runs) for q in set.intersection(*map(set, runs))}
@@ -483,7 +478,7 @@ def compare(paths_a, paths_b, n_boot=4000, seed=0):
 
 
 def read_records(path):
-    """The records of a results file, checked for the fields compare() reads."""
+    # The records of a results file, checked for the fields compare() reads.
     if not os.path.exists(path):
         fail(f"results file not found: {path}")
     try:
@@ -506,8 +501,8 @@ def main(argv=None):
         fail(f"unknown task '{args.task}' (choose from {', '.join(DEFAULTS)})")
     gen_length = args.gen_length or DEFAULTS[args.task][0]
     block_length = args.block_length or min(DEFAULTS[args.task][1], gen_length)
-    steps = args.steps or gen_length // 2
-    out = args.out or f"out/eval_{args.task}.json"
+    steps = args.diffusion_steps or gen_length // 2
+    out = os.path.join(args.out_dir, f"eval_{args.task}.json")
 
     if args.grade:
         data, records = regrade(args.grade, args.task)
@@ -518,12 +513,12 @@ def main(argv=None):
         if model_path is None:
             fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
         rank, world, device = init_distributed(args.device)  # under torchrun, questions are sharded over ranks
-        items = load_task(args.task, args.data, args.limit, args.seed)
-        dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained here
+        items = load_task(args.task, args.data, args.limit)
+        dtype, amp_dtype, precision = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained
         model, tokenizer = load_model(model_path, args.trust_remote_code, device, dtype)
         print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "
               f"L={gen_length} block={block_length} steps={steps} T={args.temperature} | "
-              + describe_precision(dtype, amp_dtype))
+              + precision)
         gen = torch.Generator(device).manual_seed(args.seed + rank)
         t0 = time.time()
         with autocast(device, amp_dtype):

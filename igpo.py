@@ -1,46 +1,44 @@
-"""
-IGPO: Inpainting-Guided Policy Optimization for masked diffusion language models.
-
-GRPO learns only from groups whose samples disagree: if all G answers to a prompt are wrong, every advantage
-is zero (Eq. (4)) and the prompt is wasted. A masked diffusion LM can *inpaint*: generate with some answer
-positions fixed in advance. IGPO uses this on exactly those groups. It reveals fragments of the ground-truth
-reasoning trace at their own positions (Eq. (7)), lets the model fill in the rest, and swaps correct inpainted
-samples in for some wrong ones (Eq. (8)). The group now has a correct sample, so its advantages are not zero.
-Injected tokens were not sampled by the policy, so only the most uncertain of them, by the policy's own
-entropy, are trained on (Eq. (10)).
-
-    python igpo.py                                  # embedded task; runs `python sft.py` first if out/sft is missing
-    python igpo.py --no_inpaint                     # plain GRPO baseline
-    python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
-    # paper scale, one GPU (README has the full command):
-    python igpo.py --init GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
-        --metamath_official --question_col query --trace_col response --gen_length 256 --block_length 32 --steps 128 \
-        --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 --grad_accum 64 --gen_batch 64
-
-Deviations from the paper (details and reasons in NOTES.md §3):
-1. Loss normalisation follows the paper, (1/G) sum_i (1/|o_i|) sum_k, with |o_i| the tokens that enter the
-   loss; the official code instead averages over all tokens of the batch and uses a sequence-level ratio.
-2. Completions are scored up to and including their first end token (<|eot_id|> or EOS); the EOS padding
-   tail after it is in neither the loss (the official code's loss covers it) nor the reward
-   (test_eos_tail_not_in_loss).
-3. The trace is cut at its first final-answer statement and never hinted after it (the paper's rule; the
-   official code's default can reveal the answer, and it keeps the last 30 positions hint-free).
-4. The policy's per-token log-probs come from one forward pass per *prompt*: the estimator's input
-   (prompt + fully masked answer, Eq. (5)) does not depend on the sample, so the G samples share it.
-5. Binary reward (official: 3.0 + format reward), LR schedule stepped per rollout batch, token-level ratio
-   only; NOTES.md §3 items 11-16 list these and the MetaMathQA selection (--metamath_official).
-"""
+"""IGPO: Inpainting-Guided Policy Optimization for masked diffusion language models (Zhao et al. 2025)."""
+# Run it:
+#   python igpo.py                                  # embedded task; runs `python sft.py` first if out/sft is missing
+#   python igpo.py --no_inpaint                     # plain GRPO baseline
+#   python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
+#   paper scale, one GPU (README has the full command):
+#   python igpo.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
+#       --metamath_official --question_col query --trace_col response --gen_length 256 --block_length 32 \
+#       --diffusion_steps 128 --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 \
+#       --grad_accum 64 --gen_batch 64
+#
+# What it does. GRPO learns only from groups whose samples disagree: if all G answers to a prompt are wrong,
+# every advantage is zero (Eq. (4)) and the prompt is wasted. A masked diffusion LM can *inpaint*: generate
+# with some answer positions fixed in advance. IGPO uses this on exactly those groups. It reveals fragments of
+# the ground-truth reasoning trace at their own positions (Eq. (7)), lets the model fill in the rest, and swaps
+# correct inpainted samples in for some wrong ones (Eq. (8)). The group now has a correct sample, so its
+# advantages are not zero. Injected tokens were not sampled by the policy, so only the most uncertain of them,
+# by the policy's own entropy, are trained on (Eq. (10)). The step, in order, is the loop at the end of main().
+#
+# Deviations from the paper (details and reasons in NOTES.md §3):
+# 1. Loss normalisation follows the paper, (1/G) sum_i (1/|o_i|) sum_k, with |o_i| the tokens that enter the
+#    loss; the official code instead averages over all tokens of the batch and uses a sequence-level ratio.
+# 2. Completions are scored up to and including their first end token (<|eot_id|> or EOS); the EOS padding
+#    tail after it is in neither the loss (the official code's loss covers it) nor the reward
+#    (test_eos_tail_not_in_loss).
+# 3. The trace is cut at its first final-answer statement and never hinted after it (the paper's rule; the
+#    official code's default can reveal the answer, and it keeps the last 30 positions hint-free).
+# 4. The policy's per-token log-probs come from one forward pass per *prompt*: the estimator's input
+#    (prompt + fully masked answer, Eq. (5)) does not depend on the sample, so the G samples share it.
+# 5. Binary reward (official: 3.0 + format reward), LR schedule stepped per rollout batch, token-level ratio
+#    only; NOTES.md §3 items 11-16 list these and the MetaMathQA selection (--metamath_official).
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import re
-import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import sft
 from eval import (check_lengths, completion_mask, end_token_ids, equal_length_batches, evaluate, extract_answer,
@@ -51,7 +49,7 @@ from sft import MASK, fail, left_pad, load_model, make_prompt
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- model
-    p.add_argument("--init", default="out/sft", help="starting checkpoint: the SFT output, a hub id or a path")
+    p.add_argument("--model", "--init", default="out/sft", help="starting checkpoint: the SFT output, a hub id or a path")
     p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")
     p.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 trains every weight (paper: 128)")
     p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
@@ -69,7 +67,7 @@ def get_args(argv=None):
     p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt (paper: 8)")
     p.add_argument("--gen_length", type=int, default=48, help="L: completion length (paper: 256)")
     p.add_argument("--block_length", type=int, default=8, help="semi-autoregressive block (paper: 32)")
-    p.add_argument("--steps", type=int, default=24, help="denoising steps per completion (paper: 128)")
+    p.add_argument("--diffusion_steps", "--steps", type=int, default=24, help="denoising steps per completion (paper: 128)")
     p.add_argument("--temperature", type=float, default=1.2, help="rollout temperature (paper: 1.2)")
     p.add_argument("--gen_batch", type=int, default=0, help="sequences per sampler call; 0: all at once (memory knob)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
@@ -86,7 +84,7 @@ def get_args(argv=None):
     p.add_argument("--num_iterations", type=int, default=2, help="mu: gradient steps per batch of rollouts (paper: 4)")
     p.add_argument("--epsilon", type=float, default=0.2, help="epsilon: ratio clip (paper: 0.2)")
     p.add_argument("--beta", type=float, default=0.01, help="beta: KL weight, k3 estimator (paper: 0.01)")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (paper: 5e-7 with LoRA on LLaDA-8B)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (paper: 5e-7 with LoRA on LLaDA-8B)")
     p.add_argument("--warmup_steps", type=int, default=5, help="linear warmup, in batches of rollouts (paper: 50 optimizer steps)")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
     p.add_argument("--grad_clip", type=float, default=0.2, help="gradient-norm clip (paper: 0.2)")
@@ -97,12 +95,12 @@ def get_args(argv=None):
     p.add_argument("--save_every", type=int, default=20, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
-    p.add_argument("--eval_limit", type=int, default=500, help="embedded test questions for the before/after eval (0: skip)")
+    p.add_argument("--limit", "--eval_limit", type=int, default=500, help="embedded test questions for the before/after eval (0: skip)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="auto", choices=sft.PRECISIONS, help=sft.PRECISION_HELP)
     args = p.parse_args(argv)
-    check_lengths(args.gen_length, args.block_length, args.steps)
+    check_lengths(args.gen_length, args.block_length, args.diffusion_steps)
     if not (0 <= args.eta_low <= args.eta_high <= 1):
         fail(f"need 0 <= eta_low <= eta_high <= 1 (got {args.eta_low}, {args.eta_high})")
     if args.chunk_min < 1 or args.chunk_min > args.chunk_max:
@@ -114,12 +112,15 @@ def get_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------------------
 # Notation (NOTES.md §2)           code
-#   q, o_i, G                      prompt ids, completion ids (B*G, L), args.num_generations
-#   r(o_i), A_i                    reward, adv
+#   q, o_i, G                      prompt ids (B, P), completion ids (B*G, L), args.num_generations
+#   r(o_i), A_i                    reward (B, G), adv (B*G,)
 #   y*, eta, s_min/s_max           trace_ids, eta, chunk_min/chunk_max
 #   lambda, tau, mu                max_replace_frac, entropy_keep, num_iterations
 #   log pi_theta, pi_old, pi_ref   logp, logp_old, logp_ref (B*G, L) per token, from Eq. (5)
 #   H                              entropy (B, L), per prompt and position under pi_old
+# Row b*G + i of every (B*G, ...) tensor is sample i of prompt b.
+
+# ---- data: (question, trace y*, gold answer) rows
 
 # Where a trace starts stating its final answer. MetaMathQA states it twice: GSM_AnsAug ends "#### 72\nThe
 # answer is: 72", MATH_AnsAug has "$\\boxed{5}$. The answer is: 5"; so the cut is at the FIRST marker.
@@ -128,7 +129,7 @@ METAMATH_TYPES = ("GSM_AnsAug", "MATH_AnsAug")  # the official code's selection 
 
 
 def answer_from_trace(trace):
-    """Gold answer when the data has no answer column (MetaMathQA ends with 'The answer is: X')."""
+    # Gold answer when the data has no answer column (MetaMathQA ends with 'The answer is: X').
     boxed = extract_answer(trace)
     if boxed is not None:
         return boxed
@@ -136,16 +137,9 @@ def answer_from_trace(trace):
     return m.group(1) if m else None
 
 
-def hintable_trace_ids(tokenizer, trace, gen_length):
-    """Token ids of y* that may be revealed: everything before the first final-answer statement (Eq. (7): the
-    answer itself is never a hint), cut to the completion length."""
-    m = ANSWER_START.search(trace)
-    return tokenizer(trace[:m.start()] if m else trace, add_special_tokens=False).input_ids[:gen_length]
-
-
 def metamath_official(ds, qcol):
-    """Row indices as the official code selects MetaMathQA: GSM_AnsAug and MATH_AnsAug rows only, the first
-    row of each query (the other types rephrase or invert questions that these rows already hold)."""
+    # Row indices as the official code selects MetaMathQA: GSM_AnsAug and MATH_AnsAug, first row per query.
+    # the other types rephrase or invert questions that these rows already hold
     if "type" not in ds.column_names:
         fail("--metamath_official needs MetaMathQA's 'type' column")
     first = {}
@@ -155,35 +149,120 @@ def metamath_official(ds, qcol):
     return sorted(first.values())
 
 
+def load_rl_data(args, world):
+    # [(question, trace, gold answer)]; rows whose answer cannot be found are dropped (counted).
+    if args.dataset == "toy":  # enough distinct problems that a default run never repeats one
+        ds = sft.toy_dataset("train", max(1000, args.max_steps * args.batch_prompts * world), seed=args.seed)
+        questions, traces, answers = ds["question"], ds["trace"], ds["answer"]
+    else:
+        cols = [args.question_col, args.trace_col] + ([args.answer_col] if args.answer_col else [])
+        ds = sft.load_rows(args.dataset, args.split, cols)
+        if args.metamath_official:  # the official rows, hints prefixed with the format the prompt asks for
+            ds = ds.select(metamath_official(ds, args.question_col))
+            ds = ds.map(lambda r: {args.trace_col: "<reasoning>\n" + r[args.trace_col]})
+        questions, traces = ds[args.question_col], ds[args.trace_col]
+        answers = ds[args.answer_col] if args.answer_col else [answer_from_trace(t) for t in traces]
+    data = [(q, t, str(a)) for q, t, a in zip(questions, traces, answers) if a is not None]
+    if len(data) < len(questions):
+        print(f"data: {len(questions) - len(data)} rows without a recognisable final answer dropped")
+    if not data:
+        fail(f"no usable (question, trace, answer) rows in {args.dataset}")
+    return data
+
+
+def batch_at(data, step, args, rank, world):
+    # The batch_prompts rows of a step: a pure function of (seed, step, rank), so resuming needs no data position.
+    per_epoch = len(data) // args.batch_prompts
+    k = step * world + rank  # under torchrun each rank rolls out its own batch_prompts prompts
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch))
+    return [data[i] for i in perm[(k % per_epoch) * args.batch_prompts:][:args.batch_prompts].tolist()]
+
+
+# ---- rollouts and inpainting: Eq. (7), (8)
+
+def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None, end_ids=None):
+    # One completion (N, L) per row of prompts (N, P) from the diffusion sampler; hints (N, L) for inpainting.
+    # Rows go through the sampler --gen_batch at a time (its logits, rows x block x vocab, bound its memory),
+    # and only rows of equal prompt length together, unpadded: LLaDA's hub code ignores attention_mask (eval.py).
+    # end_ids: a row stops at its first end token (--early_exit); what the loss and reward read is unchanged.
+    out = torch.empty(len(prompts), args.gen_length, dtype=torch.long, device=prompts.device)  # (N, L)
+    lengths = prompt_attn.sum(1).tolist()
+    for rows in equal_length_batches(lengths, args.gen_batch or len(prompts)):
+        x = prompts[rows, prompts.shape[1] - lengths[rows[0]]:]  # (b, P_b): the left padding cut off
+        out[rows] = generate(model, x, args.gen_length, args.block_length, args.diffusion_steps, args.temperature,
+                             mask_id, hints=None if hints is None else hints[rows], attention_mask=torch.ones_like(x),
+                             generator=gen, end_ids=end_ids if args.early_exit else None)[:, x.shape[1]:]
+    return out
+
+
+def hintable_trace_ids(tokenizer, trace, gen_length):
+    # Token ids of y* that may be revealed: those before the first final-answer statement, at most L.
+    m = ANSWER_START.search(trace)  # Eq. (7): the answer itself is never a hint (deviation 3)
+    return tokenizer(trace[:m.start()] if m else trace, add_special_tokens=False).input_ids[:gen_length]
+
+
 def make_hints(trace_ids, gen_length, eta, chunk_min, chunk_max, mask_id, gen):
-    """Eq. (7): cut y* into consecutive chunks of U[s_min, s_max] tokens, reveal round(eta * #chunks) of them,
-    chosen at random, at their own positions. Returns a (gen_length,) canvas: token ids at hints, mask elsewhere."""
-    hints = torch.full((gen_length,), mask_id, dtype=torch.long)
+    # Eq. (7): one hint canvas (L,): y*'s tokens in round(eta * #chunks) random chunks, the mask elsewhere.
+    hints = torch.full((gen_length,), mask_id, dtype=torch.long)  # (L,)
     chunks, pos = [], 0
-    while pos < len(trace_ids):
+    while pos < len(trace_ids):  # consecutive chunks of U{s_min..s_max} tokens cover the hintable trace
         size = int(torch.randint(chunk_min, chunk_max + 1, (1,), generator=gen))
         chunks.append((pos, min(pos + size, len(trace_ids))))
         pos += size
     n_reveal = round(eta * len(chunks))
     for c in torch.randperm(len(chunks), generator=gen)[:n_reveal].tolist():
         a, b = chunks[c]
-        hints[a:b] = torch.tensor(trace_ids[a:b])
+        hints[a:b] = torch.tensor(trace_ids[a:b])  # a revealed chunk sits at its own positions
     return hints
 
 
+def hint_canvases(tokenizer, traces, args, mask_id, gen):
+    # Eq. (7) for each trace: G canvases, each with its own eta ~ U[eta_low, eta_high]. -> (len(traces)*G, L).
+    canvases = []
+    for trace in traces:
+        trace_ids = hintable_trace_ids(tokenizer, trace, args.gen_length)
+        for _ in range(args.num_generations):
+            eta = args.eta_low + (args.eta_high - args.eta_low) * float(torch.rand(1, generator=gen))
+            canvases.append(make_hints(trace_ids, args.gen_length, eta, args.chunk_min, args.chunk_max, mask_id, gen))
+    return torch.stack(canvases) if canvases else torch.empty(0, args.gen_length, dtype=torch.long)
+
+
+def replace_wrong(completions, reward, texts, groups, inpainted, inpainted_texts, correct, hints, lam, mask_id):
+    # Eq. (8): in each all-wrong group b of `groups`, K = min(#correct, floor(lambda G)) wrong samples are
+    # replaced by correct inpainted ones. Returns new (completions, reward, texts, hint_mask (B*G, L), K per group).
+    G = reward.shape[1]
+    completions, reward, texts = completions.clone(), reward.clone(), list(texts)
+    hint_mask = torch.zeros(completions.shape, dtype=torch.bool, device=completions.device)  # (B*G, L)
+    Ks = []
+    for g, b in enumerate(groups):  # inpainted rows g*G .. g*G+G-1 belong to group b
+        ok = correct[g].nonzero().flatten().tolist()
+        # at most floor(lambda G): the group keeps wrong samples with negative advantage, and the hinted ones
+        # cannot dominate its gradient (Eq. (11): the expected update peaks at lambda = 0.5)
+        K = min(len(ok), math.floor(lam * G))
+        for slot, j in enumerate(ok[:K]):  # all G originals are wrong: which K are replaced is immaterial
+            src, dst = g * G + j, b * G + slot
+            completions[dst], texts[dst], reward[b, slot] = inpainted[src], inpainted_texts[src], 1.0
+            hint_mask[dst] = hints[src] != mask_id  # injected tokens: candidates for Eq. (10)
+        Ks.append(K)
+    return completions, reward, texts, hint_mask, Ks
+
+
+# ---- the estimator, the entropy filter and the loss: Eq. (5), (6), (9), (10)
+
 def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_entropy=False):
-    """Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L): ONE forward with the prompt clean and the whole
-    completion masked. That input is the same for all G samples of a prompt, so the forward runs once per
-    prompt and the G completions are read off the same distributions.
-    prompt_ids (B, P), completions (B*G, L) -> logp (B*G, L) [, entropy (B, L) for Eq. (10)]."""
+    # Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L), one forward per prompt for its G samples.
+    # prompt_ids (B, P), completions (B*G, L) -> logp (B*G, L) [, entropy (B, L) for Eq. (10)].
+    # The input (prompt clean, whole completion masked) is the same for all G samples of a prompt, so the G
+    # completions are read off the same distributions (deviation 4).
     B, P = prompt_ids.shape
     L = completions.shape[1]
-    x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=torch.long, device=prompt_ids.device)], 1)
-    attn = torch.cat([prompt_attn, prompt_attn.new_ones(B, L)], 1)
+    x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=torch.long, device=prompt_ids.device)], 1)  # (B, P+L)
+    attn = torch.cat([prompt_attn, prompt_attn.new_ones(B, L)], 1)  # (B, P+L)
     logits = logits_at(model, x, attn, P, P + L).float()  # (B, L, V): no vocabulary projection for the prompt
     lse = logits.logsumexp(-1, keepdim=True)  # (B, L, 1)
-    index = completions.view(B, G, L).transpose(1, 2)  # (B, L, G): the G sampled tokens at each position
-    logp = (logits.gather(-1, index) - lse).transpose(1, 2).reshape(B * G, L)  # (B*G, L)
+    # gather the G sampled tokens at each position from the one distribution per position: index (B, L, G)
+    index = completions.view(B, G, L).transpose(1, 2)
+    logp = (logits.gather(-1, index) - lse).transpose(1, 2).reshape(B * G, L)  # log softmax at o^k, (B*G, L)
     if not with_entropy:
         return logp
     entropy = lse.squeeze(-1) - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp - E_p[logit], (B, L)
@@ -191,107 +270,61 @@ def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_en
 
 
 def entropy_filter(entropy, hint_mask, keep_frac):
-    """Eq. (10): among each sample's hint positions keep the max(1, floor(tau * n_hint)) with the highest
-    entropy under pi_old; the rest are dropped from the loss. entropy, hint_mask (N, L) -> keep (N, L) bool."""
+    # Eq. (10): of each row's n hint positions keep the max(1, floor(tau n)) of highest entropy. -> (N, L) bool.
     n_hint = hint_mask.sum(1, keepdim=True)  # (N, 1)
-    k = torch.clamp(torch.floor(keep_frac * n_hint), min=1)
-    score = torch.where(hint_mask, entropy, float("-inf"))
-    rank = score.argsort(1, descending=True).argsort(1)  # rank of each position by entropy, 0 = highest
+    k = torch.clamp(torch.floor(keep_frac * n_hint), min=1)  # (N, 1)
+    score = torch.where(hint_mask, entropy, float("-inf"))  # (N, L): non-hint positions rank last
+    # argsort of argsort: the rank of each position in its row, 0 = highest entropy (a per-row top-k with k
+    # varying by row, without a loop)
+    rank = score.argsort(1, descending=True).argsort(1)  # (N, L)
     return hint_mask & (rank < k)
 
 
 def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
-    """Eq. (6)/(9): clipped surrogate + beta * k3 KL, per token, then
-        loss = (1/N) sum_i (1/|o_i|) sum_k loss_mask_ik * l_ik      (|o_i| = sum_k loss_mask_ik)
-    logp, logp_old, logp_ref, loss_mask (N, L); adv (N,). Returns (loss, kl, clip_frac)."""
+    # Eq. (6)/(9): clipped surrogate + beta * k3 KL per token. logp.. (N, L); adv (N,) -> (loss, kl, clip_frac).
     ratio = torch.exp(logp - logp_old)  # per token (deviation 1: the official code uses a sequence-level ratio)
-    a = adv[:, None]
-    surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)
+    a = adv[:, None]  # (N, 1): one advantage per sample, shared by its tokens
+    surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)  # (N, L)
     # k3 estimator of KL(pi_theta || pi_ref): exp(d) - d - 1 with d = log pi_ref - log pi_theta; never negative,
     # and 0 exactly where the two agree, so beta = 0 and pi_theta = pi_ref both leave only the surrogate
     kl = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1 if beta else torch.zeros_like(logp)
     per_token = -surrogate + beta * kl  # (N, L)
+    # loss = (1/N) sum_i (1/|o_i|) sum_k loss_mask_ik * l_ik, with |o_i| = sum_k loss_mask_ik (deviation 1)
     m = loss_mask.float()
-    n_tokens = m.sum(1).clamp(min=1)
+    n_tokens = m.sum(1).clamp(min=1)  # (N,): |o_i|
     loss = ((per_token * m).sum(1) / n_tokens).mean()
     kl_mean = ((kl * m).sum(1) / n_tokens).mean()
-    clipped = ((ratio - 1).abs() > epsilon).float()
+    clipped = ((ratio - 1).abs() > epsilon).float()  # diagnostic: tokens where the clip is active
     return loss, kl_mean.detach(), ((clipped * m).sum() / m.sum().clamp(min=1)).detach()
 
 
-def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None, end_ids=None):
-    """Sample one completion per row of prompts (N, P) with the diffusion sampler; returns (N, L). Rows go
-    through the sampler --gen_batch at a time (its logits, rows x length x vocab, bound its memory), and only
-    rows of equal prompt length together, unpadded: LLaDA's hub code ignores attention_mask (eval.py).
-    end_ids: a row stops at its first end token (--early_exit); what the loss and reward read is unchanged."""
-    out = torch.empty(len(prompts), args.gen_length, dtype=torch.long, device=prompts.device)  # (N, L)
-    lengths = prompt_attn.sum(1).tolist()
-    for rows in equal_length_batches(lengths, args.gen_batch or len(prompts)):
-        x = prompts[rows, prompts.shape[1] - lengths[rows[0]]:]  # (b, P_b): the left padding cut off
-        out[rows] = generate(model, x, args.gen_length, args.block_length, args.steps, args.temperature, mask_id,
-                             hints=None if hints is None else hints[rows], attention_mask=torch.ones_like(x),
-                             generator=gen, end_ids=end_ids if args.early_exit else None)[:, x.shape[1]:]
-    return out
+def estimate(model, prompts, prompt_attn, completions, G, mask_id, micro, with_entropy=False):
+    # Eq. (5) without gradients, one micro-batch of prompts at a time (bounds the logits' memory), concatenated.
+    with torch.no_grad():
+        parts = [token_logps(model, prompts[p], prompt_attn[p], completions[s], G, mask_id, with_entropy)
+                 for p, s in micro]
+    return tuple(map(torch.cat, zip(*parts))) if with_entropy else torch.cat(parts)
 
 
-def inpaint_all_wrong(model, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args,
-                      mask_id, task, gen, hint_gen):
-    """Eq. (7)-(8) for the groups listed in all_wrong (indices into batch): G hint canvases per group from the
-    group's own trace, one batched inpainting rollout for all of them, then K = min(#correct, floor(lambda G))
-    of the group's wrong samples are replaced by correct inpainted ones. completions (B*G, L), reward (B, G)
-    and texts are updated in place. Returns (hint_mask (B*G, L) bool, rescued groups, #replaced, example)."""
-    G = args.num_generations
-    hint_mask = torch.zeros(completions.shape, dtype=torch.bool, device=completions.device)
-    if not all_wrong or args.no_inpaint:
-        return hint_mask, [], 0, None
-    canvases = []
-    for b in all_wrong:
-        trace_ids = hintable_trace_ids(tokenizer, batch[b][1], args.gen_length)
-        for _ in range(G):
-            eta = args.eta_low + (args.eta_high - args.eta_low) * float(torch.rand(1, generator=hint_gen))
-            canvases.append(make_hints(trace_ids, args.gen_length, eta, args.chunk_min, args.chunk_max, mask_id,
-                                       hint_gen))
-    hints = torch.stack(canvases).to(completions.device)  # (n_groups*G, L)
-    idx = torch.tensor(all_wrong, device=prompts.device)
-    inpainted = rollout(model, prompts[idx].repeat_interleave(G, 0), prompt_attn[idx].repeat_interleave(G, 0),
-                        args, mask_id, gen, hints=hints, end_ids=end_token_ids(tokenizer))
-    inpainted_texts = tokenizer.batch_decode(inpainted)
-    rescued, n_replaced, example = [], 0, None
-    for g, b in enumerate(all_wrong):
-        rows = range(g * G, (g + 1) * G)
-        correct = [j for j in rows if grade(inpainted_texts[j], batch[b][2], task)]
-        # Eq. (8): at most floor(lambda G) replaced, so the group keeps wrong samples with negative advantage
-        # and the hinted ones cannot dominate its gradient (Eq. (11) with lambda = 0.5)
-        K = min(len(correct), math.floor(args.max_replace_frac * G))
-        for slot, j in enumerate(correct[:K]):  # all G originals are wrong: which K are replaced is immaterial
-            completions[b * G + slot] = inpainted[j]
-            hint_mask[b * G + slot] = hints[j] != mask_id
-            reward[b, slot] = 1.0
-            texts[b * G + slot] = inpainted_texts[j]
-        if K:
-            rescued.append(b)
-            n_replaced += K
-            if example is None:  # kept for NOTES.md's worked example
-                example = {"question": batch[b][0], "trace": batch[b][1], "answer": batch[b][2], "group": b,
-                           "hint_canvases": [tokenizer.decode(hints[j]).replace(MASK, "_") for j in rows],
-                           "inpainted": [inpainted_texts[j] for j in rows],
-                           "inpainted_correct": [j in correct for j in rows], "replaced": K}
-    return hint_mask, rescued, n_replaced, example
+# ----------------------------------------------------------------------------------------------------------
+# Everything in this section is reporting: the worked example, the run summary, the curves.
 
-
-def save_example(out_dir, example, step, reward, adv, texts, hint_mask, keep_hint, G):
-    """The first rescued group of the run, in full, for NOTES.md's worked example."""
-    rows = range(example["group"] * G, (example["group"] + 1) * G)
-    example.update(step=step, new_group=[texts[i] for i in rows], new_rewards=reward[example["group"]].tolist(),
-                   advantages=[round(adv[i].item(), 4) for i in rows],
-                   hint_positions=[hint_mask[i].nonzero().flatten().tolist() for i in rows],
-                   kept_hint_positions=[keep_hint[i].nonzero().flatten().tolist() for i in rows])
+def save_example(out_dir, step, row, b, canvases, inpainted_texts, correct, K, reward, adv, texts, hint_mask,
+                 keep_hint, tokenizer):
+    # The first rescued group of the run, in full, for NOTES.md's worked example.
+    G = reward.shape[1]
+    rows = range(b * G, (b + 1) * G)
+    example = {"question": row[0], "trace": row[1], "answer": row[2], "group": b,
+               "hint_canvases": [tokenizer.decode(c).replace(MASK, "_") for c in canvases],
+               "inpainted": inpainted_texts, "inpainted_correct": correct, "replaced": K, "step": step,
+               "new_group": [texts[i] for i in rows], "new_rewards": reward[b].tolist(),
+               "advantages": [round(adv[i].item(), 4) for i in rows],
+               "hint_positions": [hint_mask[i].nonzero().flatten().tolist() for i in rows],
+               "kept_hint_positions": [keep_hint[i].nonzero().flatten().tolist() for i in rows]}
     with open(os.path.join(out_dir, "example.json"), "w") as f:
         json.dump(example, f, indent=1)
-
-
 def summarize(out_dir):
-    """Whole-run means from metrics.jsonl: the numbers the results tables of NOTES.md §10 report."""
+    # Whole-run means from metrics.jsonl: the numbers the results tables of NOTES.md §10 report.
     rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl")) if l.strip()]
     mean = lambda key, rs=rows: round(sum(r[key] for r in rs) / max(1, len(rs)), 4)
     quarters = [rows[len(rows) * k // 4:len(rows) * (k + 1) // 4] for k in range(4)]
@@ -302,8 +335,8 @@ def summarize(out_dir):
 
 
 def plot_run(out_dir, acc_before, acc_after):
-    """curves.png in out_dir: the policy's own reward and the all-wrong fractions per step (thin: each step,
-    thick: running mean over 5), and test accuracy before -> after."""
+    # curves.png in out_dir: the policy's own reward and the all-wrong fractions per step (thin: each step,
+    # thick: running mean over 5), and test accuracy before -> after.
     import matplotlib
     matplotlib.use("Agg")  # write a file; no display needed
     import matplotlib.pyplot as plt
@@ -327,217 +360,178 @@ def plot_run(out_dir, acc_before, acc_after):
     plt.close(fig)
 
 
+
+def test_accuracy(policy, tokenizer, args, amp, when, rank):
+    # Greedy accuracy on the first --limit embedded test questions, saved per question in eval_<when>.json so
+    # that runs can be compared paired (eval.py --compare A B).
+    with amp():
+        records, acc = evaluate(policy, tokenizer, load_task("toy", limit=args.limit), "toy", args.gen_length,
+                                args.block_length, args.diffusion_steps, early_exit=args.early_exit)
+    print(f"accuracy {when} RL: {100 * acc:.1f}% on {len(records)} test questions")
+    if rank == 0:
+        write_json(os.path.join(args.out_dir, f"eval_{when}.json"), {"generations": records})
+    return acc
+
+
+def finish(out_dir, acc_before, acc_after, n):
+    # The run's summary (eval.json, printed) and its curves.
+    summary = {"accuracy_before": acc_before, "accuracy_after": acc_after, "n": n, **summarize(out_dir)}
+    write_json(os.path.join(out_dir, "eval.json"), summary)
+    print("run summary: " + json.dumps(summary))
+    plot_run(out_dir, acc_before, acc_after)
+    print(f"curves: {os.path.join(out_dir, 'curves.png')}")
+
+
+def mean_over_ranks(means, counts, world, device):
+    # Under torchrun, means averaged and counts summed over ranks; as they are in one process.
+    if world == 1:
+        return means, counts
+    vals = torch.tensor(list(means.values()) + list(counts.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(vals)
+    return dict(zip(means, (vals[:len(means)] / world).tolist())), dict(zip(counts, vals[len(means):].long().tolist()))
+
+
+LOGGED = ["step", "loss", "reward", "all_wrong", "all_wrong_after", "kl", "skipped", "seconds"]  # NOTES.md §5
+
+
 def main(argv=None):
     args = get_args(argv)
+    # ---- device and RNG streams: rollouts draw from `gen`, hints (eta, chunks, which ones) from `hint_gen`
     rank, world, device = sft.init_distributed(args.device)  # world > 1 under torchrun
-    toy = args.dataset == "toy"
-    task = "toy" if toy else "math500"  # rewards: numeric for the toy, LaTeX-aware equivalence for real data
     torch.manual_seed(args.seed)
-    gen = torch.Generator(device).manual_seed(args.seed + 1000 * rank)  # rollouts
-    hint_gen = torch.Generator().manual_seed(args.seed + 1000 * rank + 1)  # eta, chunks, revealed chunks
-    if args.init == "out/sft" and not os.path.isdir("out/sft"):
-        print("out/sft not found: running `python sft.py` (default length-aligned SFT) first")
+    gen = torch.Generator(device).manual_seed(args.seed + 1000 * rank)
+    hint_gen = torch.Generator().manual_seed(args.seed + 1000 * rank + 1)
+    if args.model == "out/sft" and not os.path.isdir("out/sft"):  # the default pipeline is SFT, then RL
+        print("out/sft not found: running `python sft.py` (SFT with its defaults) first, then RL from its output")
         sft.main([])
-    if not os.path.isdir(args.init) and os.path.exists(args.init):
-        fail(f"--init {args.init} is not a checkpoint folder")
-    if rank == 0:
-        sft.prepare_out_dir(args.out_dir, args.resume, args.overwrite)
-    sft.barrier(world)
-    resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt"))
+    if not os.path.isdir(args.model) and os.path.exists(args.model):
+        fail(f"--model {args.model} is not a checkpoint folder")
+    state = sft.open_run(args, rank, world)  # None unless --resume finds a checkpoint
 
-    # ---- model: policy, and the reference for the KL term
-    dtype, amp_dtype = sft.precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
-    print(sft.describe_precision(dtype, amp_dtype, args.lora_r > 0))
+    # ---- data: (question, trace, answer) rows; task picks the grader: numeric for the toy, LaTeX-aware else
+    toy = args.dataset == "toy"
+    task = "toy" if toy else "math500"
+    data = load_rl_data(args, world)
+    G = args.num_generations
+
+    # ---- model: the policy, and the reference pi_ref of the KL term
+    dtype, amp_dtype, precision = sft.precision_policy(args.precision, device, args.lora_r > 0, lora=args.lora_r > 0)
+    print(precision)
     amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
-    model, tokenizer = load_model(args.init, args.trust_remote_code, device, dtype)
+    model, tokenizer = load_model(args.model, args.trust_remote_code, device, dtype)
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
     end_ids = torch.tensor(end_token_ids(tokenizer), device=device)
-    ref_model = None
-    if args.beta and not args.lora_r:  # with LoRA the reference is the same model with its adapter disabled
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    # without LoRA pi_ref is a frozen copy; with LoRA it is the same model with its adapter switched off
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta and not args.lora_r else None
     if args.grad_ckpt:
         sft.enable_grad_ckpt(model)
     if args.lora_r:
-        model = sft.add_lora(model, args.lora_r, args.lora_alpha)
-    if resuming:
-        trained, _ = load_model(args.out_dir, args.trust_remote_code, device, dtype) if not args.lora_r else (None, None)
-        if trained is not None:
-            model.load_state_dict(trained.state_dict())
-        else:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-            set_peft_model_state_dict(model, load_file(os.path.join(args.out_dir, "adapter_model.safetensors")))
+        model = sft.add_lora(model, args.lora_r, args.lora_alpha, resume_dir=args.out_dir if state else None)
+    elif state:  # a resumed full run: its trained weights (the frozen reference above keeps the initial ones)
+        model.load_state_dict(load_model(args.out_dir, args.trust_remote_code, device, dtype)[0].state_dict())
     policy = model  # rollouts and no-grad passes use the bare model; gradients go through the DDP wrapper
+    ref_model = policy if ref_model is None else ref_model  # pi_ref: used only when beta > 0
+    ref_off = policy.disable_adapter if args.lora_r else contextlib.nullcontext
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    # ---- optimizer: AdamW, linear warmup; one schedule step per batch of rollouts (NOTES.md §3)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
-    step, skipped, bad_in_a_row = 0, 0, 0
-    if resuming:
-        state = sft.load_state(args.out_dir)
-        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        sft.set_rng_state(gen, state["rng"][rank]); hint_gen.set_state(state["hint_gen"][rank])
-        step, skipped = state["step"], state["skipped"]
-        if rank == 0:
-            sft.truncate_metrics(args.out_dir, step)
-        print(f"resumed {args.out_dir} at step {step}")
-    os.makedirs(args.out_dir, exist_ok=True)
+    step, skipped, bad = sft.restore(state, args.out_dir, opt, sched, [gen, hint_gen], rank) + (0,) if state else (0, 0, 0)
 
-    def reference_logps(prompts, attn, completions):
-        with torch.no_grad():
-            if ref_model is not None:
-                return token_logps(ref_model, prompts, attn, completions, G, mask_id)
-            with policy.disable_adapter():
-                return token_logps(policy, prompts, attn, completions, G, mask_id)
-
-    # ---- data: (prompt ids, trace, gold answer) per training question
-    if toy:
-        ds = sft.toy_dataset("train", max(1000, args.max_steps * args.batch_prompts * world), seed=args.seed)
-        questions, traces, answers = ds["question"], ds["trace"], ds["answer"]
-    else:
-        cols = [args.question_col, args.trace_col] + ([args.answer_col] if args.answer_col else [])
-        ds = sft.load_rows(args.dataset, args.split, cols)
-        if args.metamath_official:  # the official rows, hints prefixed with the format the prompt asks for
-            ds = ds.select(metamath_official(ds, args.question_col))
-            ds = ds.map(lambda r: {args.trace_col: "<reasoning>\n" + r[args.trace_col]})
-        questions, traces = ds[args.question_col], ds[args.trace_col]
-        answers = ds[args.answer_col] if args.answer_col else [answer_from_trace(t) for t in traces]
-    data = [(q, t, str(a)) for q, t, a in zip(questions, traces, answers) if a is not None]
-    if len(data) < len(questions):
-        print(f"data: {len(questions) - len(data)} rows without a recognisable final answer dropped")
-    if not data:
-        fail(f"no usable (question, trace, answer) rows in {args.dataset}")
-    G = args.num_generations
-
-    def batch_at(step):
-        """The prompts of a step are a pure function of (seed, step, rank): resuming needs no data position.
-        Under torchrun each rank rolls out its own batch_prompts prompts."""
-        per_epoch = len(data) // args.batch_prompts
-        k = step * world + rank
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch))
-        return [data[i] for i in perm[(k % per_epoch) * args.batch_prompts:][:args.batch_prompts].tolist()]
-
-    acc_before = None
-    if args.eval_limit and toy and not resuming:
-        items = load_task("toy", limit=args.eval_limit)
-        with amp():
-            records, acc_before = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length,
-                                           args.steps, early_exit=args.early_exit)
-        print(f"accuracy before RL: {100 * acc_before:.1f}% on {len(items)} test questions")
-        if rank == 0:  # per question, so that methods can be compared paired: eval.py --compare A B
-            write_json(os.path.join(args.out_dir, "eval_before.json"), {"generations": records})
+    acc_before = test_accuracy(policy, tokenizer, args, amp, "before", rank) if args.limit and toy and not state else None
 
     from tqdm import tqdm
     bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None if rank == 0 else True)
     while step < args.max_steps:
         t0 = time.time()
-        batch = batch_at(step)
+        batch = batch_at(data, step, args, rank, world)  # [(question, trace, answer)] * B
         B = len(batch)
         prompts, prompt_attn = left_pad([tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids
-                                         for q, _, _ in batch], tokenizer.pad_token_id)
+                                         for q, _, _ in batch], tokenizer.pad_token_id)  # (B, P), left-padded
         prompts, prompt_attn = prompts.to(device), prompt_attn.to(device)
         rep = lambda t: t.repeat_interleave(G, 0)  # (B, ...) -> (B*G, ...): row b*G + i is sample i of prompt b
+        mb = B // args.grad_accum  # prompts per micro-batch: (prompt rows, sample rows) of each, used 3 times below
+        micro = [(slice(a, a + mb), slice(a * G, (a + mb) * G)) for a in range(0, B, mb)]
 
         # ================================ the IGPO step (NOTES.md §5) ================================
-        # 1. G rollouts per prompt, all prompts in one batched sampler call; binary correctness reward.
+        # 1. rollout: G samples per prompt, all prompts in one batched sampler call
         policy.eval()
         with amp():
             completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen, end_ids=end_ids)  # (B*G, L)
+        # 2. grade: binary reward r(o_i), read up to the first end token (deviation 2)
         texts = tokenizer.batch_decode(completions)
         reward = torch.tensor([float(grade(texts[j], batch[j // G][2], task)) for j in range(B * G)]).view(B, G)
         own_reward = reward.mean().item()  # the policy's own success rate, before any rescue
-
-        # 2. Eq. (7)-(8): groups with every sample wrong are rescued by inpainting with their own trace.
+        # 3. Eq. (4): all-wrong groups have zero advantage everywhere; these are the ones inpainting rescues
         all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
+        groups = [] if args.no_inpaint else all_wrong
+        # 4. Eq. (7): G hint canvases per all-wrong group, from the group's own trace y*
+        hints = hint_canvases(tokenizer, [batch[b][1] for b in groups], args, mask_id, hint_gen).to(device)  # (n*G, L)
+        # 5. inpaint: the same sampler started from the canvases (hints are never overwritten), then graded
         with amp():
-            hint_mask, rescued, n_replaced, example = inpaint_all_wrong(
-                policy, tokenizer, batch, all_wrong, prompts, prompt_attn, completions, reward, texts, args, mask_id,
-                task, gen, hint_gen)
-
-        # 3. Eq. (3): group-relative advantages on the (augmented) group; all-equal groups get exactly 0.
+            inpainted = rollout(policy, rep(prompts[groups]), rep(prompt_attn[groups]), args, mask_id, gen, hints,
+                                end_ids)  # (n*G, L)
+        inpainted_texts = tokenizer.batch_decode(inpainted)
+        correct = torch.tensor([grade(t, batch[groups[j // G]][2], task) for j, t in enumerate(inpainted_texts)],
+                               dtype=torch.bool).view(len(groups), G)  # (n, G)
+        # 6. Eq. (8): K = min(#correct, floor(lambda G)) correct inpainted samples replace wrong ones
+        completions, reward, texts, hint_mask, Ks = replace_wrong(completions, reward, texts, groups, inpainted,
+                                                                  inpainted_texts, correct, hints, args.max_replace_frac, mask_id)
+        # 7. Eq. (3): group-relative advantages on the new groups; an all-equal group gets exactly 0
         adv = (reward - reward.mean(1, keepdim=True)).flatten().to(device)  # (B*G,)
-
-        # 4. Old-policy log-probs and entropies (Eq. (5), (10)), reference log-probs for the KL term.
-        mb = B // args.grad_accum  # prompts per micro-batch: also bounds the estimator's logits memory
-        with torch.no_grad(), amp():
-            old = [token_logps(policy, prompts[a:a + mb], prompt_attn[a:a + mb], completions[a * G:(a + mb) * G], G,
-                               mask_id, with_entropy=True) for a in range(0, B, mb)]
-            logp_old, entropy = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])
-            logp_ref = torch.cat([reference_logps(prompts[a:a + mb], prompt_attn[a:a + mb],
-                                                  completions[a * G:(a + mb) * G]) for a in range(0, B, mb)]) \
-                if args.beta else logp_old
-        valid = completion_mask(completions, end_ids)  # (B*G, L): up to the first end token
-        keep_hint = entropy_filter(rep(entropy), hint_mask & valid, args.entropy_keep)  # Eq. (10)
-        loss_mask = valid & (~hint_mask | keep_hint)  # self-generated tokens always count
-
-        # 5. mu gradient steps on the clipped surrogate (Eq. (6)/(9)), prompts split into grad_accum micro-batches.
+        # 8. Eq. (5): pi_old log-probs and entropies H (B, L); pi_ref log-probs for the KL term of Eq. (6)
+        with amp():
+            logp_old, entropy = estimate(policy, prompts, prompt_attn, completions, G, mask_id, micro, True)  # (B*G, L)
+            with ref_off():
+                logp_ref = estimate(ref_model, prompts, prompt_attn, completions, G, mask_id, micro) if args.beta else logp_old
+        # 9. Eq. (10): every self-generated token up to the end token counts; of the hint tokens, only the top
+        # tau by entropy under pi_old
+        valid = completion_mask(completions, end_ids)  # (B*G, L)
+        keep_hint = entropy_filter(rep(entropy), hint_mask & valid, args.entropy_keep)  # (B*G, L)
+        loss_mask = valid & (~hint_mask | keep_hint)  # (B*G, L)
+        # 10. mu AdamW steps on Eq. (6)/(9); each micro-batch's loss / grad_accum sums to the full-batch gradient
         policy.train()
         for _ in range(args.num_iterations):
-            stats = torch.zeros(3)
-            for a in range(0, B, mb):
-                s = slice(a * G, (a + mb) * G)  # the rows of these prompts' samples
-                with amp():  # the same compute precision as logp_old, so the ratio starts at 1
-                    logp = token_logps(model, prompts[a:a + mb], prompt_attn[a:a + mb], completions[s], G, mask_id)
-                loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s],
-                                                args.epsilon, args.beta)
+            stats = torch.zeros(3)  # loss, kl, clip_frac of this update (the logged ones are the last update's)
+            for p, s in micro:
+                with amp():  # the same compute precision as logp_old, so the ratio starts at exactly 1
+                    logp = token_logps(model, prompts[p], prompt_attn[p], completions[s], G, mask_id)  # (mb*G, L)
+                loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s], args.epsilon, args.beta)
                 (loss / args.grad_accum).backward()
                 stats += torch.tensor([loss.item(), kl.item(), clip_frac.item()]) / args.grad_accum
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            if torch.isfinite(gnorm) and torch.isfinite(stats).all():
-                opt.step()
-                bad_in_a_row = 0
-            else:  # a non-finite update is skipped, counted, and stops the run if it keeps happening
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-                if bad_in_a_row > sft.MAX_BAD_UPDATES:
-                    fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
-            opt.zero_grad(set_to_none=True)
+            _, bad = sft.safe_step(opt, params, args.grad_clip, bad, bool(torch.isfinite(stats).all()))
+            skipped += bad > 0  # a non-finite update is skipped, counted, and stops the run if it keeps happening
         sched.step()
         step += 1
         # ============================ everything below is bookkeeping ============================
 
-        n_loss = loss_mask.sum().clamp(min=1)
+        rescued = [b for b, K in zip(groups, Ks) if K]
         means = {"reward": own_reward, "all_wrong": len(all_wrong) / B, "all_wrong_after": (len(all_wrong) - len(rescued)) / B,
-                 "hint_frac": ((hint_mask & loss_mask).sum() / n_loss).item(), "entropy": entropy.mean().item(),
-                 "loss": stats[0].item(), "kl": stats[1].item(), "clip_frac": stats[2].item()}
-        counts = {"inpainted_groups": 0 if args.no_inpaint else len(all_wrong), "replaced": n_replaced}
-        if world > 1:  # means over ranks, counts summed over ranks
-            vals = torch.tensor(list(means.values()) + list(counts.values()), dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(vals)
-            means = dict(zip(means, (vals[:len(means)] / world).tolist()))
-            counts = dict(zip(counts, vals[len(means):].long().tolist()))
+                 "hint_frac": ((hint_mask & loss_mask).sum() / loss_mask.sum().clamp(min=1)).item(),
+                 "entropy": entropy.mean().item(), "loss": stats[0].item(), "kl": stats[1].item(), "clip_frac": stats[2].item()}
+        means, counts = mean_over_ranks(means, {"inpainted_groups": len(groups), "replaced": sum(Ks)}, world, device)
         row = {"step": step, **{k: round(v, 5) for k, v in means.items()}, **counts, "skipped": skipped,
                "seconds": round(time.time() - t0, 2)}
         if rank == 0:
             sft.log_metrics(args.out_dir, row)
             bar.update(1)
-            bar.write(" | ".join(f"{k} {v}" for k, v in row.items()))
-            if example is not None and not os.path.exists(os.path.join(args.out_dir, "example.json")):
-                save_example(args.out_dir, example, step, reward, adv, texts, hint_mask, keep_hint, G)
+            bar.write(sft.log_line(row, LOGGED))
+            if rescued and not os.path.exists(os.path.join(args.out_dir, "example.json")):
+                g = groups.index(rescued[0])
+                save_example(args.out_dir, step, batch[rescued[0]], rescued[0], hints[g * G:(g + 1) * G],
+                             inpainted_texts[g * G:(g + 1) * G], correct[g].tolist(), Ks[g], reward, adv, texts,
+                             hint_mask, keep_hint, tokenizer)
         if step % args.save_every == 0 or step == args.max_steps:
-            rngs, hint_rngs = sft.gather_objects(sft.rng_state(gen), world), sft.gather_objects(hint_gen.get_state(), world)
-            if rank == 0:
-                sft.save_checkpoint(args.out_dir, policy, tokenizer, args,
-                                    {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rngs,
-                                     "hint_gen": hint_rngs, "step": step, "skipped": skipped})
-            sft.barrier(world)
+            sft.checkpoint(args, policy, tokenizer, opt, sched, [gen, hint_gen], step, skipped, rank, world)
     bar.close()
 
-    if args.eval_limit and toy:
-        items = load_task("toy", limit=args.eval_limit)
-        with amp():
-            records, acc_after = evaluate(policy, tokenizer, items, "toy", args.gen_length, args.block_length,
-                                          args.steps, early_exit=args.early_exit)
-        before = f"{100 * acc_before:.1f}% -> " if acc_before is not None else ""
-        print(f"accuracy on {len(items)} test questions: {before}{100 * acc_after:.1f}%")
+    if args.limit and toy:
+        acc_after = test_accuracy(policy, tokenizer, args, amp, "after", rank)
         if rank == 0:
-            summary = {"accuracy_before": acc_before, "accuracy_after": acc_after, "n": len(items),
-                       **summarize(args.out_dir)}
-            write_json(os.path.join(args.out_dir, "eval.json"), summary)
-            write_json(os.path.join(args.out_dir, "eval_after.json"), {"generations": records})
-            print("run summary: " + json.dumps(summary))
-            plot_run(args.out_dir, acc_before, acc_after)
-            print(f"curves: {os.path.join(args.out_dir, 'curves.png')}")
+            finish(args.out_dir, acc_before, acc_after, args.limit)
 
 
 if __name__ == "__main__":

@@ -1,40 +1,36 @@
-"""
-Length-aligned supervised fine-tuning (SFT) of a masked diffusion language model.
-
-Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the prompt
-stays clean, every response token is replaced by the mask token with probability t, and the model is trained
-to predict the originals (Eq. (2)). Each response is padded with EOS to exactly the generation length that RL
-and evaluation use, so what SFT teaches ("write a trace, then stop and emit EOS up to position L") is what the
-sampler will be asked to do later. That padding is the length alignment.
-
-This file also defines the embedded world the whole project runs on without a hub: a word-level
-tokenizer, a tiny bidirectional transformer and a procedurally generated arithmetic word-problem task with
-ground-truth traces. eval.py and igpo.py import them from here.
-
-    python sft.py                                   # embedded model + task, ~2-3 min on 2 CPU cores -> out/sft
-    python sft.py --traces verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
-    # paper scale (one GPU; see README for the full command):
-    python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
-        --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5
-
-Deviations from the paper (details and reasons in NOTES.md §3):
-1. The concise traces of the embedded task are generated, not rewritten by a large model; for real data,
-   --rewrite_model performs the rewriting step with any local instruct model.
-2. Traces that do not fit the generation length are dropped (with a printed count), not truncated: a
-   truncated trace would teach the model to stop mid-reasoning.
-"""
+"""Length-aligned supervised fine-tuning (SFT) of a masked diffusion language model."""
+# Run it:
+#   python sft.py                                   # embedded model + task, ~2-3 min on 2 CPU cores -> out/sft
+#   python sft.py --traces verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
+#   paper scale (one GPU; see README for the full command):
+#   python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
+#       --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5
+#
+# Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the prompt
+# stays clean, every response token is replaced by the mask token with probability t, and the model is trained
+# to predict the originals (Eq. (2)). Each response is padded with EOS to exactly the generation length that RL
+# and evaluation use, so what SFT teaches ("write a trace, then stop and emit EOS up to position L") is what the
+# sampler will be asked to do later. That padding is the length alignment.
+#
+# This file also defines the embedded world the whole project runs on without a hub: a word-level
+# tokenizer, a tiny bidirectional transformer and a procedurally generated arithmetic word-problem task with
+# ground-truth traces. eval.py and igpo.py import them from here.
+#
+# Deviations from the paper (details and reasons in NOTES.md §3):
+# 1. The concise traces of the embedded task are generated, not rewritten by a large model; for real data,
+#    --rewrite_model performs the rewriting step with any local instruct model.
+# 2. Traces that do not fit the generation length are dropped (with a printed count), not truncated: a
+#    truncated trace would teach the model to stop mid-reasoning.
 import argparse
 import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 # Special tokens, spelled as in LLaDA-8B-Instruct so that one code path serves both models.
 EOS, BOS, MASK, EOT = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot_id|>"
@@ -92,7 +88,7 @@ def get_args(argv=None):
 
 
 def fail(msg):
-    """Bad input ends the run with one line that names the problem, never a traceback."""
+    # Bad input ends the run with one line that names the problem, never a traceback.
     raise SystemExit(f"error: {msg}")
 
 
@@ -109,11 +105,11 @@ TOY_MAX_DAYS, TOY_MAX_RULE, TOY_MAX_VALUE = 6, 4, 30  # days, k in "gets k more"
 
 
 def build_toy_tokenizer():
-    """A word-level tokenizer, as LLaDA's BPE is: one token per word (with its leading space, as BPE merges
-    it), per number 0..99 and per punctuation mark, plus LLaDA's special tokens and chat template.
-    A space before a number is a token of its own, so that a number is the *same* token in the question
-    ("has 14") and in the trace ("14+3=17"): copying it is then the identity, which a tiny model learns
-    in a few hundred steps; with " 14" and "14" as two tokens it must also learn 100 pairings first."""
+    # A word-level tokenizer, as LLaDA's BPE is: one token per word (with its leading space, as BPE merges
+    # it), per number 0..99 and per punctuation mark, plus LLaDA's special tokens and chat template.
+    # A space before a number is a token of its own, so that a number is the *same* token in the question
+    # ("has 14") and in the trace ("14+3=17"): copying it is then the identity, which a tiny model learns
+    # in a few hundred steps; with " 14" and "14" as two tokens it must also learn 100 pairings first.
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     pieces = [p for w in WORDS + list("+-*=.,:?{}\\") for p in (w, " " + w)]
@@ -130,9 +126,9 @@ def build_toy_tokenizer():
 
 
 def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512, vocab_size=None):
-    """A ~0.2M-parameter bidirectional transformer. ModernBERT with global attention in every layer has LLaDA's
-    calling contract (model(ids, attention_mask).logits at every position, no causal mask) and loads back
-    through the transformers Auto classes with no custom code."""
+    # A ~0.2M-parameter bidirectional transformer. ModernBERT with global attention in every layer has LLaDA's
+    # calling contract (model(ids, attention_mask).logits at every position, no causal mask) and loads back
+    # through the transformers Auto classes with no custom code.
     from transformers import ModernBertConfig, ModernBertForMaskedLM
     # global_attn_every_n_layers=1 and local_attention=max_len: every layer attends over the whole sequence
     # in both directions, as LLaDA's do (ModernBERT's default alternates with a sliding window)
@@ -146,11 +142,11 @@ def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512, vocab_
 
 
 def toy_problem(rng, max_days=TOY_MAX_DAYS):
-    """One word problem: a start amount and one rule applied every day for n days (1 <= n <= max_days).
-    Each trace line needs only the line before it and the rule, which sits at a fixed place in the question,
-    so nothing has to be searched for in the prompt; n is the difficulty (one more line, one more chance to
-    slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one (~4x longer),
-    the answer and n."""
+    # One word problem: a start amount and one rule applied every day for n days (1 <= n <= max_days).
+    # Each trace line needs only the line before it and the rule, which sits at a fixed place in the question,
+    # so nothing has to be searched for in the prompt; n is the difficulty (one more line, one more chance to
+    # slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one (~4x longer),
+    # the answer and n.
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     n, k = rng.randint(1, max_days), rng.randint(1, TOY_MAX_RULE)
     if rng.random() < 0.5:  # grows: every value stays <= TOY_MAX_VALUE
@@ -170,8 +166,8 @@ def toy_problem(rng, max_days=TOY_MAX_DAYS):
 
 
 def toy_dataset(split, n, seed=0, traces="concise", max_days=TOY_MAX_DAYS):
-    """n problems of one split, as a datasets.Dataset. Train and test are disjoint by construction: a problem
-    belongs to the test split iff a hash of its question text is 0 mod 10, so no question is in both."""
+    # n problems of one split, as a datasets.Dataset. Train and test are disjoint by construction: a problem
+    # belongs to the test split iff a hash of its question text is 0 mod 10, so no question is in both.
     import zlib
     from datasets import Dataset
     rng, rows, seen = random.Random(f"{split}-{seed}"), [], set()
@@ -191,22 +187,18 @@ def toy_dataset(split, n, seed=0, traces="concise", max_days=TOY_MAX_DAYS):
 # Data for real runs: hub id or local JSON/JSONL, with the columns named by flags.
 
 def load_rows(dataset, split, columns, config=None):
-    """Load a dataset and check that the columns we need exist (one-line error otherwise)."""
+    # Load a dataset and check that the columns we need exist (one-line error otherwise).
     import datasets
-    from datasets import load_dataset
     datasets.disable_progress_bars()  # keeps stderr for errors
-    if dataset.endswith((".json", ".jsonl")):
-        if not os.path.exists(dataset):
-            fail(f"dataset file not found: {dataset}")
-        try:
-            ds = load_dataset("json", data_files=dataset, split="train")
-        except Exception as e:  # malformed JSON surfaces as a deep datasets traceback otherwise
-            fail(f"could not read {dataset} as JSON/JSONL: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    else:
-        try:
-            ds = load_dataset(dataset, config, split=split)
-        except Exception as e:
-            fail(f"could not load dataset '{dataset}' (split {split}): {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    local = dataset.endswith((".json", ".jsonl"))
+    if local and not os.path.exists(dataset):
+        fail(f"dataset file not found: {dataset}")
+    try:
+        ds = datasets.load_dataset("json", data_files=dataset, split="train") if local else \
+            datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:  # malformed JSON or a bad hub id surfaces as a deep datasets traceback otherwise
+        what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
+        fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         fail(f"dataset {dataset} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
@@ -214,102 +206,56 @@ def load_rows(dataset, split, columns, config=None):
 
 
 def make_prompt(tokenizer, question, toy):
-    """The chat-formatted prompt used identically by SFT, RL and evaluation."""
-    content = question if toy else REASONING_PROMPT + question
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    # The chat-formatted prompt used identically by SFT, RL and evaluation.
+    return tokenizer.apply_chat_template([{"role": "user", "content": question if toy else REASONING_PROMPT + question}],
+                                         add_generation_prompt=True, tokenize=False)
 
 
 def encode_response(tokenizer, trace, gen_length):
-    """Eq. (2) length alignment: trace + <|eot_id|>, padded with EOS to exactly gen_length tokens.
-    Returns None when the trace does not fit."""
+    # Eq. (2) length alignment: trace + <|eot_id|>, padded with EOS to exactly gen_length tokens.
+    # Returns None when the trace does not fit.
     # <|eot_id|> closes the turn as in LLaDA's chat format; the EOS tail after it is what "stop" looks like
     ids = tokenizer(trace, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids(EOT)]
-    if len(ids) > gen_length:
-        return None
-    return ids + [tokenizer.eos_token_id] * (gen_length - len(ids))
+    return ids + [tokenizer.eos_token_id] * (gen_length - len(ids)) if len(ids) <= gen_length else None
 
 
 def left_pad(seqs, pad_id):
-    """Left-pad token lists into (B, T) ids and attention mask; the right end is where generation happens."""
+    # Left-pad token lists into (B, T) ids and attention mask; the right end is where generation happens.
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        attn[i, T - len(s):] = 1
+    ids = torch.tensor([[pad_id] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long)  # (B, T)
+    attn = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)  # (B, T)
     return ids, attn
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model loading and atomic checkpoints, shared by the three scripts.
-
-def pick_device(name="auto"):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+# Model loading and precision, shared by the three scripts.
 
 
-def init_distributed(device_name="auto"):
-    """(rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
-    process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_name)
-    import torch.distributed as dist
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def gather_objects(obj, world):
-    """The list of obj from every rank (just [obj] in a single process)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def barrier(world):
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def precision_policy(name, device, frozen_base):
-    """(dtype the weights are loaded in, autocast dtype or None). bf16 computes under autocast but keeps every
-    trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp of most weights at the
-    learning rates in use, so bf16 weights would mostly not move at all. Weights nothing updates (a frozen LoRA
-    base, evaluation) are stored in bf16, which halves their memory; peft keeps the adapters fp32 on it."""
+def precision_policy(name, device, frozen_base, lora=False):
+    # (dtype the weights are loaded in, autocast dtype or None, the line each script prints). bf16 computes under
+    # autocast but keeps every trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp
+    # of most weights at the learning rates in use, so bf16 weights would mostly not move at all. Weights nothing
+    # updates (a frozen LoRA base, evaluation) are stored in bf16, which halves their memory; peft keeps the
+    # adapters fp32 on it.
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
-    if name == "fp32":
-        return torch.float32, None
-    return (torch.bfloat16 if frozen_base else torch.float32), torch.bfloat16
+    dtype = torch.bfloat16 if name == "bf16" and frozen_base else torch.float32
+    amp_dtype = torch.bfloat16 if name == "bf16" else None
+    # the printed line, e.g. 'precision: weights bfloat16 + LoRA float32, compute bfloat16 autocast'
+    n = lambda t: str(t).replace("torch.", "")
+    return dtype, amp_dtype, (f"precision: weights {n(dtype)}" + (" + LoRA float32" if lora else "")
+                              + (f", compute {n(amp_dtype)} autocast" if amp_dtype else f", compute {n(dtype)}"))
 
 
 def autocast(device, amp_dtype):
-    """The policy's compute precision as a context (nothing under fp32)."""
+    # The policy's compute precision as a context (nothing under fp32).
     return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
 
 
-def describe_precision(dtype, amp_dtype, lora=False):
-    """The line each script prints at start, e.g. 'precision: weights bfloat16 + LoRA float32, compute bfloat16
-    autocast'."""
-    name = lambda t: str(t).replace("torch.", "")
-    return (f"precision: weights {name(dtype)}" + (" + LoRA float32" if lora else "")
-            + (f", compute {name(amp_dtype)} autocast" if amp_dtype else f", compute {name(dtype)}"))
-
-
 def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
-    """(model, tokenizer) from 'toy', a hub id, or a save_pretrained folder (a full model or a LoRA adapter,
-    which is merged into its base). Masked LMs load with AutoModelForMaskedLM; models that ship their own
-    code (LLaDA) load with AutoModel, which their auto_map points at their diffusion LM class."""
+    # (model, tokenizer) from 'toy', a hub id, or a save_pretrained folder (a full model or a LoRA adapter,
+    # which is merged into its base). Masked LMs load with AutoModelForMaskedLM; models that ship their own
+    # code (LLaDA) load with AutoModel, which their auto_map points at their diffusion LM class.
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
     if name == "toy":
         tokenizer = build_toy_tokenizer()
@@ -318,12 +264,11 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
         from peft import PeftModel
         base = json.load(open(os.path.join(name, "adapter_config.json")))["base_model_name_or_path"]
         model, _ = load_model(base, trust_remote_code, device, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
         model = PeftModel.from_pretrained(model, name).merge_and_unload()
         # an adapter trained on top of this model must name THIS folder as its base, not the raw base: that is
         # how loading an IGPO adapter brings the merged SFT adapter back with it (SFT -> IGPO -> eval chain)
         model.name_or_path = name
-        return model, tokenizer
+        return model, AutoTokenizer.from_pretrained(name)
     if not os.path.isdir(name) and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
         fail(f"model not found: '{name}' is neither a checkpoint folder nor a hub id (org/name)")
     try:
@@ -343,10 +288,10 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", 
                 "Wqkv", "Wo", "Wi"]  # ModernBERT (the embedded model)
 
 
-def add_lora(model, r, alpha, dropout=0.05):
-    """Wrap the model with LoRA adapters on whichever of the known projection names it has, never on the
-    vocabulary head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464, 16.7 M
-    adapter parameters at r = 128) and neither the paper nor the official code adapts it."""
+def add_lora(model, r, alpha, resume_dir=None, dropout=0.05):
+    # Wrap the model with LoRA adapters on whichever of the known projection names it has, never on the
+    # vocabulary head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464, 16.7 M
+    # adapter parameters at r = 128) and neither the paper nor the official code adapts it.
     from peft import LoraConfig, get_peft_model
     head = getattr(model, "get_output_embeddings", lambda: None)()
     names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
@@ -354,217 +299,127 @@ def add_lora(model, r, alpha, dropout=0.05):
     if not targets:
         fail(f"--lora_r: none of the LoRA target modules {LORA_TARGETS} exist in this model")
     exclude = [n for n, m in model.named_modules() if m is head]
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                            exclude_modules=exclude or None))
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                             exclude_modules=exclude or None))
+    if resume_dir:  # a resumed LoRA run: its saved adapter weights
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        set_peft_model_state_dict(model, load_file(os.path.join(resume_dir, "adapter_model.safetensors")))
+    return model
 
 
 def enable_grad_ckpt(model):
     inner = getattr(model, "model", None)
     if hasattr(inner, "set_activation_checkpointing"):  # LLaDA (OLMo code): its own switch, no HF flag
-        inner.set_activation_checkpointing("whole_layer")  # recompute every block in backward
-        return
+        return inner.set_activation_checkpointing("whole_layer")  # recompute every block in backward
     if not getattr(model, "supports_gradient_checkpointing", False):
         fail(f"--grad_ckpt: {type(model).__name__} does not support gradient checkpointing")
     model.gradient_checkpointing_enable()
-
-
-def prepare_out_dir(out_dir, resume, overwrite):
-    """Recover from a save that was interrupted mid-swap, and refuse to clobber another run."""
-    old, tmp = out_dir + ".old", out_dir + ".tmp"
-    if not os.path.exists(out_dir) and os.path.exists(old):
-        os.rename(old, out_dir)  # killed between the two renames of save_checkpoint: the old one is intact
-    shutil.rmtree(old, ignore_errors=True)  # killed before deleting it: out_dir already holds the new one
-    shutil.rmtree(tmp, ignore_errors=True)
-    has_run = os.path.exists(os.path.join(out_dir, "args.json"))
-    if has_run and not (resume or overwrite):
-        fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if overwrite and not resume:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    elif not has_run:  # a run killed before its first checkpoint: its metric lines would be logged twice
-        for name in ("metrics.jsonl", "example.json"):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-    return has_run and resume
-
-
-def save_checkpoint(out_dir, model, tokenizer, args, state):
-    """Write the whole checkpoint to out_dir.tmp, then swap it in with two renames, so an interrupted save
-    never damages the last good checkpoint. The folder loads with load_model() / the Auto classes."""
-    for p in model.parameters():
-        if not torch.isfinite(p).all():
-            fail("model weights are not finite; refusing to save over the last good checkpoint")
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
-    if state is not None:
-        torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
-    for name in ("metrics.jsonl", "example.json"):  # files the run writes between saves: carry them over
-        if os.path.exists(os.path.join(out_dir, name)):
-            shutil.copy(os.path.join(out_dir, name), tmp)
-    if os.path.exists(out_dir):
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_state(out_dir):
-    return torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)  # no pickled code, ever
-
-
-def rng_state(gen):
-    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(gen, s):
-    torch.set_rng_state(s["torch"]); gen.set_state(s["gen"]); random.setstate(s["python"])
-
-
-def truncate_metrics(out_dir, step):
-    """On resume, drop metric lines written after the checkpoint (they will be written again)."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
-        open(path, "w").writelines(lines)
-
-
-def log_metrics(out_dir, row):
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def lr_lambda(warmup, total):
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    return lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The objective.
 
 def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
-    """Eq. (2): masked-diffusion SFT loss on response tokens only.
-    input_ids (B, T) = prompt ⊕ response; response_mask (B, T) is 1 on the gen_length response positions
-    (EOS padding included: learning where to stop is part of the task). Per sequence draw t ~ U(0,1),
-    mask each response token with probability p = (1-eps) t + eps, and score the masked ones with 1/p
-    importance weights; normalise by the response length |r| and average over the batch:
-        loss = (1/B) sum_b (1/|r_b|) sum_{i masked} -log f(x0_i | x_t) / p_b
-    """
+    # Eq. (2): masked-diffusion SFT loss on response tokens only.
+    # input_ids (B, T) = prompt ⊕ response; response_mask (B, T) is 1 on the gen_length response positions
+    # (EOS padding included: learning where to stop is part of the task). Per sequence draw t ~ U(0,1),
+    # mask each response token with probability p = (1-eps) t + eps, and score the masked ones with 1/p
+    # importance weights; normalise by the response length |r| and average over the batch:
+    #     loss = (1/B) sum_b (1/|r_b|) sum_{i masked} -log f(x0_i | x_t) / p_b
     B, T = input_ids.shape
     t = torch.rand(B, 1, device=input_ids.device, generator=gen)
     p = (1 - LOG_EPS) * t + LOG_EPS  # (B, 1)
     masked = (torch.rand(B, T, device=input_ids.device, generator=gen) < p) & response_mask.bool()  # (B, T)
     noisy = torch.where(masked, mask_id, input_ids)  # x_t of Eq. (1), restricted to the response
     logits = model(noisy, attention_mask=attention_mask).logits  # (B, T, V)
-    token_nll = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (n_masked,)
+    token_nll = torch.nn.functional.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (n_masked,)
     # 1/p undoes the masking rate (Eq. (1)): without it low-t samples, with few masked tokens, would barely count
     weight = 1.0 / (p.expand(B, T)[masked] * response_mask.sum(1, keepdim=True).expand(B, T)[masked])
     return (token_nll * weight).sum() / B
 
 
 def build_sft_data(args, tokenizer, toy):
-    """Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter)."""
-    if toy:
-        ds = toy_dataset("train", args.toy_size, args.seed, args.traces)
-    else:
-        ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
-        if args.rewrite_model:
-            ds = rewrite_traces(ds, args)
-    rows, dropped = [], 0  # length alignment (Eq. (2)): a trace longer than L is dropped, never truncated
-    for q, trace in zip(ds[args.question_col], ds[args.trace_col]):
-        resp = encode_response(tokenizer, str(trace), args.gen_length)
-        if resp is None:
-            dropped += 1
-            continue
-        rows.append((tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids, resp))
-    print(f"data: {len(rows)} traces fit gen_length={args.gen_length}, {dropped} longer ones dropped")
+    # Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter).
+    ds = toy_dataset("train", args.toy_size, args.seed, args.traces) if toy else \
+        load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
+    if args.rewrite_model and not toy:
+        ds = rewrite_traces(ds, args)
+    # length alignment (Eq. (2)): a trace longer than L is dropped (None), never truncated
+    pairs = [(q, encode_response(tokenizer, str(t), args.gen_length)) for q, t in zip(ds[args.question_col], ds[args.trace_col])]
+    rows = [(tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids, r) for q, r in pairs if r is not None]
+    print(f"data: {len(rows)} traces fit gen_length={args.gen_length}, {len(pairs) - len(rows)} longer ones dropped")
     if not rows:
         fail(f"no trace fits --gen_length {args.gen_length}; raise it or use shorter (--traces concise) traces")
     return rows
 
 
 def rewrite_traces(ds, args):
-    """The paper's rewriting step (§3.3): a local instruct LM turns long traces into concise ones. Results are
-    cached line by line in a JSONL so an interrupted rewrite continues where it stopped."""
+    # The paper's rewriting step (§3.3): a local instruct LM turns long traces into concise ones. Results are
+    # cached line by line in a JSONL so an interrupted rewrite continues where it stopped.
     from transformers import AutoModelForCausalLM, AutoTokenizer
     instruction = "Rewrite this solution as a concise step-by-step derivation that keeps the final answer:\n\n"
-    cache = {}
-    if os.path.exists(args.rewrite_cache):
-        cache = {r["source"]: r["rewritten"] for r in map(json.loads, open(args.rewrite_cache))}
+    cache = {r["source"]: r["rewritten"] for r in map(json.loads, open(args.rewrite_cache))} \
+        if os.path.exists(args.rewrite_cache) else {}
     tok = AutoTokenizer.from_pretrained(args.rewrite_model)
     lm = AutoModelForCausalLM.from_pretrained(args.rewrite_model)
     os.makedirs(os.path.dirname(args.rewrite_cache) or ".", exist_ok=True)
-    out = []
     with open(args.rewrite_cache, "a") as f:
         for trace in ds[args.trace_col]:
-            if trace not in cache:
+            if trace not in cache:  # each distinct trace is rewritten once, ever
                 enc = tok(instruction + trace, return_tensors="pt")
                 # gen_length - 1 leaves room for the end-of-turn token when the two tokenizers agree
                 gen = lm.generate(**enc, max_new_tokens=args.gen_length - 1, do_sample=False,
                                   pad_token_id=tok.eos_token_id)
                 cache[trace] = tok.decode(gen[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip()
                 f.write(json.dumps({"source": trace, "rewritten": cache[trace]}) + "\n")
-            out.append(cache[trace])
-    return ds.remove_columns(args.trace_col).add_column(args.trace_col, out)
+    return ds.remove_columns(args.trace_col).add_column(args.trace_col, [cache[t] for t in ds[args.trace_col]])
 
 
 def main(argv=None):
     args = get_args(argv)
+    # ---- device and RNG: every random draw of the run comes from `gen` (the model's init: the global RNG)
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
-    dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
-    toy = args.dataset == "toy"
+    dtype, amp_dtype, precision = precision_policy(args.precision, device, args.lora_r > 0, lora=args.lora_r > 0)
     torch.manual_seed(args.seed)
-    gen = torch.Generator(device).manual_seed(args.seed + rank)  # every random draw of the run comes from here
-    if rank == 0:
-        prepare_out_dir(args.out_dir, args.resume, args.overwrite)
-    barrier(world)
-    resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt"))
+    gen = torch.Generator(device).manual_seed(args.seed + rank)
+    state = open_run(args, rank, world)  # None unless --resume finds a checkpoint
 
-    # ---- data (the tokenizer alone is enough to build it; the model is loaded once the data is known to be good)
+    # ---- data: the tokenizer alone builds it, so bad data fails before a large model is loaded
     tokenizer = load_model(args.model, args.trust_remote_code, "cpu")[1] if args.model != "toy" else build_toy_tokenizer()
-    rows = build_sft_data(args, tokenizer, toy)
+    rows = build_sft_data(args, tokenizer, args.dataset == "toy")  # [(prompt ids, response ids of length L)]
     mask_id = tokenizer.convert_tokens_to_ids(MASK)
 
-    # ---- model
-    model, tokenizer = load_model(args.out_dir if resuming and not args.lora_r else args.model,
-                                  args.trust_remote_code, device, dtype)  # resume: same policy, same dtype
+    # ---- model (a resumed full model comes back from --out_dir in the same dtype; LoRA reloads its adapter)
+    model, tokenizer = load_model(args.out_dir if state and not args.lora_r else args.model,
+                                  args.trust_remote_code, device, dtype)
     if args.grad_ckpt:
         enable_grad_ckpt(model)
     if args.lora_r:
-        model = add_lora(model, args.lora_r, args.lora_alpha)
-        if resuming:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-            set_peft_model_state_dict(model, load_file(os.path.join(args.out_dir, "adapter_model.safetensors")))
+        model = add_lora(model, args.lora_r, args.lora_alpha, resume_dir=args.out_dir if state else None)
     raw_model = model  # the unwrapped model is what gets saved, whatever wraps it for training
     if world > 1:  # gradients are averaged over ranks inside backward()
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"model: {args.model} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | "
-          + describe_precision(dtype, amp_dtype, args.lora_r > 0))
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | {precision}")
+
+    # ---- optimizer
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup_steps, args.max_steps))
-    # skipped: non-finite updates so far (logged); bad_in_a_row: how many of the last updates were non-finite
-    step, skipped, bad_in_a_row = 0, 0, 0
-    if resuming:
-        state = load_state(args.out_dir)
-        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        set_rng_state(gen, state["rng"][rank]); step, skipped = state["step"], state["skipped"]
-        if rank == 0:
-            truncate_metrics(args.out_dir, step)
-        print(f"resumed {args.out_dir} at step {step}")
-    os.makedirs(args.out_dir, exist_ok=True)
+    # linear warmup over W steps, then cosine decay to 10% of the peak at step T
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, W=args.warmup_steps, T=args.max_steps: (s + 1) / W if s < W
+                                              else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - W) / max(1, T - W))))
+    # skipped: non-finite updates so far (logged); bad: how many of the latest updates in a row were non-finite
+    step, skipped, bad = restore(state, args.out_dir, opt, sched, [gen], rank) + (0,) if state else (0, 0, 0)
 
     def batch_at(step, micro):
-        """Data order is a pure function of (seed, step): resuming needs no saved data position."""
+        # Data order is a pure function of (seed, step): resuming needs no saved data position.
         per_epoch = len(rows) // args.batch_size
         k = (step * args.grad_accum + micro) * world + rank  # each rank reads its own micro-batches
         perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch))
         chosen = [rows[i] for i in perm[(k % per_epoch) * args.batch_size:][:args.batch_size].tolist()]
-        ids, attn = left_pad([q + r for q, r in chosen], tokenizer.pad_token_id)
-        response_mask = torch.zeros_like(ids)
+        ids, attn = left_pad([q + r for q, r in chosen], tokenizer.pad_token_id)  # (B, T)
+        response_mask = torch.zeros_like(ids)  # (B, T)
         # Eq. (2): only these positions are ever masked; the prompt to their left stays clean
         response_mask[:, -args.gen_length:] = 1  # responses all have length gen_length and sit at the right end
         return ids.to(device), attn.to(device), response_mask.to(device)
@@ -583,35 +438,161 @@ def main(argv=None):
                 loss = sft_loss(model, ids, attn, response_mask, mask_id, gen) / args.grad_accum
             loss.backward()
             total += loss.item()
-        # clip_grad_norm_ returns the norm before clipping: inf/nan there means some gradient is not finite
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        if torch.isfinite(gnorm):
-            opt.step()
-            bad_in_a_row = 0
-        else:  # a non-finite update is skipped and counted; several in a row stop the run
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            if bad_in_a_row > MAX_BAD_UPDATES:
-                fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
-        opt.zero_grad(set_to_none=True)
+        gnorm, bad = safe_step(opt, params, args.grad_clip, bad)  # a non-finite update is skipped and counted
+        skipped += bad > 0
         sched.step()  # the schedule follows steps taken, skipped or not, so resume needs only `step`
         step += 1
         bar.update(1)
+        # ---- everything below is logging and checkpoints
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4), "skipped": skipped,
-                   "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)}
+            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4), "lr": sched.get_last_lr()[0],
+                   "skipped": skipped, "seconds": round(time.time() - t0, 1)}
             log_metrics(args.out_dir, row)
-            bar.write(json.dumps(row))
+            bar.write(log_line(row, row))
         if step % args.save_every == 0 or step == args.max_steps:
-            rngs = gather_objects(rng_state(gen), world)  # every rank's RNG, so a resume continues each stream
-            if rank == 0:
-                save_checkpoint(args.out_dir, raw_model, tokenizer, args,
-                                {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rngs, "step": step,
-                                 "skipped": skipped})
-            barrier(world)
+            checkpoint(args, raw_model, tokenizer, opt, sched, [gen], step, skipped, rank, world)
     bar.close()
-    if rank == 0:
-        print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")
+    print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")  # rank 0 only: the others print to /dev/null
 
+
+# ==========================================================================================================
+# Run machinery: skip on first reading. Atomic checkpoints, exact resume, torchrun, non-finite updates, the
+# metrics file. sft.py and igpo.py call it with one line each: init_distributed (first), open_run (before the
+# model), restore (after the optimizer), safe_step (each update), log_metrics and checkpoint (in the loop).
+
+def init_distributed(device_name="auto"):
+    # (rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
+    # process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0.
+    device = torch.device(device_name if device_name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather_objects(obj, world):
+    # The list of obj from every rank (just [obj] in a single process).
+    out = [obj] * world
+    if world > 1:
+        torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def prepare_out_dir(out_dir, resume, overwrite):
+    # Recover from a save that was interrupted mid-swap, and refuse to clobber another run.
+    old, tmp = out_dir + ".old", out_dir + ".tmp"
+    if not os.path.exists(out_dir) and os.path.exists(old):
+        os.rename(old, out_dir)  # killed between the two renames of save_checkpoint: the old one is intact
+    for d in (old, tmp):  # killed before deleting .old: out_dir already holds the new one; .tmp: half written
+        shutil.rmtree(d, ignore_errors=True)
+    has_run = os.path.exists(os.path.join(out_dir, "args.json"))
+    if has_run and not (resume or overwrite):
+        fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if overwrite and not resume:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    elif not has_run:  # a run killed before its first checkpoint: its metric lines would be logged twice
+        for name in ("metrics.jsonl", "example.json"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    return has_run and resume
+
+
+def save_checkpoint(out_dir, model, tokenizer, args, state):
+    # Write the whole checkpoint to out_dir.tmp, then swap it in with two renames, so an interrupted save
+    # never damages the last good checkpoint. The folder loads with load_model() / the Auto classes.
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        fail("model weights are not finite; refusing to save over the last good checkpoint")
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    if state is not None:
+        torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
+    for name in ("metrics.jsonl", "example.json", "eval_before.json"):  # written between saves: carry them over
+        if os.path.exists(os.path.join(out_dir, name)):
+            shutil.copy(os.path.join(out_dir, name), tmp)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(out_dir):
+    return torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)  # no pickled code, ever
+
+
+def rng_state(gen):
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "python": random.getstate()}
+
+
+def log_metrics(out_dir, row):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+
+def open_run(args, rank, world):
+    # The saved state when --resume finds a checkpoint in --out_dir, else None (a fresh run).
+    if rank == 0:
+        prepare_out_dir(args.out_dir, args.resume, args.overwrite)
+    if world > 1:  # the other ranks wait until rank 0 has the folder ready
+        torch.distributed.barrier()
+    return load_state(args.out_dir) if args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt")) else None
+
+
+def restore(state, out_dir, opt, sched, gens, rank):
+    # Optimizer, schedule and every RNG stream as saved; returns (step, skipped).
+    opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["torch"]); gens[0].set_state(rng["gen"]); random.setstate(rng["python"])
+    if len(gens) > 1:  # igpo's hint stream
+        gens[1].set_state(state["hint_gen"][rank])
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if rank == 0 and os.path.exists(path):  # metric lines written after the checkpoint will be written again
+        lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= state["step"]]
+        open(path, "w").writelines(lines)
+    print(f"resumed {out_dir} at step {state['step']}")
+    return state["step"], state["skipped"]
+
+
+def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped, rank, world):
+    # Save weights + optimizer + every rank's RNG streams (gathered, so a resume continues each one).
+    state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": gather_objects(rng_state(gens[0]), world),
+             "step": step, "skipped": skipped}
+    if len(gens) > 1:
+        state["hint_gen"] = gather_objects(gens[1].get_state(), world)
+    if rank == 0:
+        save_checkpoint(args.out_dir, model, tokenizer, args, state)
+    if world > 1:  # no rank runs ahead of a save that may still fail
+        torch.distributed.barrier()
+
+
+def safe_step(opt, params, grad_clip, bad_in_a_row, finite=True):
+    # Clip and step, or skip a non-finite update; returns (grad norm, non-finite updates in a row).
+    # clip_grad_norm_ returns the norm before clipping: inf/nan there means some gradient is not finite
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    bad_in_a_row = 0 if finite and torch.isfinite(gnorm) else bad_in_a_row + 1
+    if bad_in_a_row == 0:
+        opt.step()
+    elif bad_in_a_row > MAX_BAD_UPDATES:  # the last good checkpoint is kept on disk
+        fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
+    opt.zero_grad(set_to_none=True)
+    return gnorm, bad_in_a_row
+
+
+def log_line(row, keys):
+    # The printed line of both trainers, `step 12 | loss 0.41 | ...` (fields: NOTES.md §5).
+    return " | ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys)
 
 if __name__ == "__main__":
     main()

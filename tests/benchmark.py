@@ -246,8 +246,14 @@ def igpo_step(model, tok, args, batch):
     times["grading"] = time.perf_counter() - t
     t = time.perf_counter()
     all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
-    hint_mask, *_ = igpo.inpaint_all_wrong(model, tok, batch, all_wrong, prompts, attn, comp, reward, texts, args,
-                                           mask_id, "toy", gen, hint_gen)
+    hints = igpo.hint_canvases(tok, [batch[b][1] for b in all_wrong], args, mask_id, hint_gen)
+    rep = lambda t: t.repeat_interleave(G, 0)
+    inpainted = igpo.rollout(model, rep(prompts[all_wrong]), rep(attn[all_wrong]), args, mask_id, gen, hints, end_ids)
+    inp_texts = tok.batch_decode(inpainted)
+    correct = torch.tensor([ev.grade(t, batch[all_wrong[j // G]][2], "toy") for j, t in enumerate(inp_texts)],
+                           dtype=torch.bool).view(len(all_wrong), G)
+    comp, reward, texts, hint_mask, _ = igpo.replace_wrong(comp, reward, texts, all_wrong, inpainted, inp_texts, correct,
+                                                           hints, args.max_replace_frac, mask_id)
     times["inpainting_rollouts_and_grading"] = time.perf_counter() - t
     n_rollouts, rollout_rows = len(comp) + G * len(all_wrong), rows[0]
     t = time.perf_counter()
@@ -276,7 +282,7 @@ def igpo_step(model, tok, args, batch):
 def igpo_step_phases(tok, quick):
     """Time the phases of one IGPO step with the default flags on a random embedded model (every group is
     all-wrong, so inpainting always runs: the most expensive case)."""
-    args = igpo.get_args(["--eval_limit", "0"])
+    args = igpo.get_args(["--limit", "0"])
     if quick:
         args.batch_prompts, args.num_generations = 2, 4
     ds = sft.toy_dataset("train", args.batch_prompts, seed=3)
@@ -290,7 +296,7 @@ def early_exit_igpo_step(ckpt, quick):
     and seeds: row-forwards per rollout, seconds of the rollout phases, and whether everything the step reads
     afterwards is identical (tokens up to each row's first end token, rewards, hint and loss masks, the loss,
     the rollout generator's state)."""
-    args = igpo.get_args(["--eval_limit", "0"])
+    args = igpo.get_args(["--limit", "0"])
     if quick:
         args.batch_prompts = 2
     ds = sft.toy_dataset("train", args.batch_prompts, seed=3)

@@ -14,7 +14,7 @@ from conftest import tiny_model
 
 
 def make_args(**kw):
-    args = igpo.get_args(["--eval_limit", "0"])
+    args = igpo.get_args(["--limit", "0"])
     for k, v in kw.items():
         setattr(args, k, v)
     return args
@@ -66,46 +66,39 @@ def fake_batch(tokenizer, answers, B, G):
 
 
 @pytest.mark.parametrize("n_correct,expected_K", [(0, 0), (1, 1), (3, 3), (4, 4), (8, 4)])
-def test_replacement_rule_and_own_trace(tokenizer, monkeypatch, n_correct, expected_K):
-    """Only all-wrong groups are inpainted, each from its own trace, and K = min(#correct, floor(lambda G))."""
+def test_replacement_rule_and_own_trace(tokenizer, n_correct, expected_K):
+    """Only all-wrong groups are inpainted, each from its own trace, and K = min(#correct, floor(lambda G));
+    the inputs are left as they were (the step gets new tensors back)."""
     B, G, L = 3, 8, 24
     mask_id = tokenizer.mask_token_id
-    args = make_args(num_generations=G, gen_length=L, block_length=8, steps=8, max_replace_frac=0.5,
+    args = make_args(num_generations=G, gen_length=L, block_length=8, diffusion_steps=8, max_replace_frac=0.5,
                      eta_low=0.5, eta_high=0.5, chunk_min=2, chunk_max=3)
     batch, prompts, attn = fake_batch(tokenizer, [11, 13, 15], B, G)
-    seen = {}
-
-    def fake_rollout(model, p, a, args_, mask_id_, gen, hints=None, end_ids=None):
-        seen["prompts"], seen["hints"] = p, hints
-        return torch.where(hints == mask_id, tokenizer.eos_token_id, hints)
-
-    def fake_grade(text, gold, task):  # the first n_correct inpainted samples of each group are "correct"
-        fake_grade.calls += 1
-        return (fake_grade.calls - 1) % G < n_correct
-    fake_grade.calls = 0
-    monkeypatch.setattr(igpo, "rollout", fake_rollout)
-    monkeypatch.setattr(igpo, "grade", fake_grade)
-    completions = torch.full((B * G, L), tokenizer.eos_token_id)
-    reward = torch.zeros(B, G)
-    reward[1, 0] = 1.0  # group 1 is not all-wrong and must be left alone
-    texts = ["x"] * (B * G)
-    before = completions.clone()
-    hint_mask, rescued, n_replaced, _ = igpo.inpaint_all_wrong(
-        None, tokenizer, batch, [0, 2], prompts, attn, completions, reward, texts, args, mask_id, "toy",
-        None, torch.Generator().manual_seed(0))
-    assert seen["hints"].shape == (2 * G, L)
-    for g, b in enumerate([0, 2]):  # group b's canvases hold only tokens of b's own trace, never its answer
+    groups = [0, 2]  # group 1 is not all-wrong and must be left alone
+    hints = igpo.hint_canvases(tokenizer, [batch[b][1] for b in groups], args, mask_id, torch.Generator().manual_seed(0))
+    assert hints.shape == (2 * G, L)
+    for g, b in enumerate(groups):  # group b's canvases hold only tokens of b's own trace, never its answer
         own = igpo.hintable_trace_ids(tokenizer, batch[b][1], L)
-        assert torch.equal(seen["prompts"][g * G], prompts[b])
-        for row in seen["hints"][g * G:(g + 1) * G]:
+        for row in hints[g * G:(g + 1) * G]:
             for i in (row != mask_id).nonzero().flatten().tolist():
                 assert row[i] == own[i]
-    assert n_replaced == 2 * expected_K and rescued == ([0, 2] if expected_K else [])
-    for b in [0, 2]:
-        assert reward[b].sum() == expected_K
+    inpainted = torch.where(hints == mask_id, tokenizer.eos_token_id, hints)  # what a rollout keeps: the hints
+    correct = (torch.arange(G) < n_correct).repeat(2, 1)  # the first n_correct inpainted samples of each group
+    completions = torch.full((B * G, L), tokenizer.eos_token_id)
+    reward = torch.zeros(B, G)
+    reward[1, 0] = 1.0
+    texts = ["x"] * (B * G)
+    before = (completions.clone(), reward.clone(), list(texts))
+    completions2, reward2, texts2, hint_mask, Ks = igpo.replace_wrong(
+        completions, reward, texts, groups, inpainted, ["y"] * (2 * G), correct, hints, 0.5, mask_id)
+    assert Ks == [expected_K] * 2
+    assert torch.equal(completions, before[0]) and torch.equal(reward, before[1]) and texts == before[2]
+    for g, b in enumerate(groups):
+        assert reward2[b].sum() == expected_K and texts2[b * G:(b + 1) * G].count("y") == expected_K
+        assert torch.equal(completions2[b * G:b * G + expected_K], inpainted[g * G:g * G + expected_K])
         assert hint_mask[b * G:b * G + expected_K].any(1).all() and not hint_mask[b * G + expected_K:(b + 1) * G].any()
-    assert torch.equal(completions[G:2 * G], before[G:2 * G]) and reward[1].tolist() == [1] + [0] * 7
-    adv = reward - reward.mean(1, keepdim=True)
+    assert torch.equal(completions2[G:2 * G], before[0][G:2 * G]) and reward2[1].tolist() == [1] + [0] * 7
+    adv = reward2 - reward2.mean(1, keepdim=True)
     assert (adv[0].abs().sum() > 0) == (expected_K > 0)  # a rescued group now has a learning signal
 
 
@@ -195,9 +188,9 @@ def tiny_init(tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("mu", [1, 2])
 def test_end_to_end_short_run(tiny_init, tmp_path, mu):
     out = tmp_path / "igpo"
-    igpo.main(["--init", tiny_init, "--out_dir", str(out), "--max_steps", "2", "--batch_prompts", "2",
-               "--num_generations", "4", "--gen_length", "16", "--block_length", "8", "--steps", "8",
-               "--num_iterations", str(mu), "--eval_limit", "0", "--save_every", "1"])
+    igpo.main(["--model", tiny_init, "--out_dir", str(out), "--max_steps", "2", "--batch_prompts", "2",
+               "--num_generations", "4", "--gen_length", "16", "--block_length", "8", "--diffusion_steps", "8",
+               "--num_iterations", str(mu), "--limit", "0", "--save_every", "1"])
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     keys = {"step", "reward", "all_wrong", "all_wrong_after", "inpainted_groups", "replaced", "hint_frac",
             "entropy", "loss", "kl", "clip_frac", "seconds"}
@@ -217,3 +210,16 @@ def test_summarize_matches_hand_computation(tmp_path):
     assert s["steps"] == 4 and s["all_wrong"] == 0.3125 and s["all_wrong_after"] == 0.0625
     assert s["reward_by_quarter"] == [.1, .2, .3, .5] and s["replaced_per_step"] == 1.75
     assert s["max_abs_loss"] == 0.7 and s["max_kl"] == 0.05 and s["train_seconds"] == 8.0
+
+
+def test_checkpoint_keeps_files_written_between_saves(tokenizer, tmp_path):
+    """igpo writes eval_before.json before its first checkpoint; the checkpoint's folder swap must keep it."""
+    import argparse
+    import os
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    for name in ("metrics.jsonl", "eval_before.json"):
+        open(os.path.join(out, name), "w").write("{}\n")
+    sft.save_checkpoint(out, tiny_model(tokenizer), tokenizer, argparse.Namespace(), None)
+    assert sorted(n for n in os.listdir(out) if n.endswith(("json", "jsonl")) and n.startswith(("eval", "metrics"))) \
+        == ["eval_before.json", "metrics.jsonl"]

@@ -147,11 +147,11 @@ def test_eval_on_llada_is_batch_invariant(tiny_llada, tmp_path):
     data.write_text("".join(json.dumps({"question": q, "answer": f"x\n#### {i}"}) + "\n" for i, q in enumerate(qs)))
     gens = []
     for bs in (1, 8):
-        out = tmp_path / f"bs{bs}.json"
+        out = tmp_path / f"bs{bs}"
         evaluation.main(["--model", tiny_llada, "--trust_remote_code", "--task", "gsm8k", "--data", str(data),
-                         "--gen_length", "16", "--block_length", "8", "--steps", "8", "--batch_size", str(bs),
-                         "--out", str(out), "--device", "cpu"])
-        gens.append([r["generations"] for r in json.load(open(out))["generations"]])
+                         "--gen_length", "16", "--block_length", "8", "--diffusion_steps", "8", "--batch_size", str(bs),
+                         "--out_dir", str(out), "--device", "cpu"])
+        gens.append([r["generations"] for r in json.load(open(out / "eval_gsm8k.json"))["generations"]])
     assert gens[0] == gens[1] and len(set(gens[0])) > 2  # same answers, and not a degenerate constant output
     assert gens[0][0] == gens[0][5] and gens[0][1] == gens[0][2]  # same prompt, same greedy answer
 
@@ -160,7 +160,7 @@ def test_rollout_rows_do_not_see_each_other(tiny_llada):
     """igpo.rollout on LLaDA: a prompt's samples do not depend on the other prompts of the batch (greedy)."""
     model, tok = sft.load_model(tiny_llada, trust_remote_code=True)
     prompts, attn, _ = llada_batch(tok)
-    args = argparse.Namespace(gen_length=16, block_length=8, steps=8, temperature=0.0, gen_batch=0, early_exit=True)
+    args = argparse.Namespace(gen_length=16, block_length=8, diffusion_steps=8, temperature=0.0, gen_batch=0, early_exit=True)
     mask_id = tok.convert_tokens_to_ids(sft.MASK)
     both = igpo.rollout(model.eval(), prompts, attn, args, mask_id, None)
     for b in range(2):
@@ -234,15 +234,15 @@ def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
     sft_out, igpo_out = str(tmp_path / "sft_llada"), str(tmp_path / "igpo_llada")
     sft.main(readme_command("sft.py", model=tiny_llada, dataset=traces, gen_length=16, grad_accum=2, lr=1e-2,
                             warmup_steps=1, max_steps=2, out_dir=sft_out, precision="bf16"))
-    igpo.main(readme_command("igpo.py", init=sft_out, dataset=metamath, gen_length=32, block_length=16, steps=8,
+    igpo.main(readme_command("igpo.py", model=sft_out, dataset=metamath, gen_length=32, block_length=16, diffusion_steps=8,
                              num_generations=2, batch_prompts=2, grad_accum=2, num_iterations=2, gen_batch=4,
                              warmup_steps=1, max_steps=2, out_dir=igpo_out, precision="bf16"))
     import eval as evaluation
-    evaluation.main(readme_command("eval.py", model=igpo_out, data=bench, gen_length=32, block_length=16, steps=8,
-                                   out=tmp_path / "eval.json", precision="bf16"))
+    evaluation.main(readme_command("eval.py", model=igpo_out, data=bench, gen_length=32, block_length=16, diffusion_steps=8,
+                                   out_dir=tmp_path, precision="bf16"))
     printed = capsys.readouterr().out
     assert printed.count("precision: weights bfloat16") == 3  # the policy line of all three scripts
-    assert len(json.load(open(tmp_path / "eval.json"))["generations"]) == len(SHORT_ROWS)
+    assert len(json.load(open(tmp_path / "eval_math500.json"))["generations"]) == len(SHORT_ROWS)
     assert json.load(open(os.path.join(igpo_out, "adapter_config.json")))["base_model_name_or_path"] == sft_out
     module = "model.transformer.blocks.1.ff_out"
     base = sft.load_model(tiny_llada, trust_remote_code=True)[0].get_submodule(module).weight

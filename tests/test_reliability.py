@@ -103,9 +103,9 @@ def igpo_setup(tokenizer, tmp_path_factory):
         for a in range(2, 12):
             for b in range(3, 7):
                 f.write(json.dumps({"question": f"What is {a}+{b}?", "trace": f"\\boxed{{{a + b}}}\n"}) + "\n")
-    args = ["--init", str(root / "init"), "--dataset", str(root / "add.jsonl"), "--max_steps", "4",
+    args = ["--model", str(root / "init"), "--dataset", str(root / "add.jsonl"), "--max_steps", "4",
             "--save_every", "1", "--batch_prompts", "2", "--num_generations", "4", "--gen_length", "16",
-            "--block_length", "8", "--steps", "8", "--eta_low", "0.5", "--eta_high", "1", "--eval_limit", "0"]
+            "--block_length", "8", "--diffusion_steps", "8", "--eta_low", "0.5", "--eta_high", "1", "--limit", "0"]
     return root, args
 
 
@@ -232,7 +232,7 @@ def test_taken_out_dir_refused_then_overwritten(tmp_path, tokenizer):
     before = files_digest(out)
     for main in (sft.main, igpo.main):  # both refuse before touching anything
         with pytest.raises(SystemExit) as e:
-            main(["--out_dir", out, "--max_steps", "2"] + (["--init", out] if main is igpo.main else []))
+            main(["--out_dir", out, "--max_steps", "2"] + (["--model", out] if main is igpo.main else []))
         msg = str(e.value.code)
         assert msg.startswith("error:") and "already holds a run" in msg and "\n" not in msg
     assert files_digest(out) == before

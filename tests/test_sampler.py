@@ -262,7 +262,7 @@ def test_evaluate_saves_the_full_eos_padded_canvas(tokenizer):
     script[5] = tokenizer.convert_tokens_to_ids(sft.EOT)
     end_ids = torch.tensor([script[5], tokenizer.eos_token_id])
     model = Scripted(tiny_model(tokenizer, seed=3), len(prompt), {prompt[0]: script}, end_ids)
-    records, _ = evaluate(model, tokenizer, [("Ann has 3 pens.", "3")] * 2, "toy", L, 8, 16, progress=False)
+    records, _ = evaluate(model, tokenizer, [("Ann has 3 pens.", "3")] * 2, "toy", L, 8, 16)
     for r in records:
         text = r["generations"]
         assert text.endswith(sft.EOT + sft.EOS * (L - 6)) and sft.MASK not in text

@@ -334,8 +334,8 @@ def tiny_ckpt(tokenizer, tmp_path_factory):
 
 def test_torchrun_igpo_two_processes(tiny_ckpt, tmp_path):
     out = tmp_path / "igpo"
-    torchrun("igpo.py", "--init", tiny_ckpt, "--out_dir", out, "--max_steps", 2, "--batch_prompts", 2,
-             "--num_generations", 4, "--gen_length", 16, "--block_length", 8, "--steps", 8, "--eval_limit", 0,
+    torchrun("igpo.py", "--model", tiny_ckpt, "--out_dir", out, "--max_steps", 2, "--batch_prompts", 2,
+             "--num_generations", 4, "--gen_length", 16, "--block_length", 8, "--diffusion_steps", 8, "--limit", 0,
              "--device", "cpu")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]  # one line per step, written by rank 0 only
@@ -349,10 +349,10 @@ def test_torchrun_eval_matches_single_process(tiny_ckpt, tmp_path):
     # batch_size 1: each question is sampled alone in both runs, so any difference comes from the sharding
     # and gathering of questions over ranks, not from float noise of different left padding
     flags = ["--model", tiny_ckpt, "--task", "toy", "--limit", 6, "--gen_length", 16, "--block_length", 8,
-             "--steps", 8, "--batch_size", 1, "--device", "cpu"]
-    torchrun("eval.py", *flags, "--out", tmp_path / "two.json")
-    evaluation.main([str(f) for f in flags] + ["--out", str(tmp_path / "one.json")])
-    one, two = json.load(open(tmp_path / "one.json")), json.load(open(tmp_path / "two.json"))
+             "--diffusion_steps", 8, "--batch_size", 1, "--device", "cpu"]
+    torchrun("eval.py", *flags, "--out_dir", tmp_path / "two")
+    evaluation.main([str(f) for f in flags] + ["--out_dir", str(tmp_path / "one")])
+    one, two = (json.load(open(tmp_path / d / "eval_toy.json")) for d in ("one", "two"))
     assert len(one["generations"]) == 6
     assert [r["question"] for r in two["generations"]] == [q for q, _ in evaluation.load_task("toy", limit=6)]
     for key in ["question", "generations", "correct"]:
