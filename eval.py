@@ -40,7 +40,8 @@ NEG_INF = float("-inf")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a stale flag (e.g. the old `--out x.json`) is an error, not a prefix of another flag
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     # ---- model and task
     p.add_argument("--model", default="", help="checkpoint folder or hub id (default: out/igpo, else out/sft)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")

@@ -47,7 +47,8 @@ from sft import MASK, fail, left_pad, load_model, make_prompt
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a stale flag (e.g. the old `--out x.json`) is an error, not a prefix of another flag
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     # ---- model
     p.add_argument("--model", "--init", default="out/sft", help="starting checkpoint: the SFT output, a hub id or a path")
     p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")

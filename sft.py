@@ -49,7 +49,8 @@ MAX_BAD_UPDATES = 3  # consecutive non-finite updates skipped before a run (SFT 
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: a stale flag (e.g. the old `--out x.json`) is an error, not a prefix of another flag
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     # ---- model
     p.add_argument("--model", default="toy", help="'toy' (embedded tiny model) or a hub id / local path")
     p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")

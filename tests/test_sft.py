@@ -217,7 +217,7 @@ def test_short_default_sft_learns_the_task_format(tmp_path):
         sft.main(["--out_dir", str(tmp_path / "run"), "--max_steps", str(SHORT_SFT_STEPS), "--save_every", "100000"])
         model, tok = sft.load_model(str(tmp_path / "run"))
         items = evaluation.load_task("toy", limit=100)
-        records, acc = evaluation.evaluate(model, tok, items, "toy", 48, 8, 24, progress=False)
+        records, acc = evaluation.evaluate(model, tok, items, "toy", 48, 8, 24)
     finally:
         torch.set_num_threads(n)
     shaped = 0
