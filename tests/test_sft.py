@@ -228,4 +228,4 @@ def test_short_default_sft_learns_the_task_format(tmp_path):
         shaped += (len(lines) == days + 1 and re.fullmatch(r"\\boxed\{\d+\}", lines[-1]) is not None
                    and all(re.fullmatch(r"\d+[-+]\d+=\d+", l) for l in lines[:-1]) and re.match(rf"{start}[-+]", lines[0]) is not None)
     print(f"shaped {shaped}/100, accuracy {acc:.2f}")
-    assert shaped >= SHORT_SFT_SHAPED
+    assert shaped >= SHORT_SFT_SHAPED and acc >= 0.05  # measured: 38 shaped, 10% correct
