@@ -109,8 +109,8 @@ def build_toy_tokenizer():
     # A word-level tokenizer, as LLaDA's BPE is: one token per word (with its leading space, as BPE merges
     # it), per number 0..99 and per punctuation mark, plus LLaDA's special tokens and chat template.
     # A space before a number is a token of its own, so that a number is the *same* token in the question
-    # ("has 14") and in the trace ("14+3=17"): copying it is then the identity, which a tiny model learns
-    # in a few hundred steps; with " 14" and "14" as two tokens it must also learn 100 pairings first.
+    # ("has 14") and in the trace ("14+3=17"): copying it is then the identity. With " 14" and "14" as two
+    # tokens the tiny model must also learn 100 pairings first, and did not in 1,000 steps (NOTES.md §10.1).
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     pieces = [p for w in WORDS + list("+-*=.,:?{}\\") for p in (w, " " + w)]
@@ -146,7 +146,7 @@ def toy_problem(rng, max_days=TOY_MAX_DAYS):
     # One word problem: a start amount and one rule applied every day for n days (1 <= n <= max_days).
     # Each trace line needs only the line before it and the rule, which sits at a fixed place in the question,
     # so nothing has to be searched for in the prompt; n is the difficulty (one more line, one more chance to
-    # slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one (~4x longer),
+    # slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one (~3.5x longer),
     # the answer and n.
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     n, k = rng.randint(1, max_days), rng.randint(1, TOY_MAX_RULE)
