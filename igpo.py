@@ -28,7 +28,8 @@
 # 4. The policy's per-token log-probs come from one forward pass per *prompt*: the estimator's input
 #    (prompt + fully masked answer, Eq. (5)) does not depend on the sample, so the G samples share it.
 # 5. Binary reward (official: 3.0 + format reward), LR schedule stepped per rollout batch, token-level ratio
-#    only; NOTES.md §3 items 11-16 list these and the MetaMathQA selection (--metamath_official).
+#    only; NOTES.md §3 items 11-16 list these and the MetaMathQA selection (--metamath_official);
+#    item 17 is early exit (--early_exit).
 import argparse
 import contextlib
 import copy
@@ -210,7 +211,7 @@ def make_hints(trace_ids, gen_length, eta, chunk_min, chunk_max, mask_id, gen):
         size = int(torch.randint(chunk_min, chunk_max + 1, (1,), generator=gen))
         chunks.append((pos, min(pos + size, len(trace_ids))))
         pos += size
-    n_reveal = round(eta * len(chunks))
+    n_reveal = round(eta * len(chunks))  # Python rounds halves to even: a 1-chunk trace at eta 0.5 gets none
     for c in torch.randperm(len(chunks), generator=gen)[:n_reveal].tolist():
         a, b = chunks[c]
         hints[a:b] = torch.tensor(trace_ids[a:b])  # a revealed chunk sits at its own positions
@@ -238,23 +239,32 @@ def replace_wrong(completions, reward, texts, groups, inpainted, inpainted_texts
     for g, b in enumerate(groups):  # inpainted rows g*G .. g*G+G-1 belong to group b
         ok = correct[g].nonzero().flatten().tolist()
         # at most floor(lambda G): the group keeps wrong samples with negative advantage, and the hinted ones
-        # cannot dominate its gradient (Eq. (11): the expected update peaks at lambda = 0.5)
+        # cannot dominate its gradient (Eq. (11): the expected update peaks at a replaced fraction K/G of 1/2;
+        # lambda only caps K/G)
         K = min(len(ok), math.floor(lam * G))
         for slot, j in enumerate(ok[:K]):  # all G originals are wrong: which K are replaced is immaterial
             src, dst = g * G + j, b * G + slot
             completions[dst], texts[dst], reward[b, slot] = inpainted[src], inpainted_texts[src], 1.0
-            hint_mask[dst] = hints[src] != mask_id  # injected tokens: candidates for Eq. (10)
+            hint_mask[dst] = hints[src] != mask_id  # injected tokens: candidates for Eq. (10) (a hint after
+            # the row's end was overwritten by EOS: `& valid` in main drops it)
         Ks.append(K)
     return completions, reward, texts, hint_mask, Ks
 
 
 # ---- the estimator, the entropy filter and the loss: Eq. (5), (6), (9), (10)
 
+def advantages(reward):
+    # Eq. (3): A_i = r(o_i) - mean_j r(o_j) within each group, with no division by the std (the paper's form):
+    # an all-equal group, all wrong or all right, gets exactly 0. reward (B, G) -> adv (B*G,)
+    return (reward - reward.mean(1, keepdim=True)).flatten()
+
+
 def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_entropy=False):
     # Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L), one forward per prompt for its G samples.
     # prompt_ids (B, P), completions (B*G, L) -> logp (B*G, L) [, entropy (B, L) for Eq. (10)].
     # The input (prompt clean, whole completion masked) is the same for all G samples of a prompt, so the G
-    # completions are read off the same distributions (deviation 4).
+    # completions are read off the same distributions (deviation 4). Prompts here are left-padded: exact for
+    # models that apply attention_mask; on LLaDA see NOTES.md §3 item 16.
     B, P = prompt_ids.shape
     L = completions.shape[1]
     x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=torch.long, device=prompt_ids.device)], 1)  # (B, P+L)
@@ -324,6 +334,8 @@ def save_example(out_dir, step, row, b, canvases, inpainted_texts, correct, K, r
                "kept_hint_positions": [keep_hint[i].nonzero().flatten().tolist() for i in rows]}
     with open(os.path.join(out_dir, "example.json"), "w") as f:
         json.dump(example, f, indent=1)
+
+
 def summarize(out_dir):
     # Whole-run means from metrics.jsonl: the numbers the results tables of NOTES.md §10 report.
     rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl")) if l.strip()]
@@ -359,7 +371,6 @@ def plot_run(out_dir, acc_before, acc_after):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
     plt.close(fig)
-
 
 
 def test_accuracy(policy, tokenizer, args, amp, when, rank):
@@ -481,8 +492,9 @@ def main(argv=None):
         # 6. Eq. (8): K = min(#correct, floor(lambda G)) correct inpainted samples replace wrong ones
         completions, reward, texts, hint_mask, Ks = replace_wrong(completions, reward, texts, groups, inpainted,
                                                                   inpainted_texts, correct, hints, args.max_replace_frac, mask_id)
-        # 7. Eq. (3): group-relative advantages on the new groups; an all-equal group gets exactly 0
-        adv = (reward - reward.mean(1, keepdim=True)).flatten().to(device)  # (B*G,)
+        # 7. Eq. (3): group-relative advantages on the new groups (to change the advantage, change advantages();
+        # the binary reward is also assumed in Eq. (4) above and in replace_wrong: a swapped-in sample gets 1)
+        adv = advantages(reward).to(device)  # (B*G,)
         # 8. Eq. (5): pi_old log-probs and entropies H (B, L); pi_ref log-probs for the KL term of Eq. (6)
         with amp():
             logp_old, entropy = estimate(policy, prompts, prompt_attn, completions, G, mask_id, micro, True)  # (B*G, L)
@@ -498,7 +510,7 @@ def main(argv=None):
         for _ in range(args.num_iterations):
             stats = torch.zeros(3)  # loss, kl, clip_frac of this update (the logged ones are the last update's)
             for p, s in micro:
-                with amp():  # the same compute precision as logp_old, so the ratio starts at exactly 1
+                with amp():  # as logp_old, so the first ratio is exactly 1 (not with LoRA dropout: §3 item 15)
                     logp = token_logps(model, prompts[p], prompt_attn[p], completions[s], G, mask_id)  # (mb*G, L)
                 loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s], args.epsilon, args.beta)
                 (loss / args.grad_accum).backward()

@@ -22,7 +22,7 @@ def make_args(**kw):
 
 def test_all_wrong_group_has_zero_advantage():
     reward = torch.tensor([[0.0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]])
-    adv = reward - reward.mean(1, keepdim=True)  # Eq. (3), exactly as in main()
+    adv = igpo.advantages(reward).view(3, 4)  # Eq. (3), the function main() calls
     assert torch.equal(adv[0], torch.zeros(4)) and torch.equal(adv[2], torch.zeros(4))
     assert adv[1].tolist() == [0.5, -0.5, 0.5, -0.5]
     # and such groups contribute no policy gradient: the surrogate is 0 whatever the log-probs
@@ -98,7 +98,7 @@ def test_replacement_rule_and_own_trace(tokenizer, n_correct, expected_K):
         assert torch.equal(completions2[b * G:b * G + expected_K], inpainted[g * G:g * G + expected_K])
         assert hint_mask[b * G:b * G + expected_K].any(1).all() and not hint_mask[b * G + expected_K:(b + 1) * G].any()
     assert torch.equal(completions2[G:2 * G], before[0][G:2 * G]) and reward2[1].tolist() == [1] + [0] * 7
-    adv = reward2 - reward2.mean(1, keepdim=True)
+    adv = igpo.advantages(reward2).view(reward2.shape)
     assert (adv[0].abs().sum() > 0) == (expected_K > 0)  # a rescued group now has a learning signal
 
 
