@@ -154,8 +154,9 @@ def metamath_official(ds, qcol):
 def load_rl_data(args, world):
     # [(question, trace, gold answer)]; rows whose answer cannot be found are dropped (counted).
     if args.dataset == "toy":  # enough distinct problems that a default run never repeats one
-        # a random stream of its own ("rl-<seed>"), not SFT's ("<seed>"): RL meets problems SFT never trained
-        # on, as the paper's RL data (MetaMathQA) differs from its SFT data (NOTES.md §10.2)
+        # a random stream of its own ("rl-<seed>"), not SFT's ("<seed>"), as the paper's RL data (MetaMathQA)
+        # differs from its SFT data; both draw from one pool, so ~1 in 5 prompts is an SFT problem by chance
+        # (NOTES.md §3 item 18)
         ds = sft.toy_dataset("train", max(1000, args.max_steps * args.batch_prompts * world), seed=f"rl-{args.seed}")
         questions, traces, answers = ds["question"], ds["trace"], ds["answer"]
     else:

@@ -169,6 +169,7 @@ def toy_problem(rng, max_days=TOY_MAX_DAYS):
 def toy_dataset(split, n, seed=0, traces="concise", max_days=TOY_MAX_DAYS):
     # n problems of one split, as a datasets.Dataset. Train and test are disjoint by construction: a problem
     # belongs to the test split iff a hash of its question text is 0 mod 10, so no question is in both.
+    # seed names the random stream (an int for SFT, "rl-<seed>" for igpo.py's prompts).
     import zlib
     from datasets import Dataset
     rng, rows, seen = random.Random(f"{split}-{seed}"), [], set()
