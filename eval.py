@@ -1,27 +1,21 @@
 """The diffusion sampler (with inpainting) and benchmark evaluation."""
 # Run it:
-#   python eval.py                                  # evaluates out/igpo (else out/sft) on the embedded test split
+#   python eval.py                                  # out/igpo (else out/sft) on the embedded test split
 #   python eval.py --model out/sft --show --limit 1 # watch one canvas being denoised
 #   python eval.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --task gsm8k --gen_length 256
 #   python eval.py --grade generations.json --task gsm8k   # re-grade a saved file, no model needed
 #
-# A masked diffusion LM writes its answer by starting from a canvas of mask tokens and, step by step, committing
-# the tokens it is most confident about (LLaDA's low-confidence remasking, NOTES.md §4). The canvas is cut into
-# blocks that are filled left to right (semi-autoregressive decoding); inside a block the order is free.
-# Inpainting is the same loop started from a canvas where some positions already hold fixed tokens (hints).
-# igpo.py uses generate() for rollouts and grade() as its reward, so RL and evaluation share one code path.
+# A masked diffusion LM writes its answer by starting from a canvas of mask tokens and, step by step,
+# committing the tokens it is most confident about (LLaDA's low-confidence remasking, NOTES.md §4). The
+# canvas is cut into blocks that are filled left to right (semi-autoregressive decoding); inside a block the
+# order is free. Inpainting is the same loop started from a canvas where some positions already hold fixed
+# tokens (hints). igpo.py uses generate() for rollouts and grade() as its reward, so RL and evaluation share
+# one code path.
 #
-# Deviations from the paper (details in NOTES.md §3):
-# 1. Gumbel-max sampling is written as argmax(logits + T * Gumbel) in float64 instead of LLaDA's equivalent
-#    argmax(exp(logits) / (-log u)^T); both pick the same token for the same uniform draw u.
-# 2. The mask token itself is never sampled (its logit is set to -inf). A trained LLaDA never ranks it first,
-#    so outputs are unchanged; an untrained model otherwise "commits" masks and breaks the schedule.
-# 3. Only the current block's logits are computed at all (logits_at): positions outside it cannot be
-#    unmasked at this step, so the result is identical and the vocabulary projection costs block/length of it.
-# 4. Only prompts of equal length share a sampler call, unpadded: LLaDA's hub code ignores attention_mask, so
-#    padding would make an answer depend on its batch (NOTES.md §3, item 16).
-# 5. Early exit (--early_exit, default on): a row leaves the batch once its first end token lies in a completed
-#    block (tail: EOS), and steps with nothing to commit skip the forward pass; nothing read downstream changes.
+# Eq. (k) refers to the equations of NOTES.md §2. Deviations from the paper, with reasons, are NOTES.md §3;
+# the ones in this file: Gumbel-max written as argmax(l + T g) (item 6), the mask token and ids the tokenizer
+# cannot decode are never sampled (item 5), logits only where they are read (item 7), no padding ever enters
+# the model (item 16), early exit (item 17).
 import argparse
 import ctypes
 import json
@@ -30,38 +24,49 @@ import re
 import threading
 import time
 from fractions import Fraction
+from typing import Callable, NamedTuple
 
 import torch
 
-from sft import (EOS, EOT, MASK, PRECISION_HELP, PRECISIONS, autocast, fail, init_distributed,
-                 load_model, load_rows, make_prompt, precision_policy, toy_dataset)
+from sft import (MODELS, PRECISION_HELP, PRECISIONS, autocast, fail, init_distributed, load_model, load_rows,
+                 make_prompt, precision_line, precision_policy, rank_and_world, toy_dataset)
 
 NEG_INF = float("-inf")
+F64_CHUNK_BYTES = 64 * 2**20  # the sampler's float64 work is done this many bytes at a time (NOTES.md §7)
 
 
 def get_args(argv=None):
-    # allow_abbrev=False: a stale flag (e.g. the old `--out x.json`) is an error, not a prefix of another flag
+    # allow_abbrev=False: a misspelled or removed flag is an error, not a prefix of another flag
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     # ---- model and task
-    p.add_argument("--model", default="", help="checkpoint folder or hub id (default: out/igpo, else out/sft)")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")
-    p.add_argument("--task", default="toy", help="toy | gsm8k | math500 | amc | minerva")
-    p.add_argument("--data", default="", help="local JSON/JSONL with the task's hub columns instead of the hub")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (0: all; toy: 500)")
+    p.add_argument("--model", default="",
+                   help="checkpoint folder or hub id (default: out/igpo, else out/sft)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow the model's own code (LLaDA, Dream)")
+    p.add_argument("--task", default="toy", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--data", default="",
+                   help="local JSON/JSONL with the task's hub columns instead of the hub")
+    p.add_argument("--limit", type=int, default=0,
+                   help="evaluate only the first N questions (0: all; toy: 500)")
     # ---- sampler (NOTES.md §4)
-    p.add_argument("--gen_length", type=int, default=0, help="L: tokens generated (toy: 48; paper: 128/256/512)")
-    p.add_argument("--block_length", type=int, default=0, help="B: semi-autoregressive block (toy: 8; paper: 32)")
-    p.add_argument("--diffusion_steps", "--steps", type=int, default=0, help="denoising steps over the whole answer (default: L/2)")
-    p.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature; 0 is greedy (paper: 0; AMC: 0.1)")
-    p.add_argument("--num_samples", type=int, default=1, help="samples per question, accuracy averaged (AMC: 16)")
-    p.add_argument("--batch_size", type=int, default=64, help="sequences per generate() call (equal-length prompts only)")
+    p.add_argument("--gen_length", type=int, default=0, help="L: tokens generated (toy: 48; paper: 256)")
+    p.add_argument("--block_length", type=int, default=0,
+                   help="semi-autoregressive block (toy: 8; paper: 32)")
+    p.add_argument("--diffusion_steps", type=int, default=0, help="denoising steps over the whole answer "
+                   "(default: L/2)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="Gumbel temperature; 0 is greedy (paper: 0; "
+                   "AMC: 0.1)")
+    p.add_argument("--num_samples", type=int, default=1,
+                   help="samples per question, accuracy averaged (AMC: 16)")
+    p.add_argument("--gen_batch", type=int, default=64, help="sequences per generate() call (memory knob)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip forward passes of rows whose answer has ended (same tokens; --no-early_exit: all)")
+                   help="rows whose answer has ended leave the batch (same tokens; --no-early_exit: all)")
     # ---- run
     p.add_argument("--out_dir", default="out", help="folder of the results file eval_<task>.json")
     p.add_argument("--grade", default="", help="re-grade this results JSON instead of generating")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired accuracy difference B - A of two results "
-                   "JSONs on their shared questions; a,b,c averages several files (seeds) per side")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired accuracy difference B - A of two "
+                   "results JSONs on their shared questions; a,b,c averages several files (seeds) per side")
     p.add_argument("--show", action="store_true", help="print the first canvas after every denoising step")
     p.add_argument("--seed", type=int, default=0, help="random seed for temperature > 0")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -73,11 +78,23 @@ def get_args(argv=None):
 # The sampler (NOTES.md §4): LLaDA's semi-autoregressive low-confidence remasking, with the fixed hint
 # tokens of Eq. (7) for inpainting.
 
-def check_lengths(gen_length, block_length, steps):
-    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
-        fail(f"gen_length ({gen_length}) must be a positive multiple of block_length ({block_length})")
-    if steps <= 0 or steps % (gen_length // block_length):
-        fail(f"steps ({steps}) must be a positive multiple of the number of blocks ({gen_length // block_length})")
+class Sampler(NamedTuple):  # the sampler's settings, which always travel together
+    gen_length: int  # L: answer positions
+    block_length: int  # positions per semi-autoregressive block
+    diffusion_steps: int  # denoising steps over the whole answer, split evenly over the blocks
+    temperature: float  # of the Gumbel noise; 0 is greedy
+    early_exit: bool = True  # rows whose answer has ended leave the batch (same tokens, NOTES.md §3 item 17)
+    batch: int = 0  # rows per generate() call, a memory knob (0: all at once)
+
+
+def check_sampler(sampler):
+    L, Lb, steps = sampler.gen_length, sampler.block_length, sampler.diffusion_steps
+    if L <= 0 or Lb <= 0 or L % Lb:
+        fail(f"gen_length ({L}) must be a positive multiple of block_length ({Lb})")
+    if steps <= 0 or steps % (L // Lb):
+        fail(f"steps ({steps}) must be a positive multiple of the number of blocks ({L // Lb})")
+    if sampler.temperature < 0:
+        fail(f"temperature must be >= 0 (got {sampler.temperature}); 0 is greedy")
 
 
 def num_transfer_tokens(mask_index, steps):
@@ -88,24 +105,21 @@ def num_transfer_tokens(mask_index, steps):
     return base + (torch.arange(steps, device=mask_index.device) < rem).long()  # (B, steps)
 
 
-def end_token_ids(tokenizer):
-    # [<|eot_id|>, EOS]: a completion ends at the first of them; EOS (last) is the padding after it.
-    return [tokenizer.convert_tokens_to_ids(EOT), tokenizer.convert_tokens_to_ids(EOS)]
-
-
 def completion_mask(completions, end_ids):
-    # (N, L) bool: positions up to and including the first end token (<|eot_id|> or EOS). The loss stops
-    # there (igpo.py deviation 2), so does grade(), and the early-exit sampler fills what follows with EOS.
-    is_end = torch.isin(completions, end_ids)  # (N, L)
+    # (N, L) bool: positions up to and including the first end token (end of turn or padding). The loss
+    # stops there (NOTES.md §3 item 2), so does grade(), and the early-exit sampler pads what follows.
+    is_end = torch.isin(completions, torch.as_tensor(end_ids, device=completions.device))  # (N, L)
     after_end = (is_end.long().cumsum(1) - is_end.long()) > 0  # strictly after the first end token
     return ~after_end
 
 
-def logits_at(model, x, attention_mask, start, end):
+def logits_at(model, x, start, end, shifted=False, attention_mask=None):
     # model(x).logits[:, start:end], without computing the rest. The vocabulary projection is applied position
     # by position, so feeding it only the hidden states we will read gives the same numbers; at LLaDA's 126k
     # vocabulary that projection's output is the largest tensor of the forward pass. A forward pre-hook on the
     # output embedding slices its input; a model without get_output_embeddings() is sliced afterwards.
+    # shifted (Dream): the logits at position i - 1 predict token i, so the window moves one to the left.
+    start, end = start - shifted, end - shifted
     head = getattr(model, "module", model).get_output_embeddings()
     if head is None:
         return model(x, attention_mask=attention_mask).logits[:, start:end]
@@ -116,17 +130,6 @@ def logits_at(model, x, attention_mask, start, end):
         handle.remove()
 
 
-def sample_tokens(logits, temperature, u=None):
-    # Draw x0 by Gumbel-max at the given temperature in float64 (low precision makes the Gumbel noise
-    # coarse, which hurts quality), and return the model's probability of each drawn token as its confidence.
-    # u: uniform draws shaped like logits (required when temperature > 0).
-    logits = logits.double()  # (B, Lb, V)
-    # Gumbel-max (deviation 1): argmax(l + T g) with g = -log(-log u) is a sample from softmax(l / T)
-    x0 = (logits - temperature * torch.log(-torch.log(u))).argmax(-1) if temperature > 0 else logits.argmax(-1)
-    logp = logits.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # log softmax at x0
-    return x0, logp.exp()
-
-
 def logits_size(model):
     # The logits' last dimension, read off the output layer without a forward pass.
     m = getattr(model, "module", model)
@@ -134,62 +137,92 @@ def logits_size(model):
     return head.weight.shape[0] if head is not None else m.config.vocab_size
 
 
+def sample_tokens(logits, rows, n_rows, temperature, generator=None):
+    # Draw x0 by Gumbel-max at temperature T and return it with the model's probability of it (its
+    # confidence), for the R rows `rows` of a batch of n_rows. logits (R, Lb, V) -> x0, confidence (R, Lb).
+    # float64 (low precision makes the Gumbel noise coarse, which hurts quality), a few rows at a time: the
+    # step's peak memory is its logits plus one chunk's float64 work, not a float64 copy of everything.
+    # Every one of the n_rows rows draws its noise in turn, whether it runs or not, so a row's draws do not
+    # depend on which other rows take this step (early exit stays exact).
+    R, Lb, V = logits.shape
+    chunk = max(1, F64_CHUNK_BYTES // (Lb * V * 8))  # rows per chunk
+    x0 = torch.empty(R, Lb, dtype=torch.long, device=logits.device)
+    confidence = torch.empty(R, Lb, dtype=torch.float64, device=logits.device)
+    for a in range(0, n_rows, chunk):
+        b = min(a + chunk, n_rows)
+        u = None
+        if temperature > 0:
+            u = torch.rand((b - a, Lb, V), dtype=torch.float64, device=logits.device, generator=generator)
+        here = ((rows >= a) & (rows < b)).nonzero().flatten()  # which of the R rows fall in rows a..b-1
+        if not len(here):
+            continue
+        l = logits[here].double()  # (r, Lb, V)
+        # Gumbel-max: argmax(l + T g) with g = -log(-log u) standard Gumbel is a draw from softmax(l / T)
+        if u is not None:
+            x0[here] = (l - temperature * torch.log(-torch.log(u[rows[here] - a]))).argmax(-1)
+        else:
+            x0[here] = l.argmax(-1)
+        log_p = l.gather(-1, x0[here, :, None]).squeeze(-1) - l.logsumexp(-1)  # log softmax at x0, (r, Lb)
+        confidence[here] = log_p.exp()
+    return x0, confidence
+
+
+def rows_to_run(x, k, P, s, end_ids):
+    # Early exit (NOTES.md §3 item 17), the one place it enters the loop: the rows whose forward pass at this
+    # step matters. k (B,) tokens each row commits now; a row with none to commit would change nothing, and a
+    # row with an end token in a completed block (positions P..s-1) is finished. end_ids None: no early exit.
+    run = k > 0
+    if end_ids is not None:
+        run &= ~torch.isin(x[:, P:s], end_ids).any(1)
+    return run.nonzero().flatten()  # (R,)
+
+
+def commit(block, x0, confidence, k, mask_id):
+    # Unmask the k most confident masked positions of each row of a block (LLaDA's low-confidence remasking).
+    # block, x0, confidence (R, Lb); k (R,). Positions already committed, and hint tokens, are not candidates.
+    confidence = torch.where(block == mask_id, confidence, NEG_INF)
+    kmax = int(k.max()) if len(k) else 0
+    top = confidence.topk(kmax, dim=1).indices  # (R, kmax): take the largest k over the rows ...
+    keep = torch.arange(kmax, device=block.device) < k[:, None]  # ... and keep the first k of each row
+    transfer = torch.zeros_like(block, dtype=torch.bool).scatter_(1, top, keep)  # (R, Lb)
+    return torch.where(transfer, x0, block)
+
+
 @torch.no_grad()
-def generate(model, prompt_ids, gen_length, block_length, steps, temperature, mask_id, hints=None,
-             attention_mask=None, generator=None, show=None, end_ids=None):
-    # Fill gen_length masked positions after each prompt. prompt_ids (B, P), left-padded with attention_mask
-    # (B, P). hints (B, gen_length): a token id where the answer is fixed in advance, mask_id elsewhere; hint
-    # tokens are never candidates, never overwritten, and not counted in the unmasking schedule.
-    # end_ids (<|eot_id|>, EOS): early exit (deviation 5); each row's tokens up to its first end token and the
-    # generator's final state are those of the full sampler (end_ids None), the row's tail is EOS.
-    # Returns the full sequences (B, P + gen_length). `show` (a tokenizer) prints the first canvas each step.
-    check_lengths(gen_length, block_length, steps)
+def generate(model, prompt_ids, sampler, facts, hints=None, generator=None, show=None):
+    # Fill sampler.gen_length masked positions after each prompt. prompt_ids (B, P): prompts of one length,
+    # unpadded (callers group them with equal_length_batches: no model here ever sees a pad token).
+    # hints (B, L) for inpainting: a token id where the answer is fixed in advance, the mask elsewhere.
+    # Returns (B, P + L). `show` (a tokenizer) prints the first canvas after every step.
+    check_sampler(sampler)
     B, P = prompt_ids.shape
-    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt_ids.device)
+    L, Lb, mask_id = sampler.gen_length, sampler.block_length, facts.mask_id
+    x = torch.full((B, P + L), mask_id, dtype=torch.long, device=prompt_ids.device)  # (B, P + L)
     x[:, :P] = prompt_ids
-    if hints is not None:
+    if hints is not None:  # inpainting enters here: the canvas starts with the hint tokens in place
         x[:, P:] = hints
-    if attention_mask is not None:  # the answer positions are always attended to
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, gen_length)], dim=1)
-    end_ids = None if end_ids is None else torch.as_tensor(end_ids, device=x.device)
-    alive = torch.ones(B, dtype=torch.bool, device=x.device)  # rows whose answer may still change
-    V = logits_size(model) if temperature > 0 else 0
-    num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
-    for b in range(num_blocks):
-        s, e = P + b * block_length, P + (b + 1) * block_length
-        # hints are not mask tokens, so they are never scheduled: Eq. (7) "revealed tokens are fixed"
-        n_transfer = num_transfer_tokens(x[:, s:e] == mask_id, steps_per_block)  # (B, steps)
-        for i in range(steps_per_block):
-            # Noise for every row at every step, used or not: each row gets the full sampler's draws, and the
-            # generator ends where the full sampler leaves it, so later calls on it are unchanged too.
-            u = torch.rand((B, block_length, V), dtype=torch.float64, device=x.device, generator=generator) \
-                if temperature > 0 else None
-            # Early exit: only the rows that commit something now take the forward pass (not finished, a mask
-            # left in the block); without it every row does, unless none commits (e.g. a fully hinted block).
-            rows = (alive & (n_transfer[:, i] > 0)).nonzero().flatten() if end_ids is not None else slice(None)
-            k = n_transfer[rows, i]  # (R,) tokens each of the R rows commits now
-            kmax = int(k.max()) if k.numel() else 0
-            if kmax == 0:  # the forward pass would be thrown away
-                continue
-            block = x[rows, s:e]  # (R, Lb)
-            mask_index = block == mask_id
-            attn = None if attention_mask is None else attention_mask[rows]
-            logits = logits_at(model, x[rows], attn, s, e)  # (R, Lb, V): only this block can change
+    end_ids = torch.tensor(facts.end_ids, device=x.device) if sampler.early_exit else None
+    V = logits_size(model)
+    n_blocks = L // Lb
+    steps = sampler.diffusion_steps // n_blocks  # per block
+    for b in range(n_blocks):
+        s, e = P + b * Lb, P + (b + 1) * Lb
+        # the schedule counts mask tokens only: hint tokens are never scheduled and never change (Eq. (7))
+        n_transfer = num_transfer_tokens(x[:, s:e] == mask_id, steps)  # (B, steps)
+        for i in range(steps):
+            rows = rows_to_run(x, n_transfer[:, i], P, s, end_ids)  # (R,)
+            if len(rows):
+                logits = logits_at(model, x[rows], s, e, facts.shifted)  # (R, Lb, V): only this block changes
+            else:
+                logits = torch.empty(0, Lb, V, device=x.device)  # nothing to commit: no forward pass
             logits[..., mask_id] = NEG_INF  # never "unmask" a position into the mask token
-            x0, confidence = sample_tokens(logits, temperature, None if u is None else u[rows])
-            confidence = torch.where(mask_index, confidence, NEG_INF)  # committed and hint tokens stay put
-            # Commit the k most confident masked positions of each row (vectorised top-k: take the largest k
-            # over the rows, keep the first k of each row).
-            top = confidence.topk(kmax, dim=1).indices  # (R, kmax)
-            keep = torch.arange(kmax, device=x.device) < k[:, None]  # (R, kmax)
-            transfer = torch.zeros_like(mask_index).scatter_(1, top, keep)  # (R, Lb)
-            x[rows, s:e] = torch.where(transfer, x0, block)
+            logits[..., facts.n_tokens:] = NEG_INF  # nor into an id the tokenizer cannot decode
+            x0, confidence = sample_tokens(logits, rows, B, sampler.temperature, generator)
+            x[rows, s:e] = commit(x[rows, s:e], x0, confidence, n_transfer[rows, i], mask_id)
             if show is not None:
-                print_canvas(show, x[0, P:], hints[0] if hints is not None else None, mask_id, f"block {b} step {i}")
-        if end_ids is not None:  # blocks 0..b are now final: a row with an end token in them is finished
-            alive &= ~torch.isin(x[:, P:e], end_ids).any(1)
-    if end_ids is not None:  # the tail after each row's first end token: EOS, as SFT taught (d1's layout)
+                hint_row = None if hints is None else hints[0]
+                print_canvas(show, x[0, P:], hint_row, mask_id, f"block {b} step {i}")
+    if end_ids is not None:  # the tail after each row's first end token: padding, as SFT taught (d1's layout)
         x[:, P:] = x[:, P:].masked_fill(~completion_mask(x[:, P:], end_ids), end_ids[-1])
     return x
 
@@ -200,24 +233,20 @@ def print_canvas(tokenizer, answer_ids, hints, mask_id, title):
     for j, t in enumerate(answer_ids.tolist()):
         c = "_" if t == mask_id else tokenizer.decode([t]).replace("\n", "⏎")
         if len(c) > 1 and c.startswith("<|"):
-            c = "·"  # EOS / end-of-turn shown as a dot
+            c = "·"  # end-of-turn and padding shown as a dot
         out.append(f"\033[4m{c}\033[0m" if hints is not None and hints[j] != mask_id else c)
     print(f"{title:>16} | {''.join(out)}")
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Grading: one function for the RL reward and every benchmark.
-
-# One grading path for the RL reward and for benchmark accuracy. Every public function is total:
-# any input gives an answer within a bounded time (2 s of CPU, 20 s wall at worst) and nothing escapes.
+# Grading (NOTES.md §6): one path for the RL reward and for benchmark accuracy. Every public function is
+# total: any input gives an answer within a bounded time (2 s of CPU, 20 s wall at worst), nothing escapes.
 
 _SPECIAL = re.compile(r"<\|[^<>|]{0,64}\|>")  # <|eot_id|>, <|mdm_mask|>, <|start_header_id|>, ...
-_END = re.compile(re.escape(EOT) + "|" + re.escape(EOS))  # a completion ends at the first of these
+# a completion ends at the first end token of any model in sft.MODELS (<|eot_id|>, <|im_end|>, <|endoftext|>)
+_END = re.compile("|".join(sorted({re.escape(t) for facts in MODELS.values() for t in facts.ends})))
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOX_BARE = re.compile(r"\\boxed +([^\s${}][^$\n]*)")  # "\boxed 5$" (no braces)
 _NUM = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # 1,000 / 18.00 / .5
 _POW = re.compile(r"\^|\*\*")
-_LATEX_TASKS, _NUMERIC_TASKS = {"math500", "amc", "minerva"}, {"toy", "gsm8k"}
 
 
 def strip_special(text) -> str:
@@ -318,7 +347,8 @@ def _latex_equal(pred, gold, seconds=2.0):
 
     def work():
         try:
-            clock.append(time.pthread_getcpuclockid(threading.get_ident()) if hasattr(time, "pthread_getcpuclockid") else None)
+            has_clock = hasattr(time, "pthread_getcpuclockid")
+            clock.append(time.pthread_getcpuclockid(threading.get_ident()) if has_clock else None)
             g, p = parse(f"${gold}$", parsing_timeout=None), parse(f"${pred}$", parsing_timeout=None)
             result.append(bool(g and p and verify(g, p, timeout_seconds=None)))
         except BaseException:
@@ -337,19 +367,21 @@ def _latex_equal(pred, gold, seconds=2.0):
         worker.join(0.01)
         wall = time.monotonic() - start
         if worker.is_alive() and (cpu_used(wall) > seconds or wall > 10 * seconds):
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_Deadline))
+            thread_id, error = ctypes.c_ulong(worker.ident), ctypes.py_object(_Deadline)
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(thread_id, error)
             break
     return bool(result and result[0])
 
 
 def grade(text, ground_truth, task) -> bool:
-    if task not in _LATEX_TASKS and task not in _NUMERIC_TASKS:
-        raise ValueError(f"grade: unknown task {task!r}; expected one of toy, gsm8k, math500, amc, minerva")
+    # Is the final answer of `text` the gold one? The task picks the comparison (TASKS[task].grader).
+    if task not in TASKS:
+        raise ValueError(f"grade: unknown task {task!r}; expected one of {', '.join(TASKS)}")
     try:
         pred = extract_answer(text)
         if pred is None or len(pred) > 1000:  # no real final answer is longer; keeps regexes linear
             return False
-        if task in _NUMERIC_TASKS:  # exact rationals, relative tolerance 1e-6 for rounded decimals
+        if TASKS[task].grader == "numeric":  # exact rationals, relative tolerance 1e-6 for rounded decimals
             a, b = _to_number(pred), _to_number(ground_truth)
             return a is not None and b is not None and abs(a - b) <= Fraction(1, 10**6) * max(1, abs(b))
         gold = strip_special(ground_truth).strip()[:1000]
@@ -362,65 +394,74 @@ def grade(text, ground_truth, task) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmarks. Each reads the hub layout, or the same layout from a local --data file.
+# Benchmarks: each task registered in one place. A task reads the hub layout, or the same layout from a
+# local --data file. To add one, add an entry to TASKS (tests/test_sampler.py shows it done).
 
 def gsm8k_gold(answer):
     return answer.split("####")[-1].strip().replace(",", "")
 
 
-TASKS = {  # task: (hub id, config, split, question column, answer column, gold-answer function)
-    "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer", gsm8k_gold),
-    "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", str),
-    "amc": ("AI-MO/aimo-validation-amc", None, "train", "problem", "answer", str),
-    "minerva": ("math-ai/minervamath", None, "test", "question", "answer", str),
+class Task(NamedTuple):
+    hub_id: str  # the dataset on the hub ("" for the embedded task, generated in sft.py)
+    config: str | None  # its configuration name, if any
+    split: str
+    question_col: str
+    answer_col: str
+    gold: Callable  # the answer column's value (a string) -> the gold answer
+    grader: str  # "numeric": numbers compared exactly; "latex": math-verify equivalence (NOTES.md §6)
+    gen_length: int  # default L
+    block_length: int  # default block
+    limit: int = 0  # default number of questions (0: all)
+
+
+TASKS = {
+    "toy": Task("", None, "test", "question", "answer", str, "numeric", 48, 8, 500),
+    "gsm8k": Task("openai/gsm8k", "main", "test", "question", "answer", gsm8k_gold, "numeric", 256, 32),
+    "math500": Task("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", str, "latex", 256, 32),
+    "amc": Task("AI-MO/aimo-validation-amc", None, "train", "problem", "answer", str, "latex", 256, 32),
+    "minerva": Task("math-ai/minervamath", None, "test", "question", "answer", str, "latex", 256, 32),
 }
-DEFAULTS = {"toy": (48, 8, 500), "gsm8k": (256, 32, 0), "math500": (256, 32, 0), "amc": (256, 32, 0),
-            "minerva": (256, 32, 0)}  # task: (gen_length, block_length, limit)
 
 
 def load_task(task, data="", limit=0):
-    # [(question, gold answer)] for a benchmark; main() checks the task name, once
+    # [(question, gold answer)] of a registered task; main() checks the task name, once.
+    spec = TASKS[task]
+    limit = limit or spec.limit
     if task == "toy":
-        ds = toy_dataset("test", limit or DEFAULTS["toy"][2], seed=0)
-        return list(zip(ds["question"], ds["answer"]))
-    hub_id, config, split, qcol, acol, gold = TASKS[task]
-    ds = load_rows(data or hub_id, split, [qcol, acol], config)
-    items = [(q, gold(str(a))) for q, a in zip(ds[qcol], ds[acol])]
+        ds = toy_dataset("test", limit, seed=0)
+    else:
+        ds = load_rows(data or spec.hub_id, spec.split, [spec.question_col, spec.answer_col], spec.config)
+    items = [(q, spec.gold(str(a))) for q, a in zip(ds[spec.question_col], ds[spec.answer_col])]
     return items[:limit] if limit else items
 
 
 def equal_length_batches(lengths, size):
     # Lists of at most `size` row indices that share a prompt length. LLaDA's hub code accepts attention_mask
-    # but never applies it, so a left-padded prompt attends to its pads and its answer would depend on what else
-    # is in its batch; generating only equal-length, unpadded prompts together is exact for every model.
+    # but never applies it, so a left-padded prompt attends to its pads and its answer would depend on what
+    # else is in its batch; only equal-length, unpadded prompts go through the model together (every model).
     groups = {}
     for i, n in enumerate(lengths):
         groups.setdefault(n, []).append(i)
     return [g[k:k + size] for g in groups.values() for k in range(0, len(g), size)]
 
 
-def evaluate(model, tokenizer, items, task, gen_length, block_length, steps, temperature=0.0, num_samples=1,
-             batch_size=64, generator=None, show=False, early_exit=True):
+def evaluate(model, tokenizer, facts, items, task, sampler, num_samples=1, generator=None):
     # Generate num_samples answers per question and grade them. Returns (records, accuracy). Under torchrun
     # each rank takes every world-th question and the records are gathered back into the original order.
     from tqdm import tqdm
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if torch.distributed.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     all_items, items = items, items[rank::world]
-    mask_id = tokenizer.convert_tokens_to_ids(MASK)
     device = next(model.parameters()).device
     prompts = [tokenizer(make_prompt(tokenizer, q, task == "toy"), add_special_tokens=False).input_ids
                for q, _ in items for _ in range(num_samples)]
     texts = [None] * len(prompts)
     was_training = model.training
     model.eval()
-    for rows in tqdm(equal_length_batches(map(len, prompts), batch_size), desc=f"eval {task}",
-                     disable=rank or None):
+    batches = equal_length_batches(map(len, prompts), sampler.batch or len(prompts))
+    for rows in tqdm(batches, desc=f"eval {task}", disable=rank or None):
         ids = torch.tensor([prompts[i] for i in rows], device=device)  # (b, P): no padding, batch-invariant
-        out = generate(model, ids, gen_length, block_length, steps, temperature, mask_id,
-                       attention_mask=torch.ones_like(ids), generator=generator,
-                       show=tokenizer if show and rows[0] == 0 else None,
-                       end_ids=end_token_ids(tokenizer) if early_exit else None)
-        for i, text in zip(rows, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=False)):
+        out = generate(model, ids, sampler, facts, generator=generator)
+        for i, text in zip(rows, tokenizer.batch_decode(out[:, ids.shape[1]:])):
             texts[i] = text
     model.train(was_training)
     records = []
@@ -467,15 +508,17 @@ def compare(paths_a, paths_b, n_boot=4000, seed=0):
     def per_question(paths):
         runs = [{r["question"]: float(r["correct"]) for r in read_records(p)} for p in paths]
         return {q: sum(run[q] for run in runs) / len(runs) for q in set.intersection(*map(set, runs))}
+
     a, b = per_question(paths_a), per_question(paths_b)
     questions = sorted(set(a) & set(b))
     if not questions:
         fail("the two sides have no question in common")
     d = torch.tensor([b[q] - a[q] for q in questions], dtype=torch.float64)  # (n,) paired differences
-    idx = torch.randint(len(d), (n_boot, len(d)), generator=torch.Generator().manual_seed(seed))  # (n_boot, n)
+    boot_gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(d), (n_boot, len(d)), generator=boot_gen)  # (n_boot, n) resampled questions
     lo, hi = torch.quantile(d[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"n": len(d), "acc_a": sum(a[q] for q in questions) / len(d), "acc_b": sum(b[q] for q in questions) / len(d),
-            "diff": d.mean().item(), "ci95": [lo, hi]}
+    acc_a, acc_b = sum(a[q] for q in questions) / len(d), sum(b[q] for q in questions) / len(d)
+    return {"n": len(d), "acc_a": acc_a, "acc_b": acc_b, "diff": d.mean().item(), "ci95": [lo, hi]}
 
 
 def read_records(path):
@@ -495,40 +538,44 @@ def main(argv=None):
     args = get_args(argv)
     if args.compare:  # paired comparison of saved results, no model needed
         r = compare(args.compare[0].split(","), args.compare[1].split(","))
-        print(f"B - A = {100 * r['diff']:+.1f} points, 95% paired-bootstrap interval [{100 * r['ci95'][0]:+.1f}, "
-              f"{100 * r['ci95'][1]:+.1f}] on {r['n']} questions (A {100 * r['acc_a']:.1f}%, B {100 * r['acc_b']:.1f}%)")
+        lo, hi = 100 * r["ci95"][0], 100 * r["ci95"][1]
+        print(f"B - A = {100 * r['diff']:+.1f} points, 95% paired-bootstrap interval [{lo:+.1f}, {hi:+.1f}] "
+              f"on {r['n']} questions (A {100 * r['acc_a']:.1f}%, B {100 * r['acc_b']:.1f}%)")
         return r
-    if args.task not in DEFAULTS:
-        fail(f"unknown task '{args.task}' (choose from {', '.join(DEFAULTS)})")
-    gen_length = args.gen_length or DEFAULTS[args.task][0]
-    block_length = args.block_length or min(DEFAULTS[args.task][1], gen_length)
+    if args.task not in TASKS:
+        fail(f"unknown task '{args.task}' (choose from {', '.join(TASKS)})")
+    task = TASKS[args.task]
+    gen_length = args.gen_length or task.gen_length
+    block_length = args.block_length or min(task.block_length, gen_length)
     steps = args.diffusion_steps or gen_length // 2
+    sampler = Sampler(gen_length, block_length, steps, args.temperature, args.early_exit, args.gen_batch)
     out = os.path.join(args.out_dir, f"eval_{args.task}.json")
 
     if args.grade:
         data, records = regrade(args.grade, args.task)
         settings = {"graded": args.grade}
     else:
-        check_lengths(gen_length, block_length, steps)
+        check_sampler(sampler)
         model_path = args.model or next((p for p in ("out/igpo", "out/sft") if os.path.isdir(p)), None)
         if model_path is None:
             fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
-        rank, world, device = init_distributed(args.device)  # under torchrun, questions are sharded over ranks
+        rank, world, device = init_distributed(args.device)  # under torchrun, questions are split over ranks
         items = load_task(args.task, args.data, args.limit)
-        dtype, amp_dtype, precision = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained
-        model, tokenizer = load_model(model_path, args.trust_remote_code, device, dtype)
+        dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained
+        model, tokenizer, facts = load_model(model_path, args.trust_remote_code, device, dtype)
         print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "
               f"L={gen_length} block={block_length} steps={steps} T={args.temperature} | "
-              + precision)
+              + precision_line(model, amp_dtype))
         gen = torch.Generator(device).manual_seed(args.seed + rank)
         t0 = time.time()
         with autocast(device, amp_dtype):
-            records, _ = evaluate(model, tokenizer, items, args.task, gen_length, block_length, steps,
-                                  args.temperature, args.num_samples, args.batch_size, gen, args.show,
-                                  early_exit=args.early_exit)
-        settings = {"model_path": model_path, "gen_length": gen_length, "block_length": block_length,
-                    "diffusion_steps": steps, "temperature": args.temperature, "num_samples": args.num_samples,
-                    "seed": args.seed, "early_exit": args.early_exit, "seconds": round(time.time() - t0, 1)}
+            if args.show:  # watch the first question's canvas being denoised, step by step
+                first = make_prompt(tokenizer, items[0][0], args.task == "toy")
+                first = torch.tensor([tokenizer(first, add_special_tokens=False).input_ids], device=device)
+                generate(model.eval(), first, sampler, facts, generator=gen, show=tokenizer)
+            records, _ = evaluate(model, tokenizer, facts, items, args.task, sampler, args.num_samples, gen)
+        settings = {"model_path": model_path, **sampler._asdict(), "num_samples": args.num_samples,
+                    "seed": args.seed, "seconds": round(time.time() - t0, 1)}
         data = {"generations": records}
         if rank:
             return
@@ -537,7 +584,8 @@ def main(argv=None):
                        "task": args.task}
     data.update(settings)
     write_json(out, data)
-    print(f"{args.task}: accuracy {100 * data['metrics']['accuracy']:.1f}% ({correct:g}/{len(records)}) -> {out}")
+    accuracy = 100 * data["metrics"]["accuracy"]
+    print(f"{args.task}: accuracy {accuracy:.1f}% ({correct:g}/{len(records)}) -> {out}")
 
 
 if __name__ == "__main__":

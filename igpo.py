@@ -1,35 +1,27 @@
 """IGPO: Inpainting-Guided Policy Optimization for masked diffusion language models (Zhao et al. 2025)."""
 # Run it:
-#   python igpo.py                                  # embedded task; runs `python sft.py` first if out/sft is missing
+#   python igpo.py                                  # embedded task (runs sft.py first if out/sft is missing)
 #   python igpo.py --no_inpaint                     # plain GRPO baseline
 #   python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
 #   paper scale, one GPU (README has the full command):
-#   python igpo.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset meta-math/MetaMathQA \
+#   python igpo.py --model out/sft_llada --trust_remote_code --dataset meta-math/MetaMathQA \
 #       --metamath_official --question_col query --trace_col response --gen_length 256 --block_length 32 \
-#       --diffusion_steps 128 --temperature 1.2 --lr 5e-7 --beta 0.01 --lora_r 128 --grad_ckpt --batch_prompts 64 \
-#       --grad_accum 64 --gen_batch 64
+#       --diffusion_steps 128 --num_iterations 4 --chunk_min 5 --chunk_max 10 --lr 5e-7 --warmup_steps 50 \
+#       --lora_r 128 --grad_ckpt --batch_prompts 64 --grad_accum 64 --gen_batch 64
 #
 # What it does. GRPO learns only from groups whose samples disagree: if all G answers to a prompt are wrong,
 # every advantage is zero (Eq. (4)) and the prompt is wasted. A masked diffusion LM can *inpaint*: generate
-# with some answer positions fixed in advance. IGPO uses this on exactly those groups. It reveals fragments of
-# the ground-truth reasoning trace at their own positions (Eq. (7)), lets the model fill in the rest, and swaps
-# correct inpainted samples in for some wrong ones (Eq. (8)). The group now has a correct sample, so its
-# advantages are not zero. Injected tokens were not sampled by the policy, so only the most uncertain of them,
-# by the policy's own entropy, are trained on (Eq. (10)). The step, in order, is the loop at the end of main().
+# with some answer positions fixed in advance. IGPO uses this on exactly those groups. It reveals fragments
+# of the ground-truth reasoning trace at their own positions (Eq. (7)), lets the model fill in the rest, and
+# swaps correct inpainted samples in for some wrong ones (Eq. (8)). The group now has a correct sample, so
+# its advantages are not zero. Injected tokens were not sampled by the policy, so only the most uncertain of
+# them, by the policy's own entropy, are trained on (Eq. (10)). The step, in order, is the loop in main().
 #
-# Deviations from the paper (details and reasons in NOTES.md §3):
-# 1. Loss normalisation follows the paper, (1/G) sum_i (1/|o_i|) sum_k, with |o_i| the tokens that enter the
-#    loss; the official code instead averages over all tokens of the batch and uses a sequence-level ratio.
-# 2. Completions are scored up to and including their first end token (<|eot_id|> or EOS); the EOS padding
-#    tail after it is in neither the loss (the official code's loss covers it) nor the reward
-#    (test_eos_tail_not_in_loss).
-# 3. The trace is cut at its first final-answer statement and never hinted after it (the paper's rule; the
-#    official code's default can reveal the answer, and it keeps the last 30 positions hint-free).
-# 4. The policy's per-token log-probs come from one forward pass per *prompt*: the estimator's input
-#    (prompt + fully masked answer, Eq. (5)) does not depend on the sample, so the G samples share it.
-# 5. Binary reward (official: 3.0 + format reward), LR schedule stepped per rollout batch, token-level ratio
-#    only; NOTES.md §3 items 11-16 list these and the MetaMathQA selection (--metamath_official);
-#    item 17 is early exit (--early_exit).
+# Eq. (k) refers to the equations of NOTES.md §2: the project's own numbering, not the paper's.
+# Deviations from the paper and the official code, with reasons, are NOTES.md §3 ("item k" below). In this
+# file: the loss is normalised per sequence as the paper writes it, with a token-level ratio (item 1); a
+# completion is read up to its first end token (item 2); the answer is never hinted (item 3); one estimator
+# pass per prompt (item 4); a binary reward (item 12); the LR schedule steps per batch of rollouts (item 13).
 import argparse
 import contextlib
 import copy
@@ -42,67 +34,91 @@ import time
 import torch
 
 import sft
-from eval import (check_lengths, completion_mask, end_token_ids, equal_length_batches, evaluate, extract_answer,
+from eval import (Sampler, check_sampler, completion_mask, equal_length_batches, evaluate, extract_answer,
                   generate, grade, load_task, logits_at, write_json)
-from sft import MASK, fail, left_pad, load_model, make_prompt
+from sft import fail, left_pad, load_model, make_prompt
 
 
 def get_args(argv=None):
-    # allow_abbrev=False: a stale flag (e.g. the old `--out x.json`) is an error, not a prefix of another flag
+    # allow_abbrev=False: a misspelled or removed flag is an error, not a prefix of another flag
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     # ---- model
-    p.add_argument("--model", "--init", default="out/sft", help="starting checkpoint: the SFT output, a hub id or a path")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")
+    p.add_argument("--model", default="out/sft",
+                   help="starting checkpoint: the SFT output, a hub id or a path")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow the model's own code (LLaDA, Dream)")
     p.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 trains every weight (paper: 128)")
     p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
-    p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (saves activation memory)")
+    p.add_argument("--lora_targets", default="", help="comma-separated Linear names; empty: the model's "
+                   "default in sft.MODELS (LLaDA: q,k,v,up_proj, what the official code trains)")
+    p.add_argument("--grad_ckpt", action="store_true",
+                   help="gradient checkpointing (saves activation memory)")
     # ---- data
-    p.add_argument("--dataset", default="toy", help="'toy', a hub id, or a local .json/.jsonl (paper: MetaMathQA)")
+    p.add_argument("--dataset", default="toy",
+                   help="'toy', a hub id, or a local .json/.jsonl (paper: MetaMathQA)")
     p.add_argument("--split", default="train", help="dataset split")
     p.add_argument("--question_col", default="question", help="question column (MetaMathQA: query)")
     p.add_argument("--trace_col", default="trace", help="ground-truth trace column y* (MetaMathQA: response)")
     p.add_argument("--answer_col", default="", help="answer column; empty: taken from the end of the trace")
     p.add_argument("--metamath_official", action="store_true", help="MetaMathQA rows as the official code: "
                    "GSM_AnsAug + MATH_AnsAug, one per query, trace prefixed '<reasoning>\\n'")
-    # ---- rollouts (sampler: NOTES.md §4)
-    p.add_argument("--batch_prompts", type=int, default=8, help="prompts per optimizer step (paper: 64)")
+    # ---- rollouts (the sampler: NOTES.md §4)
+    p.add_argument("--batch_prompts", type=int, default=8,
+                   help="B: prompts per batch of rollouts (paper: 64)")
     p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt (paper: 8)")
     p.add_argument("--gen_length", type=int, default=48, help="L: completion length (paper: 256)")
     p.add_argument("--block_length", type=int, default=8, help="semi-autoregressive block (paper: 32)")
-    p.add_argument("--diffusion_steps", "--steps", type=int, default=24, help="denoising steps per completion (paper: 128)")
+    p.add_argument("--diffusion_steps", type=int, default=24,
+                   help="denoising steps per completion (paper: 128)")
     p.add_argument("--temperature", type=float, default=1.2, help="rollout temperature (paper: 1.2)")
-    p.add_argument("--gen_batch", type=int, default=0, help="sequences per sampler call; 0: all at once (memory knob)")
+    p.add_argument("--gen_batch", type=int, default=0,
+                   help="sequences per sampler call; 0: all (memory knob)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip forward passes of rows whose answer has ended (same tokens; --no-early_exit: all)")
+                   help="rows whose answer has ended leave the batch (same tokens; --no-early_exit: all)")
     # ---- inpainting (Eq. (7), (8), (10))
     p.add_argument("--no_inpaint", action="store_true", help="plain GRPO: leave all-wrong groups alone")
-    p.add_argument("--eta_low", type=float, default=0.2, help="eta ~ U[eta_low, eta_high]: revealed chunk fraction (paper: 0.2)")
-    p.add_argument("--eta_high", type=float, default=0.6, help="(paper: 0.6); 0/0 is the resampling control, 1/1 full hints")
-    p.add_argument("--chunk_min", type=int, default=3, help="s_min: shortest hint chunk in tokens (paper code: 5)")
-    p.add_argument("--chunk_max", type=int, default=6, help="s_max: longest hint chunk in tokens (paper code: 10)")
-    p.add_argument("--max_replace_frac", type=float, default=0.5, help="lambda: at most floor(lambda G) replaced (paper: 0.5)")
-    p.add_argument("--entropy_keep", type=float, default=0.2, help="tau: fraction of hint tokens kept by entropy (paper: 0.2)")
+    p.add_argument("--eta_low", type=float, default=0.2, help="eta ~ U[eta_low, eta_high]: fraction of trace "
+                   "chunks revealed (paper: 0.2)")
+    p.add_argument("--eta_high", type=float, default=0.6, help="(paper: 0.6); 0/0 is the resampling control, "
+                   "1/1 full hints")
+    p.add_argument("--chunk_min", type=int, default=3,
+                   help="s_min: shortest hint chunk in tokens (paper code: 5)")
+    p.add_argument("--chunk_max", type=int, default=6,
+                   help="s_max: longest hint chunk in tokens (paper code: 10)")
+    p.add_argument("--max_replace_frac", type=float, default=0.5,
+                   help="lambda: at most floor(lambda G) samples "
+                   "replaced (paper: 0.5)")
+    p.add_argument("--entropy_keep", type=float, default=0.2, help="tau: fraction of hint tokens kept by "
+                   "entropy (paper: 0.2)")
     # ---- policy optimisation (Eq. (6))
-    p.add_argument("--num_iterations", type=int, default=2, help="mu: gradient steps per batch of rollouts (paper: 4)")
+    p.add_argument("--num_iterations", type=int, default=2, help="mu: gradient steps per batch of rollouts "
+                   "(paper: 4)")
     p.add_argument("--epsilon", type=float, default=0.2, help="epsilon: ratio clip (paper: 0.2)")
     p.add_argument("--beta", type=float, default=0.01, help="beta: KL weight, k3 estimator (paper: 0.01)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (paper: 5e-7 with LoRA on LLaDA-8B)")
-    p.add_argument("--warmup_steps", type=int, default=5, help="linear warmup, in batches of rollouts (paper: 50 optimizer steps)")
+    p.add_argument("--warmup_steps", type=int, default=5,
+                   help="linear warmup, in batches of rollouts (paper: 50)")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
     p.add_argument("--grad_clip", type=float, default=0.2, help="gradient-norm clip (paper: 0.2)")
-    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches the prompts are split into for updates")
+    p.add_argument("--grad_accum", type=int, default=1,
+                   help="micro-batches the prompts are split into for updates")
     # ---- run
-    p.add_argument("--max_steps", type=int, default=60, help="batches of rollouts, each followed by mu optimizer steps")
+    p.add_argument("--max_steps", type=int, default=60,
+                   help="batches of rollouts, each followed by mu updates")
     p.add_argument("--out_dir", default="out/igpo", help="checkpoint folder; metrics.jsonl goes inside")
     p.add_argument("--save_every", type=int, default=20, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
-    p.add_argument("--limit", "--eval_limit", type=int, default=500, help="embedded test questions for the before/after eval (0: skip)")
+    p.add_argument("--limit", type=int, default=500, help="embedded test questions for the before/after eval "
+                   "(0: skip)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="auto", choices=sft.PRECISIONS, help=sft.PRECISION_HELP)
     args = p.parse_args(argv)
-    check_lengths(args.gen_length, args.block_length, args.diffusion_steps)
+    check_sampler(sampler_of(args))
+    if args.num_generations < 2:
+        fail(f"--num_generations must be at least 2 (got {args.num_generations}): with one sample per prompt "
+             f"every advantage is 0 (Eq. (3)) and nothing is learned")
     if not (0 <= args.eta_low <= args.eta_high <= 1):
         fail(f"need 0 <= eta_low <= eta_high <= 1 (got {args.eta_low}, {args.eta_high})")
     if args.chunk_min < 1 or args.chunk_min > args.chunk_max:
@@ -112,15 +128,22 @@ def get_args(argv=None):
     return args
 
 
+def sampler_of(args):
+    # The rollout sampler's settings (eval.Sampler) from the flags.
+    return Sampler(args.gen_length, args.block_length, args.diffusion_steps, args.temperature,
+                   args.early_exit, args.gen_batch)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Notation (NOTES.md §2)           code
 #   q, o_i, G                      prompt ids (B, P), completion ids (B*G, L), args.num_generations
+#   B                              prompts per batch of rollouts (--batch_prompts)
 #   r(o_i), A_i                    reward (B, G), adv (B*G,)
 #   y*, eta, s_min/s_max           trace_ids, eta, chunk_min/chunk_max
 #   lambda, tau, mu                max_replace_frac, entropy_keep, num_iterations
 #   log pi_theta, pi_old, pi_ref   logp, logp_old, logp_ref (B*G, L) per token, from Eq. (5)
 #   H                              entropy (B, L), per prompt and position under pi_old
-# Row b*G + i of every (B*G, ...) tensor is sample i of prompt b.
+# Row b*G + i of every (B*G, ...) tensor is sample i of prompt b. W = the number of all-wrong groups.
 
 # ---- data: (question, trace y*, gold answer) rows
 
@@ -140,8 +163,8 @@ def answer_from_trace(trace):
 
 
 def metamath_official(ds, qcol):
-    # Row indices as the official code selects MetaMathQA: GSM_AnsAug and MATH_AnsAug, first row per query.
-    # the other types rephrase or invert questions that these rows already hold
+    # Row indices as the official code selects MetaMathQA: GSM_AnsAug and MATH_AnsAug, first row per query
+    # (the other types rephrase or invert questions that these rows already hold).
     if "type" not in ds.column_names:
         fail("--metamath_official needs MetaMathQA's 'type' column")
     first = {}
@@ -157,7 +180,8 @@ def load_rl_data(args, world):
         # a random stream of its own ("rl-<seed>"), not SFT's ("<seed>"), as the paper's RL data (MetaMathQA)
         # differs from its SFT data; both draw from one pool, so ~1 in 5 prompts is an SFT problem by chance
         # (NOTES.md §3 item 18)
-        ds = sft.toy_dataset("train", max(1000, args.max_steps * args.batch_prompts * world), seed=f"rl-{args.seed}")
+        n = max(1000, args.max_steps * args.batch_prompts * world)
+        ds = sft.toy_dataset("train", n, seed=f"rl-{args.seed}")
         questions, traces, answers = ds["question"], ds["trace"], ds["answer"]
     else:
         cols = [args.question_col, args.trace_col] + ([args.answer_col] if args.answer_col else [])
@@ -176,44 +200,50 @@ def load_rl_data(args, world):
 
 
 def batch_at(data, step, args, rank, world):
-    # The batch_prompts rows of a step: a pure function of (seed, step, rank), so resuming needs no data position.
+    # The B rows of a step: a pure function of (seed, step, rank), so resuming needs no data position.
     per_epoch = len(data) // args.batch_prompts
     k = step * world + rank  # under torchrun each rank rolls out its own batch_prompts prompts
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch))
+    epoch_gen = torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch)  # a new order every epoch
+    perm = torch.randperm(len(data), generator=epoch_gen)
     return [data[i] for i in perm[(k % per_epoch) * args.batch_prompts:][:args.batch_prompts].tolist()]
 
 
 # ---- rollouts and inpainting: Eq. (7), (8)
 
-def rollout(model, prompts, prompt_attn, args, mask_id, gen, hints=None, end_ids=None):
-    # One completion (N, L) per row of prompts (N, P) from the diffusion sampler; hints (N, L) for inpainting.
-    # Rows go through the sampler --gen_batch at a time (its logits, rows x block x vocab, bound its memory),
-    # and only rows of equal prompt length together, unpadded: LLaDA's hub code ignores attention_mask (eval.py).
-    # end_ids: a row stops at its first end token (--early_exit); what the loss and reward read is unchanged.
-    out = torch.empty(len(prompts), args.gen_length, dtype=torch.long, device=prompts.device)  # (N, L)
+def rollout(model, prompts, prompt_attn, sampler, facts, gen, hints=None):
+    # One completion (N, L) per row of prompts (N, P), left-padded with prompt_attn (N, P); hints (N, L) for
+    # inpainting. Rows go through the sampler sampler.batch at a time (its logits, rows x block x vocab,
+    # bound its memory), only rows of equal prompt length together, the padding cut off: no model sees a pad.
+    out = torch.empty(len(prompts), sampler.gen_length, dtype=torch.long, device=prompts.device)  # (N, L)
     lengths = prompt_attn.sum(1).tolist()
-    for rows in equal_length_batches(lengths, args.gen_batch or len(prompts)):
+    for rows in equal_length_batches(lengths, sampler.batch or len(prompts)):
         x = prompts[rows, prompts.shape[1] - lengths[rows[0]]:]  # (b, P_b): the left padding cut off
-        out[rows] = generate(model, x, args.gen_length, args.block_length, args.diffusion_steps, args.temperature,
-                             mask_id, hints=None if hints is None else hints[rows], attention_mask=torch.ones_like(x),
-                             generator=gen, end_ids=end_ids if args.early_exit else None)[:, x.shape[1]:]
+        canvas = None if hints is None else hints[rows]
+        out[rows] = generate(model, x, sampler, facts, canvas, gen)[:, x.shape[1]:]
     return out
 
 
 def hintable_trace_ids(tokenizer, trace, gen_length):
     # Token ids of y* that may be revealed: those before the first final-answer statement, at most L.
-    m = ANSWER_START.search(trace)  # Eq. (7): the answer itself is never a hint (deviation 3)
+    m = ANSWER_START.search(trace)  # Eq. (7): the answer itself is never a hint (NOTES.md §3 item 3)
     return tokenizer(trace[:m.start()] if m else trace, add_special_tokens=False).input_ids[:gen_length]
+
+
+def trace_chunks(n, chunk_min, chunk_max, gen):
+    # Eq. (7): consecutive chunks of U{s_min..s_max} tokens that cover n trace tokens, as (start, end) pairs;
+    # the last one may be shorter.
+    chunks, pos = [], 0
+    while pos < n:
+        size = int(torch.randint(chunk_min, chunk_max + 1, (1,), generator=gen))
+        chunks.append((pos, min(pos + size, n)))
+        pos += size
+    return chunks
 
 
 def make_hints(trace_ids, gen_length, eta, chunk_min, chunk_max, mask_id, gen):
     # Eq. (7): one hint canvas (L,): y*'s tokens in round(eta * #chunks) random chunks, the mask elsewhere.
     hints = torch.full((gen_length,), mask_id, dtype=torch.long)  # (L,)
-    chunks, pos = [], 0
-    while pos < len(trace_ids):  # consecutive chunks of U{s_min..s_max} tokens cover the hintable trace
-        size = int(torch.randint(chunk_min, chunk_max + 1, (1,), generator=gen))
-        chunks.append((pos, min(pos + size, len(trace_ids))))
-        pos += size
+    chunks = trace_chunks(len(trace_ids), chunk_min, chunk_max, gen)
     n_reveal = round(eta * len(chunks))  # Python rounds halves to even: a 1-chunk trace at eta 0.5 gets none
     for c in torch.randperm(len(chunks), generator=gen)[:n_reveal].tolist():
         a, b = chunks[c]
@@ -228,18 +258,20 @@ def hint_canvases(tokenizer, traces, args, mask_id, gen):
         trace_ids = hintable_trace_ids(tokenizer, trace, args.gen_length)
         for _ in range(args.num_generations):
             eta = args.eta_low + (args.eta_high - args.eta_low) * float(torch.rand(1, generator=gen))
-            canvases.append(make_hints(trace_ids, args.gen_length, eta, args.chunk_min, args.chunk_max, mask_id, gen))
-    return torch.stack(canvases) if canvases else torch.empty(0, args.gen_length, dtype=torch.long)
+            hints = make_hints(trace_ids, args.gen_length, eta, args.chunk_min, args.chunk_max, mask_id, gen)
+            canvases.append(hints)
+    return torch.stack(canvases)
 
 
-def replace_wrong(completions, reward, texts, groups, inpainted, inpainted_texts, correct, hints, lam, mask_id):
+def replace_wrong(completions, reward, groups, inpainted, correct, hints, lam, mask_id):
     # Eq. (8): in each all-wrong group b of `groups`, K = min(#correct, floor(lambda G)) wrong samples are
-    # replaced by correct inpainted ones. Returns new (completions, reward, texts, hint_mask (B*G, L), K per group).
+    # replaced by correct inpainted ones. inpainted, hints (W*G, L) and correct (W, G): rows g*G .. g*G+G-1
+    # belong to group groups[g]. Returns new (completions, reward, hint_mask (B*G, L), K per group).
     G = reward.shape[1]
-    completions, reward, texts = completions.clone(), reward.clone(), list(texts)
+    completions, reward = completions.clone(), reward.clone()
     hint_mask = torch.zeros(completions.shape, dtype=torch.bool, device=completions.device)  # (B*G, L)
     Ks = []
-    for g, b in enumerate(groups):  # inpainted rows g*G .. g*G+G-1 belong to group b
+    for g, b in enumerate(groups):
         ok = correct[g].nonzero().flatten().tolist()
         # at most floor(lambda G): the group keeps wrong samples with negative advantage, and the hinted ones
         # cannot dominate its gradient (Eq. (11): the expected update peaks at a replaced fraction K/G of 1/2;
@@ -247,14 +279,15 @@ def replace_wrong(completions, reward, texts, groups, inpainted, inpainted_texts
         K = min(len(ok), math.floor(lam * G))
         for slot, j in enumerate(ok[:K]):  # all G originals are wrong: which K are replaced is immaterial
             src, dst = g * G + j, b * G + slot
-            completions[dst], texts[dst], reward[b, slot] = inpainted[src], inpainted_texts[src], 1.0
-            hint_mask[dst] = hints[src] != mask_id  # injected tokens: candidates for Eq. (10) (a hint after
-            # the row's end was overwritten by EOS: `& valid` in main drops it)
+            completions[dst], reward[b, slot] = inpainted[src], 1.0
+            # the injected tokens: candidates for Eq. (10). A hint after the row's end token was overwritten
+            # by padding (early exit) and lies outside the loss mask anyway.
+            hint_mask[dst] = hints[src] != mask_id
         Ks.append(K)
-    return completions, reward, texts, hint_mask, Ks
+    return completions, reward, hint_mask, Ks
 
 
-# ---- the estimator, the entropy filter and the loss: Eq. (5), (6), (9), (10)
+# ---- the estimator, the entropy filter and the loss: Eq. (3), (5), (6), (9), (10)
 
 def advantages(reward):
     # Eq. (3): A_i = r(o_i) - mean_j r(o_j) within each group, with no division by the std (the paper's form):
@@ -262,17 +295,20 @@ def advantages(reward):
     return (reward - reward.mean(1, keepdim=True)).flatten()
 
 
-def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_entropy=False):
-    # Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L), one forward per prompt for its G samples.
-    # prompt_ids (B, P), completions (B*G, L) -> logp (B*G, L) [, entropy (B, L) for Eq. (10)].
-    # The input (prompt clean, whole completion masked) is the same for all G samples of a prompt, so the G
-    # completions are read off the same distributions (deviation 4). Prompts here are left-padded: exact for
-    # models that apply attention_mask; on LLaDA see NOTES.md §3 item 16.
+def token_logps(model, prompt_ids, prompt_attn, completions, G, facts, with_entropy=False):
+    # Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L). A diffusion LM has no left-to-right factorisation to
+    # score a sample with; the estimator masks the whole completion, runs the model once, and reads every
+    # token's log-probability off the per-position distributions of that single pass (mean-field: position k
+    # ignores the other tokens of o and the order in which the sampler committed them).
+    # prompt_ids (B, P) left-padded with prompt_attn, completions (B*G, L) -> logp (B*G, L)
+    # [, entropy (B, L) for Eq. (10)]. The input does not depend on the sample, so the G completions of a
+    # prompt are read off the same pass (NOTES.md §3 item 4).
     B, P = prompt_ids.shape
     L = completions.shape[1]
-    x = torch.cat([prompt_ids, torch.full((B, L), mask_id, dtype=torch.long, device=prompt_ids.device)], 1)  # (B, P+L)
-    attn = torch.cat([prompt_attn, prompt_attn.new_ones(B, L)], 1)  # (B, P+L)
-    logits = logits_at(model, x, attn, P, P + L).float()  # (B, L, V): no vocabulary projection for the prompt
+    masks = torch.full((B, L), facts.mask_id, dtype=torch.long, device=prompt_ids.device)
+    x = torch.cat([prompt_ids, masks], 1)  # (B, P + L)
+    attn = torch.cat([prompt_attn, prompt_attn.new_ones(B, L)], 1)  # (B, P + L)
+    logits = logits_at(model, x, P, P + L, facts.shifted, attn).float()  # (B, L, V): the completion only
     lse = logits.logsumexp(-1, keepdim=True)  # (B, L, 1)
     # gather the G sampled tokens at each position from the one distribution per position: index (B, L, G)
     index = completions.view(B, G, L).transpose(1, 2)
@@ -283,8 +319,16 @@ def token_logps(model, prompt_ids, prompt_attn, completions, G, mask_id, with_en
     return logp, entropy
 
 
+def estimate(model, prompts, prompt_attn, completions, G, facts, micro, with_entropy=False):
+    # Eq. (5) without gradients, one micro-batch of prompts at a time (bounds the logits' memory).
+    with torch.no_grad():
+        parts = [token_logps(model, prompts[p], prompt_attn[p], completions[s], G, facts, with_entropy)
+                 for p, s in micro]
+    return tuple(map(torch.cat, zip(*parts))) if with_entropy else torch.cat(parts)
+
+
 def entropy_filter(entropy, hint_mask, keep_frac):
-    # Eq. (10): of each row's n hint positions keep the max(1, floor(tau n)) of highest entropy. -> (N, L) bool.
+    # Eq. (10): of each row's n hint positions keep the max(1, floor(tau n)) of highest entropy -> (N, L).
     n_hint = hint_mask.sum(1, keepdim=True)  # (N, 1)
     k = torch.clamp(torch.floor(keep_frac * n_hint), min=1)  # (N, 1)
     score = torch.where(hint_mask, entropy, float("-inf"))  # (N, L): non-hint positions rank last
@@ -295,15 +339,15 @@ def entropy_filter(entropy, hint_mask, keep_frac):
 
 
 def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
-    # Eq. (6)/(9): clipped surrogate + beta * k3 KL per token. logp.. (N, L); adv (N,) -> (loss, kl, clip_frac).
-    ratio = torch.exp(logp - logp_old)  # per token (deviation 1: the official code uses a sequence-level ratio)
+    # Eq. (6)/(9): clipped surrogate + beta * k3 KL per token. logp* (N, L); adv (N,) -> loss, kl, clip_frac.
+    ratio = torch.exp(logp - logp_old)  # per token (the official code uses a sequence-level ratio: item 14)
     a = adv[:, None]  # (N, 1): one advantage per sample, shared by its tokens
     surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)  # (N, L)
-    # k3 estimator of KL(pi_theta || pi_ref): exp(d) - d - 1 with d = log pi_ref - log pi_theta; never negative,
-    # and 0 exactly where the two agree, so beta = 0 and pi_theta = pi_ref both leave only the surrogate
+    # k3 estimator of KL(pi_theta || pi_ref): exp(d) - d - 1 with d = log pi_ref - log pi_theta; never
+    # negative, and 0 exactly where the two agree, so beta = 0 and pi_theta = pi_ref both leave the surrogate
     kl = torch.exp(logp_ref - logp) - (logp_ref - logp) - 1 if beta else torch.zeros_like(logp)
     per_token = -surrogate + beta * kl  # (N, L)
-    # loss = (1/N) sum_i (1/|o_i|) sum_k loss_mask_ik * l_ik, with |o_i| = sum_k loss_mask_ik (deviation 1)
+    # loss = (1/N) sum_i (1/|o_i|) sum_k loss_mask_ik * l_ik, with |o_i| = sum_k loss_mask_ik (item 1)
     m = loss_mask.float()
     n_tokens = m.sum(1).clamp(min=1)  # (N,): |o_i|
     loss = ((per_token * m).sum(1) / n_tokens).mean()
@@ -312,29 +356,194 @@ def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
     return loss, kl_mean.detach(), ((clipped * m).sum() / m.sum().clamp(min=1)).detach()
 
 
-def estimate(model, prompts, prompt_attn, completions, G, mask_id, micro, with_entropy=False):
-    # Eq. (5) without gradients, one micro-batch of prompts at a time (bounds the logits' memory), concatenated.
-    with torch.no_grad():
-        parts = [token_logps(model, prompts[p], prompt_attn[p], completions[s], G, mask_id, with_entropy)
-                 for p, s in micro]
-    return tuple(map(torch.cat, zip(*parts))) if with_entropy else torch.cat(parts)
+LOGGED = ["step", "loss", "reward", "all_wrong", "all_wrong_after", "kl", "skipped", "seconds"]  # NOTES §5
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # ---- device and RNG streams: rollouts draw from `gen`, hints (eta, chunks, which ones) from `hint_gen`
+    rank, world, device = sft.init_distributed(args.device)  # world > 1 under torchrun
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device).manual_seed(args.seed + 1000 * rank)
+    hint_gen = torch.Generator().manual_seed(args.seed + 1000 * rank + 1)
+    if args.model == "out/sft" and not os.path.isdir("out/sft"):  # the default pipeline is SFT, then RL
+        print("out/sft not found: running `python sft.py` (SFT with default flags) first, then RL from it")
+        sft.main([])
+    if not os.path.isdir(args.model) and os.path.exists(args.model):
+        fail(f"--model {args.model} is not a checkpoint folder")
+    state = sft.open_run(args)  # None unless --resume finds a checkpoint
+
+    # ---- data: (question, trace, answer) rows; the task picks the grader: numbers for the embedded task,
+    # LaTeX-aware (math-verify) for real data
+    toy = args.dataset == "toy"
+    task = "toy" if toy else "math500"
+    data = load_rl_data(args, world)
+    G = args.num_generations
+    sampler = sampler_of(args)
+
+    # ---- model: the policy pi_theta, and the reference pi_ref of the KL term
+    dtype, amp_dtype = sft.precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
+    amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
+    policy, tokenizer, facts = load_model(args.model, args.trust_remote_code, device, dtype)
+    frozen = copy.deepcopy(policy).eval().requires_grad_(False) if args.beta and not args.lora_r else None
+    if args.grad_ckpt:
+        sft.enable_grad_ckpt(policy)
+    if args.lora_r:
+        targets = args.lora_targets or facts.lora_targets
+        policy = sft.add_lora(policy, args.lora_r, args.lora_alpha, targets, args.out_dir if state else None)
+    elif state:  # a resumed full run: its trained weights (the frozen reference keeps the initial ones)
+        trained = load_model(args.out_dir, args.trust_remote_code, device, dtype)[0]
+        policy.load_state_dict(trained.state_dict())
+    # pi_ref: without LoRA a frozen copy of the start; with LoRA the policy with its adapter switched off
+    ref_model = policy if frozen is None else frozen
+    reference_off = policy.disable_adapter if args.lora_r else contextlib.nullcontext
+    print(sft.precision_line(policy, amp_dtype))
+    # gradient passes go through `model` (the DDP wrapper under torchrun), no-grad passes through `policy`
+    model = policy
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(policy, [device] if device.type == "cuda" else None)
+
+    # ---- optimizer: AdamW, linear warmup; one schedule step per batch of rollouts (NOTES.md §3 item 13)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
+    step, skipped = sft.restore(state, args.out_dir, opt, sched, [gen, hint_gen]) if state else (0, 0)
+    bad = 0  # non-finite updates in a row
+
+    acc_before = None
+    if args.limit and toy and not state:
+        acc_before = test_accuracy(policy, tokenizer, facts, args, amp, "before")
+
+    from tqdm import tqdm
+    bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None if rank == 0 else True)
+    while step < args.max_steps:
+        t0 = time.time()
+        batch = batch_at(data, step, args, rank, world)  # [(question, trace y*, gold answer)] * B
+        questions, traces, answers = zip(*batch)
+        B = len(batch)
+        ids = [tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids
+               for q in questions]
+        prompts, prompt_attn = left_pad(ids, tokenizer.pad_token_id)  # (B, P), left-padded
+        prompts, prompt_attn = prompts.to(device), prompt_attn.to(device)
+        rep = lambda t: t.repeat_interleave(G, 0)  # (B, ...) -> (B*G, ...): row b*G + i, sample i of prompt b
+        mb = B // args.grad_accum  # prompts per micro-batch; each is (its prompt rows, its sample rows)
+        micro = [(slice(a, a + mb), slice(a * G, (a + mb) * G)) for a in range(0, B, mb)]
+
+        # ================================ the IGPO step (NOTES.md §5) ================================
+        # 1. rollout: G samples per prompt, all prompts in one batched sampler call
+        policy.eval()
+        with amp():
+            completions = rollout(policy, rep(prompts), rep(prompt_attn), sampler, facts, gen)  # (B*G, L)
+        # 2. grade: binary reward r(o_i), read up to the first end token (NOTES.md §3 item 2)
+        texts = tokenizer.batch_decode(completions)
+        reward = [float(grade(text, answers[j // G], task)) for j, text in enumerate(texts)]
+        reward = torch.tensor(reward).view(B, G)
+        own_reward = reward.mean().item()  # the policy's own success rate, before any rescue
+        # 3. Eq. (4): all-wrong groups have zero advantage everywhere; these are the ones inpainting rescues
+        all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
+        hint_mask = torch.zeros_like(completions, dtype=torch.bool)  # (B*G, L): injected tokens, none yet
+        rescue = None
+        if all_wrong and not args.no_inpaint:
+            # 4. Eq. (7): G hint canvases per all-wrong group, from the group's own trace y*
+            hints = hint_canvases(tokenizer, [traces[b] for b in all_wrong], args, facts.mask_id, hint_gen)
+            hints = hints.to(device)  # (W*G, L)
+            # 5. inpaint: the same sampler, started from the canvases (a hint is never remasked), then graded
+            with amp():
+                inpainted = rollout(policy, rep(prompts[all_wrong]), rep(prompt_attn[all_wrong]), sampler,
+                                    facts, gen, hints)  # (W*G, L)
+            inpainted_texts = tokenizer.batch_decode(inpainted)
+            correct = [grade(t, answers[all_wrong[j // G]], task) for j, t in enumerate(inpainted_texts)]
+            correct = torch.tensor(correct).view(len(all_wrong), G)  # (W, G)
+            # 6. Eq. (8): K = min(#correct, floor(lambda G)) correct inpainted samples replace wrong ones
+            lam = args.max_replace_frac
+            completions, reward, hint_mask, Ks = replace_wrong(completions, reward, all_wrong, inpainted,
+                                                               correct, hints, lam, facts.mask_id)
+            rescue = {"groups": all_wrong, "hints": hints, "inpainted": inpainted, "correct": correct,
+                      "Ks": Ks}
+        # 7. Eq. (3): group-relative advantages on the new groups
+        adv = advantages(reward).to(device)  # (B*G,)
+        # 8. Eq. (5): pi_old log-probs and entropies H (B, L); pi_ref log-probs for the KL term of Eq. (6)
+        with amp():
+            logp_old, entropy = estimate(policy, prompts, prompt_attn, completions, G, facts, micro, True)
+            logp_ref = logp_old  # unused when beta = 0
+            if args.beta:
+                with reference_off():
+                    logp_ref = estimate(ref_model, prompts, prompt_attn, completions, G, facts, micro)
+        # 9. Eq. (10): the loss reads every self-generated token up to the end token; of the hint tokens, only
+        # the top tau by entropy under pi_old
+        valid = completion_mask(completions, facts.end_ids)  # (B*G, L)
+        keep_hint = entropy_filter(rep(entropy), hint_mask & valid, args.entropy_keep)  # (B*G, L)
+        loss_mask = valid & (~hint_mask | keep_hint)  # (B*G, L)
+        # 10. mu AdamW updates on Eq. (6)/(9)
+        policy.train()
+        for _ in range(args.num_iterations):
+            stats = torch.zeros(3)  # loss, kl, clip_frac of this update (the last update's are logged)
+            for p, s in micro:  # p: the micro-batch's prompt rows, s: its sample rows
+                with amp():  # as logp_old, so the first ratio is exactly 1 (not with LoRA dropout: item 15)
+                    logp = token_logps(model, prompts[p], prompt_attn[p], completions[s], G, facts)
+                loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s],
+                                                args.epsilon, args.beta)
+                # each micro-batch's loss / grad_accum: the gradients add up to the full batch's
+                (loss / args.grad_accum).backward()
+                stats += torch.tensor([loss.item(), kl.item(), clip_frac.item()]) / args.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the norm before clipping
+            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(stats).all())
+            if finite:  # a non-finite update is skipped and counted; too many in a row stop the run
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            skipped, bad = skipped + (not finite), sft.count_bad(bad, finite)
+        sched.step()
+        step += 1
+        # ============================ everything below is bookkeeping ============================
+
+        Ks = rescue["Ks"] if rescue else []
+        rescued = [b for b, K in zip(all_wrong, Ks) if K]
+        means = {"reward": own_reward, "all_wrong": len(all_wrong) / B,
+                 "all_wrong_after": (len(all_wrong) - len(rescued)) / B,
+                 "hint_frac": ((hint_mask & loss_mask).sum() / loss_mask.sum().clamp(min=1)).item(),
+                 "entropy": entropy.mean().item(), "loss": stats[0].item(), "kl": stats[1].item(),
+                 "clip_frac": stats[2].item(), "grad_norm": grad_norm.item()}
+        counts = {"inpainted_groups": len(Ks), "replaced": sum(Ks)}
+        means, counts = mean_over_ranks(means, counts, world, device)
+        row = {"step": step, **{k: round(v, 5) for k, v in means.items()}, **counts, "skipped": skipped,
+               "seconds": round(time.time() - t0, 2)}
+        if rank == 0:
+            sft.log_metrics(args.out_dir, row)
+            bar.update(1)
+            bar.write(sft.log_line(row, LOGGED))
+            if rescued and not os.path.exists(os.path.join(args.out_dir, "example.json")):
+                after = {"reward": reward, "adv": adv, "completions": completions, "hint_mask": hint_mask,
+                         "loss_mask": loss_mask}
+                save_example(args.out_dir, tokenizer, step, batch, rescue, after)
+        if step % args.save_every == 0 or step == args.max_steps:
+            sft.checkpoint(args, policy, tokenizer, opt, sched, [gen, hint_gen], step, skipped)
+    bar.close()
+
+    if args.limit and toy:
+        acc_after = test_accuracy(policy, tokenizer, facts, args, amp, "after")
+        if rank == 0:
+            finish(args.out_dir, acc_before, acc_after, args.limit)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Everything in this section is reporting: the worked example, the run summary, the curves.
 
-def save_example(out_dir, step, row, b, canvases, inpainted_texts, correct, K, reward, adv, texts, hint_mask,
-                 keep_hint, tokenizer):
-    # The first rescued group of the run, in full, for NOTES.md's worked example.
-    G = reward.shape[1]
+def save_example(out_dir, tokenizer, step, batch, rescue, after):
+    # The first rescued group of the run, in full (NOTES.md §10's worked example; printed at the end).
+    g = next(g for g, K in enumerate(rescue["Ks"]) if K)  # the first rescued of the inpainted groups
+    b, G = rescue["groups"][g], after["reward"].shape[1]
     rows = range(b * G, (b + 1) * G)
-    example = {"question": row[0], "trace": row[1], "answer": row[2], "group": b,
-               "hint_canvases": [tokenizer.decode(c).replace(MASK, "_") for c in canvases],
-               "inpainted": inpainted_texts, "inpainted_correct": correct, "replaced": K, "step": step,
-               "new_group": [texts[i] for i in rows], "new_rewards": reward[b].tolist(),
-               "advantages": [round(adv[i].item(), 4) for i in rows],
+    canvases, hint_mask = rescue["hints"][g * G:(g + 1) * G], after["hint_mask"]
+    example = {"step": step, "question": batch[b][0], "trace": batch[b][1], "answer": batch[b][2], "group": b,
+               "hint_canvases": [tokenizer.decode(c).replace(sft.MASK, "_") for c in canvases],
+               "inpainted": tokenizer.batch_decode(rescue["inpainted"][g * G:(g + 1) * G]),
+               "inpainted_correct": rescue["correct"][g].tolist(), "replaced": rescue["Ks"][g],
+               "new_group": tokenizer.batch_decode(after["completions"][b * G:(b + 1) * G]),
+               "new_rewards": after["reward"][b].tolist(),
+               "advantages": [round(after["adv"][i].item(), 4) for i in rows],
                "hint_positions": [hint_mask[i].nonzero().flatten().tolist() for i in rows],
-               "kept_hint_positions": [keep_hint[i].nonzero().flatten().tolist() for i in rows]}
+               "kept_hint_positions": [(hint_mask[i] & after["loss_mask"][i]).nonzero().flatten().tolist()
+                                       for i in rows]}
     with open(os.path.join(out_dir, "example.json"), "w") as f:
         json.dump(example, f, indent=1)
 
@@ -346,7 +555,8 @@ def summarize(out_dir):
     quarters = [rows[len(rows) * k // 4:len(rows) * (k + 1) // 4] for k in range(4)]
     return {"steps": len(rows), "all_wrong": mean("all_wrong"), "all_wrong_after": mean("all_wrong_after"),
             "replaced_per_step": mean("replaced"), "reward_by_quarter": [mean("reward", q) for q in quarters],
-            "max_abs_loss": round(max(abs(r["loss"]) for r in rows), 4), "max_kl": round(max(r["kl"] for r in rows), 5),
+            "max_abs_loss": round(max(abs(r["loss"]) for r in rows), 4),
+            "max_kl": round(max(r["kl"] for r in rows), 5),
             "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
 
 
@@ -368,7 +578,8 @@ def plot_run(out_dir, acc_before, acc_after):
     ax.set(xlabel="RL step", ylim=(0, 1), title="training")
     ax.legend(fontsize=8)
     accs = [a for a in (acc_before, acc_after) if a is not None]
-    bars = bx.bar(["before RL", "after RL"][-len(accs):], [100 * a for a in accs], color=["grey", "tab:green"][-len(accs):])
+    bars = bx.bar(["before RL", "after RL"][-len(accs):], [100 * a for a in accs],
+                  color=["grey", "tab:green"][-len(accs):])
     bx.bar_label(bars, fmt="%.1f%%")
     bx.set(ylim=(0, 100), title="test accuracy (greedy)")
     fig.tight_layout()
@@ -376,14 +587,14 @@ def plot_run(out_dir, acc_before, acc_after):
     plt.close(fig)
 
 
-def test_accuracy(policy, tokenizer, args, amp, when, rank):
+def test_accuracy(policy, tokenizer, facts, args, amp, when):
     # Greedy accuracy on the first --limit embedded test questions, saved per question in eval_<when>.json so
     # that runs can be compared paired (eval.py --compare A B).
     with amp():
-        records, acc = evaluate(policy, tokenizer, load_task("toy", limit=args.limit), "toy", args.gen_length,
-                                args.block_length, args.diffusion_steps, early_exit=args.early_exit)
+        records, acc = evaluate(policy, tokenizer, facts, load_task("toy", limit=args.limit), "toy",
+                                sampler_of(args)._replace(temperature=0.0, batch=64))
     print(f"accuracy {when} RL: {100 * acc:.1f}% on {len(records)} test questions")
-    if rank == 0:
+    if sft.rank_and_world()[0] == 0:
         write_json(os.path.join(args.out_dir, f"eval_{when}.json"), {"generations": records})
     return acc
 
@@ -403,151 +614,8 @@ def mean_over_ranks(means, counts, world, device):
         return means, counts
     vals = torch.tensor(list(means.values()) + list(counts.values()), dtype=torch.float64, device=device)
     torch.distributed.all_reduce(vals)
-    return dict(zip(means, (vals[:len(means)] / world).tolist())), dict(zip(counts, vals[len(means):].long().tolist()))
-
-
-LOGGED = ["step", "loss", "reward", "all_wrong", "all_wrong_after", "kl", "skipped", "seconds"]  # NOTES.md §5
-
-
-def main(argv=None):
-    args = get_args(argv)
-    # ---- device and RNG streams: rollouts draw from `gen`, hints (eta, chunks, which ones) from `hint_gen`
-    rank, world, device = sft.init_distributed(args.device)  # world > 1 under torchrun
-    torch.manual_seed(args.seed)
-    gen = torch.Generator(device).manual_seed(args.seed + 1000 * rank)
-    hint_gen = torch.Generator().manual_seed(args.seed + 1000 * rank + 1)
-    if args.model == "out/sft" and not os.path.isdir("out/sft"):  # the default pipeline is SFT, then RL
-        print("out/sft not found: running `python sft.py` (SFT with its defaults) first, then RL from its output")
-        sft.main([])
-    if not os.path.isdir(args.model) and os.path.exists(args.model):
-        fail(f"--model {args.model} is not a checkpoint folder")
-    state = sft.open_run(args, rank, world)  # None unless --resume finds a checkpoint
-
-    # ---- data: (question, trace, answer) rows; task picks the grader: numeric for the toy, LaTeX-aware else
-    toy = args.dataset == "toy"
-    task = "toy" if toy else "math500"
-    data = load_rl_data(args, world)
-    G = args.num_generations
-
-    # ---- model: the policy, and the reference pi_ref of the KL term
-    dtype, amp_dtype, precision = sft.precision_policy(args.precision, device, args.lora_r > 0, lora=args.lora_r > 0)
-    print(precision)
-    amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
-    model, tokenizer = load_model(args.model, args.trust_remote_code, device, dtype)
-    mask_id = tokenizer.convert_tokens_to_ids(MASK)
-    end_ids = torch.tensor(end_token_ids(tokenizer), device=device)
-    # without LoRA pi_ref is a frozen copy; with LoRA it is the same model with its adapter switched off
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta and not args.lora_r else None
-    if args.grad_ckpt:
-        sft.enable_grad_ckpt(model)
-    if args.lora_r:
-        model = sft.add_lora(model, args.lora_r, args.lora_alpha, resume_dir=args.out_dir if state else None)
-    elif state:  # a resumed full run: its trained weights (the frozen reference above keeps the initial ones)
-        model.load_state_dict(load_model(args.out_dir, args.trust_remote_code, device, dtype)[0].state_dict())
-    policy = model  # rollouts and no-grad passes use the bare model; gradients go through the DDP wrapper
-    ref_model = policy if ref_model is None else ref_model  # pi_ref: used only when beta > 0
-    ref_off = policy.disable_adapter if args.lora_r else contextlib.nullcontext
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    # ---- optimizer: AdamW, linear warmup; one schedule step per batch of rollouts (NOTES.md §3)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
-    step, skipped, bad = sft.restore(state, args.out_dir, opt, sched, [gen, hint_gen], rank) + (0,) if state else (0, 0, 0)
-
-    acc_before = test_accuracy(policy, tokenizer, args, amp, "before", rank) if args.limit and toy and not state else None
-
-    from tqdm import tqdm
-    bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None if rank == 0 else True)
-    while step < args.max_steps:
-        t0 = time.time()
-        batch = batch_at(data, step, args, rank, world)  # [(question, trace, answer)] * B
-        B = len(batch)
-        prompts, prompt_attn = left_pad([tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids
-                                         for q, _, _ in batch], tokenizer.pad_token_id)  # (B, P), left-padded
-        prompts, prompt_attn = prompts.to(device), prompt_attn.to(device)
-        rep = lambda t: t.repeat_interleave(G, 0)  # (B, ...) -> (B*G, ...): row b*G + i is sample i of prompt b
-        mb = B // args.grad_accum  # prompts per micro-batch: (prompt rows, sample rows) of each, used 3 times below
-        micro = [(slice(a, a + mb), slice(a * G, (a + mb) * G)) for a in range(0, B, mb)]
-
-        # ================================ the IGPO step (NOTES.md §5) ================================
-        # 1. rollout: G samples per prompt, all prompts in one batched sampler call
-        policy.eval()
-        with amp():
-            completions = rollout(policy, rep(prompts), rep(prompt_attn), args, mask_id, gen, end_ids=end_ids)  # (B*G, L)
-        # 2. grade: binary reward r(o_i), read up to the first end token (deviation 2)
-        texts = tokenizer.batch_decode(completions)
-        reward = torch.tensor([float(grade(texts[j], batch[j // G][2], task)) for j in range(B * G)]).view(B, G)
-        own_reward = reward.mean().item()  # the policy's own success rate, before any rescue
-        # 3. Eq. (4): all-wrong groups have zero advantage everywhere; these are the ones inpainting rescues
-        all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
-        groups = [] if args.no_inpaint else all_wrong
-        # 4. Eq. (7): G hint canvases per all-wrong group, from the group's own trace y*
-        hints = hint_canvases(tokenizer, [batch[b][1] for b in groups], args, mask_id, hint_gen).to(device)  # (n*G, L)
-        # 5. inpaint: the same sampler started from the canvases (hints are never overwritten), then graded
-        with amp():
-            inpainted = rollout(policy, rep(prompts[groups]), rep(prompt_attn[groups]), args, mask_id, gen, hints,
-                                end_ids)  # (n*G, L)
-        inpainted_texts = tokenizer.batch_decode(inpainted)
-        correct = torch.tensor([grade(t, batch[groups[j // G]][2], task) for j, t in enumerate(inpainted_texts)],
-                               dtype=torch.bool).view(len(groups), G)  # (n, G)
-        # 6. Eq. (8): K = min(#correct, floor(lambda G)) correct inpainted samples replace wrong ones
-        completions, reward, texts, hint_mask, Ks = replace_wrong(completions, reward, texts, groups, inpainted,
-                                                                  inpainted_texts, correct, hints, args.max_replace_frac, mask_id)
-        # 7. Eq. (3): group-relative advantages on the new groups (to change the advantage, change advantages();
-        # the binary reward is also assumed in Eq. (4) above and in replace_wrong: a swapped-in sample gets 1)
-        adv = advantages(reward).to(device)  # (B*G,)
-        # 8. Eq. (5): pi_old log-probs and entropies H (B, L); pi_ref log-probs for the KL term of Eq. (6)
-        with amp():
-            logp_old, entropy = estimate(policy, prompts, prompt_attn, completions, G, mask_id, micro, True)  # (B*G, L)
-            with ref_off():
-                logp_ref = estimate(ref_model, prompts, prompt_attn, completions, G, mask_id, micro) if args.beta else logp_old
-        # 9. Eq. (10): every self-generated token up to the end token counts; of the hint tokens, only the top
-        # tau by entropy under pi_old
-        valid = completion_mask(completions, end_ids)  # (B*G, L)
-        keep_hint = entropy_filter(rep(entropy), hint_mask & valid, args.entropy_keep)  # (B*G, L)
-        loss_mask = valid & (~hint_mask | keep_hint)  # (B*G, L)
-        # 10. mu AdamW steps on Eq. (6)/(9); each micro-batch's loss / grad_accum sums to the full-batch gradient
-        policy.train()
-        for _ in range(args.num_iterations):
-            stats = torch.zeros(3)  # loss, kl, clip_frac of this update (the logged ones are the last update's)
-            for p, s in micro:
-                with amp():  # as logp_old, so the first ratio is exactly 1 (not with LoRA dropout: §3 item 15)
-                    logp = token_logps(model, prompts[p], prompt_attn[p], completions[s], G, mask_id)  # (mb*G, L)
-                loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s], args.epsilon, args.beta)
-                (loss / args.grad_accum).backward()
-                stats += torch.tensor([loss.item(), kl.item(), clip_frac.item()]) / args.grad_accum
-            _, bad = sft.safe_step(opt, params, args.grad_clip, bad, bool(torch.isfinite(stats).all()))
-            skipped += bad > 0  # a non-finite update is skipped, counted, and stops the run if it keeps happening
-        sched.step()
-        step += 1
-        # ============================ everything below is bookkeeping ============================
-
-        rescued = [b for b, K in zip(groups, Ks) if K]
-        means = {"reward": own_reward, "all_wrong": len(all_wrong) / B, "all_wrong_after": (len(all_wrong) - len(rescued)) / B,
-                 "hint_frac": ((hint_mask & loss_mask).sum() / loss_mask.sum().clamp(min=1)).item(),
-                 "entropy": entropy.mean().item(), "loss": stats[0].item(), "kl": stats[1].item(), "clip_frac": stats[2].item()}
-        means, counts = mean_over_ranks(means, {"inpainted_groups": len(groups), "replaced": sum(Ks)}, world, device)
-        row = {"step": step, **{k: round(v, 5) for k, v in means.items()}, **counts, "skipped": skipped,
-               "seconds": round(time.time() - t0, 2)}
-        if rank == 0:
-            sft.log_metrics(args.out_dir, row)
-            bar.update(1)
-            bar.write(sft.log_line(row, LOGGED))
-            if rescued and not os.path.exists(os.path.join(args.out_dir, "example.json")):
-                g = groups.index(rescued[0])
-                save_example(args.out_dir, step, batch[rescued[0]], rescued[0], hints[g * G:(g + 1) * G],
-                             inpainted_texts[g * G:(g + 1) * G], correct[g].tolist(), Ks[g], reward, adv, texts,
-                             hint_mask, keep_hint, tokenizer)
-        if step % args.save_every == 0 or step == args.max_steps:
-            sft.checkpoint(args, policy, tokenizer, opt, sched, [gen, hint_gen], step, skipped, rank, world)
-    bar.close()
-
-    if args.limit and toy:
-        acc_after = test_accuracy(policy, tokenizer, args, amp, "after", rank)
-        if rank == 0:
-            finish(args.out_dir, acc_before, acc_after, args.limit)
+    n = len(means)
+    return dict(zip(means, (vals[:n] / world).tolist())), dict(zip(counts, vals[n:].long().tolist()))
 
 
 if __name__ == "__main__":

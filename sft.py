@@ -1,26 +1,27 @@
 """Length-aligned supervised fine-tuning (SFT) of a masked diffusion language model."""
 # Run it:
-#   python sft.py                                   # embedded model + task, ~2-3 min on 2 CPU cores -> out/sft
+#   python sft.py                                   # embedded model + task, a few CPU minutes -> out/sft
 #   python sft.py --traces verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
-#   paper scale (one GPU; see README for the full command):
+#   paper scale, one GPU (README has the full command):
 #   python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
 #       --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5
 #
-# Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the prompt
-# stays clean, every response token is replaced by the mask token with probability t, and the model is trained
-# to predict the originals (Eq. (2)). Each response is padded with EOS to exactly the generation length that RL
-# and evaluation use, so what SFT teaches ("write a trace, then stop and emit EOS up to position L") is what the
-# sampler will be asked to do later. That padding is the length alignment.
+# Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the
+# prompt stays clean, every response token is replaced by the mask token with probability t, and the model
+# is trained to predict the originals (Eq. (2)). Each response is padded with EOS to exactly the generation
+# length that RL and evaluation use, so what SFT teaches ("write a trace, then stop and emit EOS up to
+# position L") is what the sampler is asked to do later. That padding is the length alignment.
 #
-# This file also defines the embedded world the whole project runs on without a hub: a word-level
-# tokenizer, a tiny bidirectional transformer and a procedurally generated arithmetic word-problem task with
-# ground-truth traces. eval.py and igpo.py import them from here.
+# This file also holds what the three scripts share: the embedded world (a word-level tokenizer, a tiny
+# bidirectional transformer, arithmetic word problems with ground-truth traces), the table of facts that
+# differ between masked diffusion LMs (MODELS), model loading, and the run machinery (checkpoints, resume).
 #
-# Deviations from the paper (details and reasons in NOTES.md §3):
-# 1. The concise traces of the embedded task are generated, not rewritten by a large model; for real data,
-#    --rewrite_model performs the rewriting step with any local instruct model.
-# 2. Traces that do not fit the generation length are dropped (with a printed count), not truncated: a
-#    truncated trace would teach the model to stop mid-reasoning.
+# Eq. (k) refers to the equations of NOTES.md §2 (the project's numbering, not the paper's).
+# Deviations from the paper, with reasons, are NOTES.md §3; the ones in this file:
+# - the embedded task's concise traces are generated, not rewritten by a large model (§3 item 9);
+#   --rewrite_model performs the rewriting step on real data;
+# - traces longer than the generation length are dropped with a printed count, never truncated: a truncated
+#   trace would teach the model to stop mid-reasoning.
 import argparse
 import json
 import math
@@ -29,6 +30,7 @@ import random
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -36,12 +38,16 @@ import torch
 EOS, BOS, MASK, EOT = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot_id|>"
 HEADER_START, HEADER_END, UNK = "<|start_header_id|>", "<|end_header_id|>", "<|unk|>"
 SPECIAL_TOKENS = [EOS, BOS, MASK, HEADER_START, HEADER_END, EOT, UNK]
-LLADA_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
-                       "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
-                       "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-# Real data is prompted the way d1 / the IGPO code prompt LLaDA; the embedded task uses the bare question.
-REASONING_PROMPT = ("Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
-                    "Put the final answer in \\boxed{}.\n\n")
+LLADA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+# Real data: the question follows this format instruction in the user turn (the embedded task: bare question).
+REASONING_PROMPT = (
+    "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+    "Put the final answer in \\boxed{}.\n\n"
+)
 PRECISIONS = ["auto", "fp32", "bf16"]  # one policy for the three scripts (precision_policy)
 PRECISION_HELP = "fp32 | bf16: bf16 autocast, fp32 trained weights | auto: bf16 on a GPU, fp32 on CPU"
 LOG_EPS = 1e-3  # Eq. (1): mask probability p = (1 - eps) t + eps keeps p away from 0
@@ -49,27 +55,35 @@ MAX_BAD_UPDATES = 3  # consecutive non-finite updates skipped before a run (SFT 
 
 
 def get_args(argv=None):
-    # allow_abbrev=False: a stale flag (e.g. the old `--out x.json`) is an error, not a prefix of another flag
+    # allow_abbrev=False: a misspelled or removed flag is an error, not a prefix of another flag
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     # ---- model
     p.add_argument("--model", default="toy", help="'toy' (embedded tiny model) or a hub id / local path")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow the model's own modeling code (LLaDA needs it)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow the model's own code (LLaDA, Dream)")
     p.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 trains every weight (paper: 128)")
     p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
-    p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (saves activation memory)")
+    p.add_argument("--lora_targets", type=lambda s: tuple(s.split(",")), default=None,
+                   help="comma-separated Linear layer names; default: the model's entry in sft.MODELS")
+    p.add_argument("--grad_ckpt", action="store_true",
+                   help="gradient checkpointing (saves activation memory)")
     # ---- data
     p.add_argument("--dataset", default="toy", help="'toy', a hub id, or a local .json/.jsonl file")
     p.add_argument("--split", default="train", help="dataset split to train on")
     p.add_argument("--question_col", default="question", help="column with the question (MetaMathQA: query)")
-    p.add_argument("--trace_col", default="trace", help="column with the reasoning trace (MetaMathQA: response)")
-    p.add_argument("--traces", default="concise", choices=["concise", "verbose"], help="embedded task: trace style")
+    p.add_argument("--trace_col", default="trace",
+                   help="column with the reasoning trace (MetaMathQA: response)")
+    p.add_argument("--traces", default="concise", choices=["concise", "verbose"],
+                   help="embedded task: trace style")
     p.add_argument("--toy_size", type=int, default=20000, help="embedded task: number of training problems")
-    p.add_argument("--rewrite_model", default="", help="local instruct LM that rewrites traces concisely (paper §3.3)")
+    p.add_argument("--rewrite_model", default="",
+                   help="local instruct LM that rewrites traces concisely (paper §3.3)")
     p.add_argument("--rewrite_cache", default="out/rewritten.jsonl", help="JSONL cache of rewritten traces")
     # ---- length alignment
-    p.add_argument("--gen_length", type=int, default=48, help="L: response length = RL/eval generation length (paper: 256)")
+    p.add_argument("--gen_length", type=int, default=48,
+                   help="L: response length = RL/eval generation length (paper: 256)")
     # ---- optimisation
-    p.add_argument("--max_steps", type=int, default=3000, help="optimizer steps (embedded default: ~2 min on 2 CPU cores)")
+    p.add_argument("--max_steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per micro-batch")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -98,8 +112,8 @@ def fail(msg):
 
 NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kim", "Lea", "Max", "Nia"]
 ITEMS = ["apples", "coins", "cards", "books", "shells", "stamps", "pens", "eggs", "beads", "rocks"]
-WORDS = NAMES + ITEMS + ["user", "assistant", "has", "Each", "day", "gets", "more", "gives", "away", "How", "many",
-                         "after", "days", "Day", "so", "The", "answer", "is", "boxed"]
+WORDS = NAMES + ITEMS + ["user", "assistant", "has", "Each", "day", "gets", "more", "gives", "away", "How",
+                         "many", "after", "days", "Day", "so", "The", "answer", "is", "boxed"]
 MAX_NUMBER = 99  # numbers 0..99 are single tokens
 # Difficulty knob: a problem applies its rule on 1..TOY_MAX_DAYS days; the trace has one line per day.
 TOY_MAX_DAYS, TOY_MAX_RULE, TOY_MAX_VALUE = 6, 4, 30  # days, k in "gets k more", largest number in a trace
@@ -114,10 +128,11 @@ def build_toy_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     pieces = [p for w in WORDS + list("+-*=.,:?{}\\") for p in (w, " " + w)]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + pieces + [str(n) for n in range(MAX_NUMBER + 1)]
-                                            + [" ", "\n"])}
+    numbers = [str(n) for n in range(MAX_NUMBER + 1)]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + pieces + numbers + [" ", "\n"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))  # anything outside the task's words is <|unk|>
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+|\d+| ?[^\sA-Za-z\d]|\s"), behavior="isolated")
+    words = Regex(r" ?[A-Za-z]+|\d+| ?[^\sA-Za-z\d]|\s")  # a word with its space, a number, a mark, a space
+    tok.pre_tokenizer = pre_tokenizers.Split(words, behavior="isolated")
     tok.decoder = decoders.Fuse()  # tokens are glued back as they are: decode(encode(text)) == text
     tok.add_special_tokens(SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
@@ -126,28 +141,29 @@ def build_toy_tokenizer():
     return tokenizer
 
 
-def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512, vocab_size=None):
-    # A ~0.2M-parameter bidirectional transformer. ModernBERT with global attention in every layer has LLaDA's
-    # calling contract (model(ids, attention_mask).logits at every position, no causal mask) and loads back
-    # through the transformers Auto classes with no custom code.
+def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512):
+    # A ~0.2M-parameter bidirectional transformer. ModernBERT with global attention in every layer has
+    # LLaDA's calling contract (model(ids).logits at every position, no causal mask) and loads back through
+    # the transformers Auto classes with no custom code.
     from transformers import ModernBertConfig, ModernBertForMaskedLM
     # global_attn_every_n_layers=1 and local_attention=max_len: every layer attends over the whole sequence
     # in both directions, as LLaDA's do (ModernBERT's default alternates with a sliding window)
     config = ModernBertConfig(
-        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=2 * hidden, max_position_embeddings=max_len, global_attn_every_n_layers=1,
         local_attention=max_len, reference_compile=False, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        cls_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.eos_token_id)
+        cls_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.eos_token_id,
+    )
     return ModernBertForMaskedLM(config)
 
 
 def toy_problem(rng, max_days=TOY_MAX_DAYS):
     # One word problem: a start amount and one rule applied every day for n days (1 <= n <= max_days).
-    # Each trace line needs only the line before it and the rule, which sits at a fixed place in the question,
-    # so nothing has to be searched for in the prompt; n is the difficulty (one more line, one more chance to
-    # slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one (~3.5x longer),
-    # the answer and n.
+    # Each trace line needs only the line before it and the rule, which sits at a fixed place in the
+    # question, so nothing has to be searched for in the prompt; n is the difficulty (one more line, one
+    # more chance to slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one
+    # (~3.5x longer), the answer and n.
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     n, k = rng.randint(1, max_days), rng.randint(1, TOY_MAX_RULE)
     if rng.random() < 0.5:  # grows: every value stays <= TOY_MAX_VALUE
@@ -196,8 +212,10 @@ def load_rows(dataset, split, columns, config=None):
     if local and not os.path.exists(dataset):
         fail(f"dataset file not found: {dataset}")
     try:
-        ds = datasets.load_dataset("json", data_files=dataset, split="train") if local else \
-            datasets.load_dataset(dataset, config, split=split)
+        if local:
+            ds = datasets.load_dataset("json", data_files=dataset, split="train")
+        else:
+            ds = datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # malformed JSON or a bad hub id surfaces as a deep datasets traceback otherwise
         what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
         fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -209,16 +227,18 @@ def load_rows(dataset, split, columns, config=None):
 
 def make_prompt(tokenizer, question, toy):
     # The chat-formatted prompt used identically by SFT, RL and evaluation.
-    return tokenizer.apply_chat_template([{"role": "user", "content": question if toy else REASONING_PROMPT + question}],
-                                         add_generation_prompt=True, tokenize=False)
+    content = question if toy else REASONING_PROMPT + question
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
 
 
-def encode_response(tokenizer, trace, gen_length):
-    # Eq. (2) length alignment: trace + <|eot_id|>, padded with EOS to exactly gen_length tokens.
-    # Returns None when the trace does not fit.
-    # <|eot_id|> closes the turn as in LLaDA's chat format; the EOS tail after it is what "stop" looks like
-    ids = tokenizer(trace, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids(EOT)]
-    return ids + [tokenizer.eos_token_id] * (gen_length - len(ids)) if len(ids) <= gen_length else None
+def encode_response(tokenizer, trace, gen_length, end_ids):
+    # Eq. (2) length alignment: trace + end of turn, padded to exactly gen_length tokens with the padding
+    # token (end_ids = (end of turn, padding), from the model's facts). None when the trace does not fit.
+    ids = tokenizer(trace, add_special_tokens=False).input_ids + [end_ids[0]]
+    if len(ids) > gen_length:
+        return None
+    return ids + [end_ids[-1]] * (gen_length - len(ids))
 
 
 def left_pad(seqs, pad_id):
@@ -230,23 +250,72 @@ def left_pad(seqs, pad_id):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# What differs between masked diffusion LMs, in one place (NOTES.md §11, "Porting to another model").
+
+class ModelFacts(NamedTuple):
+    mask: str  # the mask token M
+    ends: tuple  # tokens that end an answer: (end of turn, the padding that follows it)
+    shifted: bool  # True: the logits at position i - 1 predict token i (Dream); False: those at i (LLaDA)
+    lora_targets: tuple  # Linear layers that LoRA adapts by default; never the vocabulary head
+
+
+MODELS = {  # config.model_type -> facts. A model missing here is refused (load_model), never guessed.
+    "modernbert": ModelFacts(MASK, (EOT, EOS), False, ("Wqkv", "Wo", "Wi")),  # the embedded model
+    # LLaDA's seven block projections are q_proj k_proj v_proj attn_out ff_proj up_proj ff_out; the official
+    # IGPO config lists q/k/v/o/gate/up/down_proj, of which only these four exist in LLaDA (NOTES.md §3)
+    "llada": ModelFacts(MASK, (EOT, EOS), False, ("q_proj", "k_proj", "v_proj", "up_proj")),
+    "Dream": ModelFacts("<|mask|>", ("<|im_end|>", EOS), True,
+                        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+}
+
+
+class Facts(NamedTuple):  # a loaded model's facts as token ids: what the sampler, estimator and losses read
+    mask_id: int
+    end_ids: tuple  # (end of turn, padding): an answer ends at the first of either
+    shifted: bool
+    n_tokens: int  # ids the tokenizer can decode: the sampler never draws an id at or beyond it
+    lora_targets: tuple
+
+
+def model_facts(config, tokenizer):
+    # The table's entry for this model, with its tokens resolved to ids; one-line errors for what is missing.
+    kind = getattr(config, "model_type", None)
+    if kind not in MODELS:
+        fail(f"model_type '{kind}' is not in sft.MODELS: its mask token, end tokens, logit shift and LoRA "
+             f"targets are unknown (add an entry, NOTES.md §11)")
+    facts = MODELS[kind]
+    vocab = tokenizer.get_vocab()
+    for token in (facts.mask, *facts.ends):
+        if token not in vocab:
+            fail(f"tokenizer of this {kind} model has no token {token}: "
+                 f"not the masked diffusion LM that sft.MODELS describes")
+    ids = [vocab[t] for t in facts.ends]
+    return Facts(vocab[facts.mask], tuple(ids), facts.shifted, len(tokenizer), facts.lora_targets)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Model loading and precision, shared by the three scripts.
 
-
-def precision_policy(name, device, frozen_base, lora=False):
-    # (dtype the weights are loaded in, autocast dtype or None, the line each script prints). bf16 computes under
-    # autocast but keeps every trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp
-    # of most weights at the learning rates in use, so bf16 weights would mostly not move at all. Weights nothing
-    # updates (a frozen LoRA base, evaluation) are stored in bf16, which halves their memory; peft keeps the
-    # adapters fp32 on it.
+def precision_policy(name, device, frozen_base):
+    # (dtype the weights are loaded in, autocast dtype or None). bf16 computes under autocast but keeps every
+    # trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp of most weights at
+    # the learning rates in use, so bf16 weights would mostly not move at all. Weights nothing updates (a
+    # frozen LoRA base, evaluation) are stored in bf16, which halves their memory.
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
     dtype = torch.bfloat16 if name == "bf16" and frozen_base else torch.float32
-    amp_dtype = torch.bfloat16 if name == "bf16" else None
-    # the printed line, e.g. 'precision: weights bfloat16 + LoRA float32, compute bfloat16 autocast'
-    n = lambda t: str(t).replace("torch.", "")
-    return dtype, amp_dtype, (f"precision: weights {n(dtype)}" + (" + LoRA float32" if lora else "")
-                              + (f", compute {n(amp_dtype)} autocast" if amp_dtype else f", compute {n(dtype)}"))
+    return dtype, (torch.bfloat16 if name == "bf16" else None)
+
+
+def precision_line(model, amp_dtype):
+    # The line each script prints: the dtypes the loaded parameters are stored in, and what computes.
+    counts = {}
+    for p in model.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    name = lambda dtype: str(dtype).replace("torch.", "")
+    stored = " + ".join(f"{name(t)} ({n / 1e6:.2f}M)" for t, n in sorted(counts.items(), key=lambda c: -c[1]))
+    compute = f"{name(amp_dtype)} autocast" if amp_dtype else "float32"
+    return f"precision: weights {stored}, compute {compute}"
 
 
 def autocast(device, amp_dtype):
@@ -255,22 +324,23 @@ def autocast(device, amp_dtype):
 
 
 def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
-    # (model, tokenizer) from 'toy', a hub id, or a save_pretrained folder (a full model or a LoRA adapter,
-    # which is merged into its base). Masked LMs load with AutoModelForMaskedLM; models that ship their own
-    # code (LLaDA) load with AutoModel, which their auto_map points at their diffusion LM class.
+    # (model, tokenizer, facts) from 'toy', a hub id, or a save_pretrained folder (a full model or a LoRA
+    # adapter, which is merged into its base). Masked LMs load with AutoModelForMaskedLM; models that ship
+    # their own code (LLaDA, Dream) with AutoModel, which their auto_map points at their diffusion LM class.
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
     if name == "toy":
         tokenizer = build_toy_tokenizer()
-        return build_toy_model(tokenizer).to(device=device, dtype=dtype), tokenizer
+        model = build_toy_model(tokenizer).to(device=device, dtype=dtype)
+        return model, tokenizer, model_facts(model.config, tokenizer)
     if os.path.exists(os.path.join(name, "adapter_config.json")):  # a LoRA checkpoint saved by these scripts
         from peft import PeftModel
         base = json.load(open(os.path.join(name, "adapter_config.json")))["base_model_name_or_path"]
-        model, _ = load_model(base, trust_remote_code, device, dtype)
+        model, tokenizer, facts = load_model(base, trust_remote_code, device, dtype)
         model = PeftModel.from_pretrained(model, name).merge_and_unload()
-        # an adapter trained on top of this model must name THIS folder as its base, not the raw base: that is
-        # how loading an IGPO adapter brings the merged SFT adapter back with it (SFT -> IGPO -> eval chain)
+        # an adapter trained on top of this model must name THIS folder as its base, not the raw base: that
+        # is how loading an IGPO adapter brings the merged SFT adapter back with it (SFT -> IGPO -> eval)
         model.name_or_path = name
-        return model, AutoTokenizer.from_pretrained(name)
+        return model, tokenizer, facts
     if not os.path.isdir(name) and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
         fail(f"model not found: '{name}' is neither a checkpoint folder nor a hub id (org/name)")
     try:
@@ -279,30 +349,28 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
         model = auto.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        hint = "; pass --trust_remote_code to allow it" if "trust_remote_code=True" in str(e) else ""  # hint is on line 2
+        # the advice about the flag is on the message's second line, which the one-line error would drop
+        hint = "; pass --trust_remote_code to allow it" if "trust_remote_code=True" in str(e) else ""
         fail(f"could not load model '{name}': {str(e).splitlines()[0][:300]}{hint}")
-    if MASK not in tokenizer.get_vocab():
-        fail(f"tokenizer of '{name}' has no mask token {MASK}: not a masked diffusion LM")
-    return model.to(device), tokenizer
+    return model.to(device), tokenizer, model_facts(config, tokenizer)
 
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out",  # LLaDA's 7 per block
-                "Wqkv", "Wo", "Wi"]  # ModernBERT (the embedded model)
-
-
-def add_lora(model, r, alpha, resume_dir=None, dropout=0.05):
-    # Wrap the model with LoRA adapters on whichever of the known projection names it has, never on the
-    # vocabulary head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464, 16.7 M
-    # adapter parameters at r = 128) and neither the paper nor the official code adapts it.
+def add_lora(model, r, alpha, targets, resume_dir=None, dropout=0.05):
+    # Wrap the model with LoRA adapters on the Linear layers named in `targets`, never on the vocabulary head:
+    # LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464) and neither the paper nor
+    # the official code adapts it.
     from peft import LoraConfig, get_peft_model
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    names = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
-    targets = [t for t in LORA_TARGETS if t in names]
-    if not targets:
-        fail(f"--lora_r: none of the LoRA target modules {LORA_TARGETS} exist in this model")
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    names = {n.split(".")[-1] for n, m in linear if m is not head}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        fail(f"--lora_targets: no Linear layer named {missing[0]} in this model "
+             f"(its Linear layers: {', '.join(sorted(names))})")
     exclude = [n for n, m in model.named_modules() if m is head]
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                             exclude_modules=exclude or None))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        exclude_modules=exclude or None)
+    model = get_peft_model(model, config)
     if resume_dir:  # a resumed LoRA run: its saved adapter weights
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -324,7 +392,7 @@ def enable_grad_ckpt(model):
 
 def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
     # Eq. (2): masked-diffusion SFT loss on response tokens only.
-    # input_ids (B, T) = prompt ⊕ response; response_mask (B, T) is 1 on the gen_length response positions
+    # input_ids (B, T) = prompt + response; response_mask (B, T) is 1 on the gen_length response positions
     # (EOS padding included: learning where to stop is part of the task). Per sequence draw t ~ U(0,1),
     # mask each response token with probability p = (1-eps) t + eps, and score the masked ones with 1/p
     # importance weights; normalise by the response length |r| and average over the batch:
@@ -335,24 +403,33 @@ def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
     masked = (torch.rand(B, T, device=input_ids.device, generator=gen) < p) & response_mask.bool()  # (B, T)
     noisy = torch.where(masked, mask_id, input_ids)  # x_t of Eq. (1), restricted to the response
     logits = model(noisy, attention_mask=attention_mask).logits  # (B, T, V)
-    token_nll = torch.nn.functional.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # (n_masked,)
-    # 1/p undoes the masking rate (Eq. (1)): without it low-t samples, with few masked tokens, would barely count
-    weight = 1.0 / (p.expand(B, T)[masked] * response_mask.sum(1, keepdim=True).expand(B, T)[masked])
-    return (token_nll * weight).sum() / B
+    nll = torch.nn.functional.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
+    # 1/p undoes the masking rate (Eq. (1)): without it low-t samples, with few masked tokens, hardly count
+    weight = 1.0 / (p * response_mask.sum(1, keepdim=True)).expand(B, T)[masked]  # 1 / (p_b |r_b|) per token
+    return (nll * weight).sum() / B
 
 
-def build_sft_data(args, tokenizer, toy):
+def build_sft_data(args, tokenizer, facts, toy):
     # Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter).
-    ds = toy_dataset("train", args.toy_size, args.seed, args.traces) if toy else \
-        load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
+    if toy:
+        ds = toy_dataset("train", args.toy_size, args.seed, args.traces)
+    else:
+        ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
     if args.rewrite_model and not toy:
         ds = rewrite_traces(ds, args)
-    # length alignment (Eq. (2)): a trace longer than L is dropped (None), never truncated
-    pairs = [(q, encode_response(tokenizer, str(t), args.gen_length)) for q, t in zip(ds[args.question_col], ds[args.trace_col])]
-    rows = [(tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids, r) for q, r in pairs if r is not None]
-    print(f"data: {len(rows)} traces fit gen_length={args.gen_length}, {len(pairs) - len(rows)} longer ones dropped")
+    rows, dropped = [], 0
+    for question, trace in zip(ds[args.question_col], ds[args.trace_col]):
+        # length alignment (Eq. (2)): a trace longer than L is dropped (None), never truncated
+        response = encode_response(tokenizer, str(trace), args.gen_length, facts.end_ids)
+        if response is None:
+            dropped += 1
+            continue
+        prompt = tokenizer(make_prompt(tokenizer, question, toy), add_special_tokens=False).input_ids
+        rows.append((prompt, response))
+    print(f"data: {len(rows)} traces fit gen_length={args.gen_length}, {dropped} longer ones dropped")
     if not rows:
-        fail(f"no trace fits --gen_length {args.gen_length}; raise it or use shorter (--traces concise) traces")
+        fail(f"no trace fits --gen_length {args.gen_length}; "
+             f"raise it or use shorter (--traces concise) traces")
     return rows
 
 
@@ -360,70 +437,75 @@ def rewrite_traces(ds, args):
     # The paper's rewriting step (§3.3): a local instruct LM turns long traces into concise ones. Results are
     # cached line by line in a JSONL so an interrupted rewrite continues where it stopped.
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    instruction = "Rewrite this solution as a concise step-by-step derivation that keeps the final answer:\n\n"
-    cache = {r["source"]: r["rewritten"] for r in map(json.loads, open(args.rewrite_cache))} \
-        if os.path.exists(args.rewrite_cache) else {}
+    instruction = "Rewrite this solution as a concise step-by-step derivation that keeps the final answer:"
+    cache = {}
+    if os.path.exists(args.rewrite_cache):
+        cache = {r["source"]: r["rewritten"] for r in map(json.loads, open(args.rewrite_cache))}
     tok = AutoTokenizer.from_pretrained(args.rewrite_model)
     lm = AutoModelForCausalLM.from_pretrained(args.rewrite_model)
     os.makedirs(os.path.dirname(args.rewrite_cache) or ".", exist_ok=True)
     with open(args.rewrite_cache, "a") as f:
         for trace in ds[args.trace_col]:
-            if trace not in cache:  # each distinct trace is rewritten once, ever
-                enc = tok(instruction + trace, return_tensors="pt")
-                # gen_length - 1 leaves room for the end-of-turn token when the two tokenizers agree
-                gen = lm.generate(**enc, max_new_tokens=args.gen_length - 1, do_sample=False,
-                                  pad_token_id=tok.eos_token_id)
-                cache[trace] = tok.decode(gen[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip()
-                f.write(json.dumps({"source": trace, "rewritten": cache[trace]}) + "\n")
-    return ds.remove_columns(args.trace_col).add_column(args.trace_col, [cache[t] for t in ds[args.trace_col]])
+            if trace in cache:  # each distinct trace is rewritten once, ever
+                continue
+            enc = tok(instruction + "\n\n" + trace, return_tensors="pt")
+            # gen_length - 1 leaves room for the end-of-turn token when the two tokenizers agree
+            out = lm.generate(**enc, max_new_tokens=args.gen_length - 1, do_sample=False,
+                              pad_token_id=tok.eos_token_id)
+            cache[trace] = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip()
+            f.write(json.dumps({"source": trace, "rewritten": cache[trace]}) + "\n")
+    rewritten = [cache[t] for t in ds[args.trace_col]]
+    return ds.remove_columns(args.trace_col).add_column(args.trace_col, rewritten)
 
 
 def main(argv=None):
     args = get_args(argv)
     # ---- device and RNG: every random draw of the run comes from `gen` (the model's init: the global RNG)
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
-    dtype, amp_dtype, precision = precision_policy(args.precision, device, args.lora_r > 0, lora=args.lora_r > 0)
+    dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
     torch.manual_seed(args.seed)
     gen = torch.Generator(device).manual_seed(args.seed + rank)
-    state = open_run(args, rank, world)  # None unless --resume finds a checkpoint
+    state = open_run(args)  # None unless --resume finds a checkpoint
 
-    # ---- data: the tokenizer alone builds it, so bad data fails before a large model is loaded
-    tokenizer = load_model(args.model, args.trust_remote_code, "cpu")[1] if args.model != "toy" else build_toy_tokenizer()
-    rows = build_sft_data(args, tokenizer, args.dataset == "toy")  # [(prompt ids, response ids of length L)]
-    mask_id = tokenizer.convert_tokens_to_ids(MASK)
-
-    # ---- model (a resumed full model comes back from --out_dir in the same dtype; LoRA reloads its adapter)
-    model, tokenizer = load_model(args.out_dir if state and not args.lora_r else args.model,
-                                  args.trust_remote_code, device, dtype)
+    # ---- model (a resumed full model comes back from --out_dir; a resumed LoRA run reloads its adapter)
+    # and data (the over-length filter needs the model's tokenizer and end tokens)
+    resumed_full = state and not args.lora_r
+    model, tokenizer, facts = load_model(args.out_dir if resumed_full else args.model, args.trust_remote_code,
+                                         device, dtype)
+    rows = build_sft_data(args, tokenizer, facts, args.dataset == "toy")  # [(prompt ids, response ids)]
     if args.grad_ckpt:
         enable_grad_ckpt(model)
     if args.lora_r:
-        model = add_lora(model, args.lora_r, args.lora_alpha, resume_dir=args.out_dir if state else None)
-    raw_model = model  # the unwrapped model is what gets saved, whatever wraps it for training
+        targets = args.lora_targets or facts.lora_targets
+        model = add_lora(model, args.lora_r, args.lora_alpha, targets, args.out_dir if state else None)
+    policy = model  # the unwrapped model is what gets saved, whatever wraps it for training
     if world > 1:  # gradients are averaged over ranks inside backward()
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    print(f"model: {args.model} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained | device {device} | {precision}")
+    n_trained = sum(p.numel() for p in params)
+    print(f"model: {args.model} | {n_trained / 1e6:.2f}M trained | device {device} | "
+          f"{precision_line(model, amp_dtype)}")
 
-    # ---- optimizer
+    # ---- optimizer: AdamW, linear warmup over W steps, then cosine decay to 10% of the peak at step T
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    # linear warmup over W steps, then cosine decay to 10% of the peak at step T
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, W=args.warmup_steps, T=args.max_steps: (s + 1) / W if s < W
-                                              else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - W) / max(1, T - W))))
-    # skipped: non-finite updates so far (logged); bad: how many of the latest updates in a row were non-finite
-    step, skipped, bad = restore(state, args.out_dir, opt, sched, [gen], rank) + (0,) if state else (0, 0, 0)
+    W, T = args.warmup_steps, args.max_steps
+    cosine = lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * (s - W) / max(1, T - W)))  # 1 at s = W, 0.1 at T
+    lr_factor = lambda s: (s + 1) / W if s < W else cosine(s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    step, skipped = restore(state, args.out_dir, opt, sched, [gen]) if state else (0, 0)
+    bad = 0  # non-finite updates in a row
 
     def batch_at(step, micro):
         # Data order is a pure function of (seed, step): resuming needs no saved data position.
         per_epoch = len(rows) // args.batch_size
         k = (step * args.grad_accum + micro) * world + rank  # each rank reads its own micro-batches
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch))
+        epoch_gen = torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch)  # new order each epoch
+        perm = torch.randperm(len(rows), generator=epoch_gen)
         chosen = [rows[i] for i in perm[(k % per_epoch) * args.batch_size:][:args.batch_size].tolist()]
         ids, attn = left_pad([q + r for q, r in chosen], tokenizer.pad_token_id)  # (B, T)
         response_mask = torch.zeros_like(ids)  # (B, T)
         # Eq. (2): only these positions are ever masked; the prompt to their left stays clean
-        response_mask[:, -args.gen_length:] = 1  # responses all have length gen_length and sit at the right end
+        response_mask[:, -args.gen_length:] = 1  # every response has length gen_length, at the right end
         return ids.to(device), attn.to(device), response_mask.to(device)
 
     # ---- training loop
@@ -437,22 +519,26 @@ def main(argv=None):
             ids, attn, response_mask = batch_at(step, micro)
             # Eq. (2) per micro-batch; dividing by grad_accum makes the summed gradient that of the full batch
             with autocast(device, amp_dtype):
-                loss = sft_loss(model, ids, attn, response_mask, mask_id, gen) / args.grad_accum
+                loss = sft_loss(model, ids, attn, response_mask, facts.mask_id, gen) / args.grad_accum
             loss.backward()
             total += loss.item()
-        gnorm, bad = safe_step(opt, params, args.grad_clip, bad)  # a non-finite update is skipped and counted
-        skipped += bad > 0
+        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the norm before clipping
+        finite = bool(torch.isfinite(gnorm)) and math.isfinite(total)
+        if finite:  # a non-finite update is skipped and counted; too many in a row stop the run
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        skipped, bad = skipped + (not finite), count_bad(bad, finite)
         sched.step()  # the schedule follows steps taken, skipped or not, so resume needs only `step`
         step += 1
         bar.update(1)
         # ---- everything below is logging and checkpoints
         if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4), "lr": sched.get_last_lr()[0],
-                   "skipped": skipped, "seconds": round(time.time() - t0, 1)}
+            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4),
+                   "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": round(time.time() - t0, 1)}
             log_metrics(args.out_dir, row)
             bar.write(log_line(row, row))
         if step % args.save_every == 0 or step == args.max_steps:
-            checkpoint(args, raw_model, tokenizer, opt, sched, [gen], step, skipped, rank, world)
+            checkpoint(args, policy, tokenizer, opt, sched, [gen], step, skipped)
     bar.close()
     print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")  # rank 0 only: the others print to /dev/null
 
@@ -460,12 +546,14 @@ def main(argv=None):
 # ==========================================================================================================
 # Run machinery: skip on first reading. Atomic checkpoints, exact resume, torchrun, non-finite updates, the
 # metrics file. sft.py and igpo.py call it with one line each: init_distributed (first), open_run (before the
-# model), restore (after the optimizer), safe_step (each update), log_metrics and checkpoint (in the loop).
+# model), restore (after the optimizer), count_bad (each update), log_metrics and checkpoint (in the loop).
 
 def init_distributed(device_name="auto"):
     # (rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
     # process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0.
-    device = torch.device(device_name if device_name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
     if "RANK" not in os.environ:
         return 0, 1, device
     import torch.distributed as dist
@@ -479,10 +567,15 @@ def init_distributed(device_name="auto"):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def gather_objects(obj, world):
+def rank_and_world():
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather_objects(obj):
     # The list of obj from every rank (just [obj] in a single process).
-    out = [obj] * world
-    if world > 1:
+    out = [obj] * rank_and_world()[1]
+    if len(out) > 1:
         torch.distributed.all_gather_object(out, obj)
     return out
 
@@ -519,7 +612,7 @@ def save_checkpoint(out_dir, model, tokenizer, args, state):
         json.dump(vars(args), f, indent=1)
     if state is not None:
         torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
-    for name in ("metrics.jsonl", "example.json", "eval_before.json"):  # written between saves: carry them over
+    for name in ("metrics.jsonl", "example.json", "eval_before.json"):  # written between saves: carried over
         if os.path.exists(os.path.join(out_dir, name)):
             shutil.copy(os.path.join(out_dir, name), tmp)
     if os.path.exists(out_dir):
@@ -532,8 +625,9 @@ def load_state(out_dir):
     return torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)  # no pickled code, ever
 
 
-def rng_state(gen):
-    return {"torch": torch.get_rng_state(), "gen": gen.get_state(), "python": random.getstate()}
+def rng_state(gens):
+    gens = [g.get_state() for g in gens]
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "gens": gens}
 
 
 def log_metrics(out_dir, row):
@@ -542,23 +636,28 @@ def log_metrics(out_dir, row):
         f.write(json.dumps(row) + "\n")
 
 
-
-def open_run(args, rank, world):
+def open_run(args):
     # The saved state when --resume finds a checkpoint in --out_dir, else None (a fresh run).
+    rank, world = rank_and_world()
     if rank == 0:
         prepare_out_dir(args.out_dir, args.resume, args.overwrite)
     if world > 1:  # the other ranks wait until rank 0 has the folder ready
         torch.distributed.barrier()
-    return load_state(args.out_dir) if args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt")) else None
+    if args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt")):
+        return load_state(args.out_dir)
+    return None
 
 
-def restore(state, out_dir, opt, sched, gens, rank):
+def restore(state, out_dir, opt, sched, gens):
     # Optimizer, schedule and every RNG stream as saved; returns (step, skipped).
-    opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+    rank = rank_and_world()[0]
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
     rng = state["rng"][rank]
-    torch.set_rng_state(rng["torch"]); gens[0].set_state(rng["gen"]); random.setstate(rng["python"])
-    if len(gens) > 1:  # igpo's hint stream
-        gens[1].set_state(state["hint_gen"][rank])
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    for g, saved in zip(gens, rng["gens"]):
+        g.set_state(saved)
     path = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0 and os.path.exists(path):  # metric lines written after the checkpoint will be written again
         lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= state["step"]]
@@ -567,34 +666,30 @@ def restore(state, out_dir, opt, sched, gens, rank):
     return state["step"], state["skipped"]
 
 
-def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped, rank, world):
+def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped):
     # Save weights + optimizer + every rank's RNG streams (gathered, so a resume continues each one).
-    state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": gather_objects(rng_state(gens[0]), world),
+    rank, world = rank_and_world()
+    state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": gather_objects(rng_state(gens)),
              "step": step, "skipped": skipped}
-    if len(gens) > 1:
-        state["hint_gen"] = gather_objects(gens[1].get_state(), world)
     if rank == 0:
         save_checkpoint(args.out_dir, model, tokenizer, args, state)
     if world > 1:  # no rank runs ahead of a save that may still fail
         torch.distributed.barrier()
 
 
-def safe_step(opt, params, grad_clip, bad_in_a_row, finite=True):
-    # Clip and step, or skip a non-finite update; returns (grad norm, non-finite updates in a row).
-    # clip_grad_norm_ returns the norm before clipping: inf/nan there means some gradient is not finite
-    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    bad_in_a_row = 0 if finite and torch.isfinite(gnorm) else bad_in_a_row + 1
-    if bad_in_a_row == 0:
-        opt.step()
-    elif bad_in_a_row > MAX_BAD_UPDATES:  # the last good checkpoint is kept on disk
-        fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; stopping (last good checkpoint kept)")
-    opt.zero_grad(set_to_none=True)
-    return gnorm, bad_in_a_row
+def count_bad(bad_in_a_row, finite):
+    # Non-finite updates in a row, after this one; more than MAX_BAD_UPDATES stop the run.
+    bad_in_a_row = 0 if finite else bad_in_a_row + 1
+    if bad_in_a_row > MAX_BAD_UPDATES:  # the last good checkpoint is kept on disk
+        fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; "
+             f"stopping (the last good checkpoint is kept)")
+    return bad_in_a_row
 
 
 def log_line(row, keys):
     # The printed line of both trainers, `step 12 | loss 0.41 | ...` (fields: NOTES.md §5).
     return " | ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys)
+
 
 if __name__ == "__main__":
     main()
