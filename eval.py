@@ -28,11 +28,12 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from sft import (MODELS, PRECISION_HELP, PRECISIONS, autocast, fail, init_distributed, load_model, load_rows,
-                 make_prompt, precision_line, precision_policy, rank_and_world, toy_dataset)
+from sft import (MODELS, PRECISION_HELP, PRECISIONS, autocast, equal_length_batches, fail, init_distributed,
+                 load_model, load_rows, make_prompt, precision_line, precision_policy, rank_and_world,
+                 toy_dataset)
 
 NEG_INF = float("-inf")
-F64_CHUNK_BYTES = 64 * 2**20  # the sampler's float64 work is done this many bytes at a time (NOTES.md §7)
+F64_CHUNK_BYTES = 16 * 2**20  # the sampler's float64 work is done this many bytes at a time (NOTES.md §7)
 
 
 def get_args(argv=None):
@@ -113,7 +114,7 @@ def completion_mask(completions, end_ids):
     return ~after_end
 
 
-def logits_at(model, x, start, end, shifted=False, attention_mask=None):
+def logits_at(model, x, start, end, shifted=False):
     # model(x).logits[:, start:end], without computing the rest. The vocabulary projection is applied position
     # by position, so feeding it only the hidden states we will read gives the same numbers; at LLaDA's 126k
     # vocabulary that projection's output is the largest tensor of the forward pass. A forward pre-hook on the
@@ -122,10 +123,10 @@ def logits_at(model, x, start, end, shifted=False, attention_mask=None):
     start, end = start - shifted, end - shifted
     head = getattr(model, "module", model).get_output_embeddings()
     if head is None:
-        return model(x, attention_mask=attention_mask).logits[:, start:end]
+        return model(x).logits[:, start:end]
     handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, start:end],) + tuple(args[1:]))
     try:
-        return model(x, attention_mask=attention_mask).logits
+        return model(x).logits
     finally:
         handle.remove()
 
@@ -157,9 +158,10 @@ def sample_tokens(logits, rows, n_rows, temperature, generator=None):
         if not len(here):
             continue
         l = logits[here].double()  # (r, Lb, V)
-        # Gumbel-max: argmax(l + T g) with g = -log(-log u) standard Gumbel is a draw from softmax(l / T)
+        # Gumbel-max: argmax(l + T g) with g = -log(-log u) standard Gumbel is a draw from softmax(l / T);
+        # computed in place in the noise buffer, which holds l + T g at the end
         if u is not None:
-            x0[here] = (l - temperature * torch.log(-torch.log(u[rows[here] - a]))).argmax(-1)
+            x0[here] = u[rows[here] - a].log_().neg_().log_().mul_(-temperature).add_(l).argmax(-1)
         else:
             x0[here] = l.argmax(-1)
         log_p = l.gather(-1, x0[here, :, None]).squeeze(-1) - l.logsumexp(-1)  # log softmax at x0, (r, Lb)
@@ -433,16 +435,6 @@ def load_task(task, data="", limit=0):
         ds = load_rows(data or spec.hub_id, spec.split, [spec.question_col, spec.answer_col], spec.config)
     items = [(q, spec.gold(str(a))) for q, a in zip(ds[spec.question_col], ds[spec.answer_col])]
     return items[:limit] if limit else items
-
-
-def equal_length_batches(lengths, size):
-    # Lists of at most `size` row indices that share a prompt length. LLaDA's hub code accepts attention_mask
-    # but never applies it, so a left-padded prompt attends to its pads and its answer would depend on what
-    # else is in its batch; only equal-length, unpadded prompts go through the model together (every model).
-    groups = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(n, []).append(i)
-    return [g[k:k + size] for g in groups.values() for k in range(0, len(g), size)]
 
 
 def evaluate(model, tokenizer, facts, items, task, sampler, num_samples=1, generator=None):

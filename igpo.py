@@ -34,9 +34,9 @@ import time
 import torch
 
 import sft
-from eval import (Sampler, check_sampler, completion_mask, equal_length_batches, evaluate, extract_answer,
-                  generate, grade, load_task, logits_at, write_json)
-from sft import fail, left_pad, load_model, make_prompt
+from eval import (Sampler, check_sampler, completion_mask, evaluate, extract_answer, generate, grade,
+                  load_task, logits_at, write_json)
+from sft import equal_length_batches, fail, load_model, make_prompt
 
 
 def get_args(argv=None):
@@ -210,14 +210,14 @@ def batch_at(data, step, args, rank, world):
 
 # ---- rollouts and inpainting: Eq. (7), (8)
 
-def rollout(model, prompts, prompt_attn, sampler, facts, gen, hints=None):
-    # One completion (N, L) per row of prompts (N, P), left-padded with prompt_attn (N, P); hints (N, L) for
-    # inpainting. Rows go through the sampler sampler.batch at a time (its logits, rows x block x vocab,
-    # bound its memory), only rows of equal prompt length together, the padding cut off: no model sees a pad.
-    out = torch.empty(len(prompts), sampler.gen_length, dtype=torch.long, device=prompts.device)  # (N, L)
-    lengths = prompt_attn.sum(1).tolist()
-    for rows in equal_length_batches(lengths, sampler.batch or len(prompts)):
-        x = prompts[rows, prompts.shape[1] - lengths[rows[0]]:]  # (b, P_b): the left padding cut off
+def rollout(model, prompts, sampler, facts, gen, hints=None):
+    # One completion (N, L) for each of the N prompts (token-id lists); hints (N, L) for inpainting. Rows go
+    # through the sampler sampler.batch at a time (its logits, rows x block x vocab, bound its memory), and
+    # only prompts of equal length together: no model ever sees a pad token.
+    device = next(model.parameters()).device
+    out = torch.empty(len(prompts), sampler.gen_length, dtype=torch.long, device=device)  # (N, L)
+    for rows in equal_length_batches([len(q) for q in prompts], sampler.batch or len(prompts)):
+        x = torch.tensor([prompts[i] for i in rows], device=device)  # (b, P_b)
         canvas = None if hints is None else hints[rows]
         out[rows] = generate(model, x, sampler, facts, canvas, gen)[:, x.shape[1]:]
     return out
@@ -295,36 +295,61 @@ def advantages(reward):
     return (reward - reward.mean(1, keepdim=True)).flatten()
 
 
-def token_logps(model, prompt_ids, prompt_attn, completions, G, facts, with_entropy=False):
+def token_logps(model, prompts, completions, facts, with_entropy=False):
     # Eq. (5): log pi(o^k | q) ~= log f(o^k | q + M^L). A diffusion LM has no left-to-right factorisation to
     # score a sample with; the estimator masks the whole completion, runs the model once, and reads every
     # token's log-probability off the per-position distributions of that single pass (mean-field: position k
     # ignores the other tokens of o and the order in which the sampler committed them).
-    # prompt_ids (B, P) left-padded with prompt_attn, completions (B*G, L) -> logp (B*G, L)
-    # [, entropy (B, L) for Eq. (10)]. The input does not depend on the sample, so the G completions of a
-    # prompt are read off the same pass (NOTES.md §3 item 4).
-    B, P = prompt_ids.shape
-    L = completions.shape[1]
-    masks = torch.full((B, L), facts.mask_id, dtype=torch.long, device=prompt_ids.device)
-    x = torch.cat([prompt_ids, masks], 1)  # (B, P + L)
-    attn = torch.cat([prompt_attn, prompt_attn.new_ones(B, L)], 1)  # (B, P + L)
-    logits = logits_at(model, x, P, P + L, facts.shifted, attn).float()  # (B, L, V): the completion only
-    lse = logits.logsumexp(-1, keepdim=True)  # (B, L, 1)
-    # gather the G sampled tokens at each position from the one distribution per position: index (B, L, G)
-    index = completions.view(B, G, L).transpose(1, 2)
-    logp = (logits.gather(-1, index) - lse).transpose(1, 2).reshape(B * G, L)  # log softmax at o^k, (B*G, L)
-    if not with_entropy:
-        return logp
-    entropy = lse.squeeze(-1) - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp - E_p[logit], (B, L)
-    return logp, entropy
+    # prompts: B token-id lists; completions (B*G, L) -> logp (B*G, L) [, entropy (B, L) for Eq. (10)].
+    # The input does not depend on the sample, so the G completions of a prompt are read off one pass
+    # (NOTES.md §3 item 4); prompts of equal length share it, unpadded (item 16).
+    B, L = len(prompts), completions.shape[1]
+    samples = completions.view(B, -1, L)  # (B, G, L)
+    logps, entropies, order = [], [], []
+    for rows in equal_length_batches([len(q) for q in prompts], B):
+        P = len(prompts[rows[0]])
+        x = torch.tensor([prompts[b] + [facts.mask_id] * L for b in rows], device=completions.device)
+        logits = logits_at(model, x, P, P + L, facts.shifted).float()  # (b, L, V): the completion only
+        lse = logits.logsumexp(-1, keepdim=True)  # (b, L, 1)
+        # the G sampled tokens at each position, gathered from the one distribution there: index (b, L, G)
+        index = samples[rows].transpose(1, 2)
+        logps.append((logits.gather(-1, index) - lse).transpose(1, 2))  # log softmax at o^k, (b, G, L)
+        if with_entropy:  # H = logsumexp - E_p[logit], (b, L)
+            entropies.append(lse.squeeze(-1) - (logits.softmax(-1) * logits).sum(-1))
+        order += rows
+    back = torch.argsort(torch.tensor(order, device=completions.device))  # groups back into prompt order
+    logp = torch.cat(logps)[back].reshape(-1, L)  # (B*G, L)
+    return (logp, torch.cat(entropies)[back]) if with_entropy else logp
 
 
-def estimate(model, prompts, prompt_attn, completions, G, facts, micro, with_entropy=False):
+@contextlib.contextmanager
+def trained_adapter_off(policy):
+    # pi_ref under LoRA: the policy with the adapter being trained ("default") switched off. Adapters it was
+    # loaded with (the SFT stage's) stay on, so pi_ref is the model RL started from, as without LoRA.
+    frozen = [name for name in policy.peft_config if name != "default"]
+    policy.base_model.set_adapter(frozen, inference_mode=True)
+    try:
+        yield
+    finally:
+        policy.base_model.set_adapter(frozen + ["default"])  # on again, and trainable
+        if frozen:
+            policy.set_requires_grad(frozen, False)
+
+
+def estimate(model, prompts, completions, facts, micro, with_entropy=False):
     # Eq. (5) without gradients, one micro-batch of prompts at a time (bounds the logits' memory).
     with torch.no_grad():
-        parts = [token_logps(model, prompts[p], prompt_attn[p], completions[s], G, facts, with_entropy)
-                 for p, s in micro]
+        parts = [token_logps(model, prompts[p], completions[s], facts, with_entropy) for p, s in micro]
     return tuple(map(torch.cat, zip(*parts))) if with_entropy else torch.cat(parts)
+
+
+def loss_tokens(completions, hint_mask, entropy, end_ids, tau):
+    # Eq. (10): the (N, L) positions the loss reads. Every token up to and including the row's first end token
+    # (NOTES.md §3 item 2), except the hint tokens the entropy filter drops; it ranks only the hints before
+    # the end (a hint after it was overwritten by padding, and is not a token of the completion).
+    valid = completion_mask(completions, end_ids)
+    keep = entropy_filter(entropy, hint_mask & valid, tau)
+    return valid & (~hint_mask | keep)
 
 
 def entropy_filter(entropy, hint_mask, keep_frac):
@@ -384,7 +409,8 @@ def main(argv=None):
     # ---- model: the policy pi_theta, and the reference pi_ref of the KL term
     dtype, amp_dtype = sft.precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
     amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
-    policy, tokenizer, facts = load_model(args.model, args.trust_remote_code, device, dtype)
+    policy, tokenizer, facts = load_model(args.model, args.trust_remote_code, device, dtype,
+                                          merge=not args.lora_r)
     frozen = copy.deepcopy(policy).eval().requires_grad_(False) if args.beta and not args.lora_r else None
     if args.grad_ckpt:
         sft.enable_grad_ckpt(policy)
@@ -394,9 +420,9 @@ def main(argv=None):
     elif state:  # a resumed full run: its trained weights (the frozen reference keeps the initial ones)
         trained = load_model(args.out_dir, args.trust_remote_code, device, dtype)[0]
         policy.load_state_dict(trained.state_dict())
-    # pi_ref: without LoRA a frozen copy of the start; with LoRA the policy with its adapter switched off
+    # pi_ref: without LoRA a frozen copy of the start; with LoRA the policy with its trained adapter off
     ref_model = policy if frozen is None else frozen
-    reference_off = policy.disable_adapter if args.lora_r else contextlib.nullcontext
+    reference = lambda: trained_adapter_off(policy) if args.lora_r else contextlib.nullcontext()
     print(sft.precision_line(policy, amp_dtype))
     # gradient passes go through `model` (the DDP wrapper under torchrun), no-grad passes through `policy`
     model = policy
@@ -421,11 +447,9 @@ def main(argv=None):
         batch = batch_at(data, step, args, rank, world)  # [(question, trace y*, gold answer)] * B
         questions, traces, answers = zip(*batch)
         B = len(batch)
-        ids = [tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids
-               for q in questions]
-        prompts, prompt_attn = left_pad(ids, tokenizer.pad_token_id)  # (B, P), left-padded
-        prompts, prompt_attn = prompts.to(device), prompt_attn.to(device)
-        rep = lambda t: t.repeat_interleave(G, 0)  # (B, ...) -> (B*G, ...): row b*G + i, sample i of prompt b
+        prompts = [tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids
+                   for q in questions]  # B token-id lists, unpadded
+        rep = lambda rows: [r for r in rows for _ in range(G)]  # B -> B*G: row b*G + i, sample i of prompt b
         mb = B // args.grad_accum  # prompts per micro-batch; each is (its prompt rows, its sample rows)
         micro = [(slice(a, a + mb), slice(a * G, (a + mb) * G)) for a in range(0, B, mb)]
 
@@ -433,7 +457,7 @@ def main(argv=None):
         # 1. rollout: G samples per prompt, all prompts in one batched sampler call
         policy.eval()
         with amp():
-            completions = rollout(policy, rep(prompts), rep(prompt_attn), sampler, facts, gen)  # (B*G, L)
+            completions = rollout(policy, rep(prompts), sampler, facts, gen)  # (B*G, L)
         # 2. grade: binary reward r(o_i), read up to the first end token (NOTES.md §3 item 2)
         texts = tokenizer.batch_decode(completions)
         reward = [float(grade(text, answers[j // G], task)) for j, text in enumerate(texts)]
@@ -449,8 +473,7 @@ def main(argv=None):
             hints = hints.to(device)  # (W*G, L)
             # 5. inpaint: the same sampler, started from the canvases (a hint is never remasked), then graded
             with amp():
-                inpainted = rollout(policy, rep(prompts[all_wrong]), rep(prompt_attn[all_wrong]), sampler,
-                                    facts, gen, hints)  # (W*G, L)
+                inpainted = rollout(policy, rep([prompts[b] for b in all_wrong]), sampler, facts, gen, hints)
             inpainted_texts = tokenizer.batch_decode(inpainted)
             correct = [grade(t, answers[all_wrong[j // G]], task) for j, t in enumerate(inpainted_texts)]
             correct = torch.tensor(correct).view(len(all_wrong), G)  # (W, G)
@@ -464,23 +487,22 @@ def main(argv=None):
         adv = advantages(reward).to(device)  # (B*G,)
         # 8. Eq. (5): pi_old log-probs and entropies H (B, L); pi_ref log-probs for the KL term of Eq. (6)
         with amp():
-            logp_old, entropy = estimate(policy, prompts, prompt_attn, completions, G, facts, micro, True)
+            logp_old, entropy = estimate(policy, prompts, completions, facts, micro, with_entropy=True)
             logp_ref = logp_old  # unused when beta = 0
             if args.beta:
-                with reference_off():
-                    logp_ref = estimate(ref_model, prompts, prompt_attn, completions, G, facts, micro)
+                with reference():
+                    logp_ref = estimate(ref_model, prompts, completions, facts, micro)
         # 9. Eq. (10): the loss reads every self-generated token up to the end token; of the hint tokens, only
         # the top tau by entropy under pi_old
-        valid = completion_mask(completions, facts.end_ids)  # (B*G, L)
-        keep_hint = entropy_filter(rep(entropy), hint_mask & valid, args.entropy_keep)  # (B*G, L)
-        loss_mask = valid & (~hint_mask | keep_hint)  # (B*G, L)
+        H = entropy.repeat_interleave(G, 0)  # (B*G, L): each sample reads its prompt's entropies
+        loss_mask = loss_tokens(completions, hint_mask, H, facts.end_ids, args.entropy_keep)  # (B*G, L)
         # 10. mu AdamW updates on Eq. (6)/(9)
         policy.train()
         for _ in range(args.num_iterations):
             stats = torch.zeros(3)  # loss, kl, clip_frac of this update (the last update's are logged)
             for p, s in micro:  # p: the micro-batch's prompt rows, s: its sample rows
                 with amp():  # as logp_old, so the first ratio is exactly 1 (not with LoRA dropout: item 15)
-                    logp = token_logps(model, prompts[p], prompt_attn[p], completions[s], G, facts)
+                    logp = token_logps(model, prompts[p], completions[s], facts)  # (mb*G, L)
                 loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s],
                                                 args.epsilon, args.beta)
                 # each micro-batch's loss / grad_accum: the gradients add up to the full batch's
@@ -502,7 +524,7 @@ def main(argv=None):
                  "all_wrong_after": (len(all_wrong) - len(rescued)) / B,
                  "hint_frac": ((hint_mask & loss_mask).sum() / loss_mask.sum().clamp(min=1)).item(),
                  "entropy": entropy.mean().item(), "loss": stats[0].item(), "kl": stats[1].item(),
-                 "clip_frac": stats[2].item(), "grad_norm": grad_norm.item()}
+                 "clip_frac": stats[2].item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0]}
         counts = {"inpainted_groups": len(Ks), "replaced": sum(Ks)}
         means, counts = mean_over_ranks(means, counts, world, device)
         row = {"step": step, **{k: round(v, 5) for k, v in means.items()}, **counts, "skipped": skipped,

@@ -241,12 +241,15 @@ def encode_response(tokenizer, trace, gen_length, end_ids):
     return ids + [end_ids[-1]] * (gen_length - len(ids))
 
 
-def left_pad(seqs, pad_id):
-    # Left-pad token lists into (B, T) ids and attention mask; the right end is where generation happens.
-    T = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long)  # (B, T)
-    attn = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)  # (B, T)
-    return ids, attn
+def equal_length_batches(lengths, size):
+    # Lists of at most `size` row indices that share a prompt length. No padding ever enters a model here:
+    # LLaDA's hub code accepts attention_mask but never applies it, so a padded prompt would attend to its
+    # pads and its results would depend on what else is in its batch (NOTES.md §3 item 16). Rows of equal
+    # length go through the model together, unpadded, which is exact for every model.
+    groups = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return [g[k:k + size] for g in groups.values() for k in range(0, len(g), size)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,10 +326,11 @@ def autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
 
 
-def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
-    # (model, tokenizer, facts) from 'toy', a hub id, or a save_pretrained folder (a full model or a LoRA
-    # adapter, which is merged into its base). Masked LMs load with AutoModelForMaskedLM; models that ship
-    # their own code (LLaDA, Dream) with AutoModel, which their auto_map points at their diffusion LM class.
+def load_model(name, trust_remote_code=False, device="cpu", dtype=None, merge=False):
+    # (model, tokenizer, facts) from 'toy', a hub id, or a save_pretrained folder: a full model, or a LoRA
+    # adapter over its base, which may be an adapter folder itself (the SFT -> IGPO -> eval chain). Masked LMs
+    # load with AutoModelForMaskedLM; models that ship their own code (LLaDA, Dream) with AutoModel, which
+    # their auto_map points at their diffusion LM class.
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
     if name == "toy":
         tokenizer = build_toy_tokenizer()
@@ -336,10 +340,18 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
         from peft import PeftModel
         base = json.load(open(os.path.join(name, "adapter_config.json")))["base_model_name_or_path"]
         model, tokenizer, facts = load_model(base, trust_remote_code, device, dtype)
-        model = PeftModel.from_pretrained(model, name).merge_and_unload()
-        # an adapter trained on top of this model must name THIS folder as its base, not the raw base: that
-        # is how loading an IGPO adapter brings the merged SFT adapter back with it (SFT -> IGPO -> eval)
-        model.name_or_path = name
+        # Each stage's adapter stays a separate fp32 module, active and frozen: merged into bf16 weights,
+        # every change smaller than half a bf16 step would round away (NOTES.md §7). merge=True folds them
+        # in, for full fine-tuning from an adapter (its weights are fp32, where the sum is exact).
+        stage = f"stage{len(getattr(model, 'peft_config', {}))}"
+        if isinstance(model, PeftModel):
+            model.load_adapter(name, adapter_name=stage)
+        else:
+            model = PeftModel.from_pretrained(model, name, adapter_name=stage)
+        model.base_model.set_adapter(list(model.peft_config), inference_mode=True)
+        if merge:
+            model = model.merge_and_unload()
+        model.name_or_path = name  # an adapter trained on this model names this folder as its base
         return model, tokenizer, facts
     if not os.path.isdir(name) and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
         fail(f"model not found: '{name}' is neither a checkpoint folder nor a hub id (org/name)")
@@ -356,21 +368,32 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None):
 
 
 def add_lora(model, r, alpha, targets, resume_dir=None, dropout=0.05):
-    # Wrap the model with LoRA adapters on the Linear layers named in `targets`, never on the vocabulary head:
-    # LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464) and neither the paper nor
-    # the official code adapts it.
-    from peft import LoraConfig, get_peft_model
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    # The trainable LoRA adapter ("default") on the Linear layers named in `targets`, never on the vocabulary
+    # head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464) and neither the
+    # paper nor the official code adapts it. On a model loaded with adapters (SFT), it is stacked on them.
+    from peft import LoraConfig, PeftModel, get_peft_model
+    stacked = isinstance(model, PeftModel)
+    core = model.get_base_model() if stacked else model
+    head = getattr(core, "get_output_embeddings", lambda: None)()
+    # every Linear layer by its own name (an adapted one is a LoRA layer holding its Linear as `base_layer`)
+    linear = [(n.removesuffix(".base_layer"), m) for n, m in core.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".lora_" not in n]
     names = {n.split(".")[-1] for n, m in linear if m is not head}
     missing = [t for t in targets if t not in names]
     if missing:
         fail(f"--lora_targets: no Linear layer named {missing[0]} in this model "
              f"(its Linear layers: {', '.join(sorted(names))})")
-    exclude = [n for n, m in model.named_modules() if m is head]
+    exclude = [n for n, m in core.named_modules() if m is head]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         exclude_modules=exclude or None)
-    model = get_peft_model(model, config)
+    if stacked:  # the loaded stages stay active and frozen; only "default" trains
+        config.base_model_name_or_path = model.name_or_path  # the folder the saved adapter loads onto
+        frozen = list(model.peft_config)
+        model.add_adapter("default", config)
+        model.base_model.set_adapter(frozen + ["default"])
+        model.set_requires_grad(frozen, False)
+    else:
+        model = get_peft_model(model, config)
     if resume_dir:  # a resumed LoRA run: its saved adapter weights
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -379,34 +402,43 @@ def add_lora(model, r, alpha, targets, resume_dir=None, dropout=0.05):
 
 
 def enable_grad_ckpt(model):
+    model = model.get_base_model() if hasattr(model, "peft_config") else model  # under loaded adapters
     inner = getattr(model, "model", None)
     if hasattr(inner, "set_activation_checkpointing"):  # LLaDA (OLMo code): its own switch, no HF flag
         return inner.set_activation_checkpointing("whole_layer")  # recompute every block in backward
     if not getattr(model, "supports_gradient_checkpointing", False):
         fail(f"--grad_ckpt: {type(model).__name__} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable()
+    # non-reentrant: correct when no input of a checkpointed block needs a gradient (frozen embeddings, LoRA)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The objective.
 
-def sft_loss(model, input_ids, attention_mask, response_mask, mask_id, gen):
-    # Eq. (2): masked-diffusion SFT loss on response tokens only.
-    # input_ids (B, T) = prompt + response; response_mask (B, T) is 1 on the gen_length response positions
-    # (EOS padding included: learning where to stop is part of the task). Per sequence draw t ~ U(0,1),
-    # mask each response token with probability p = (1-eps) t + eps, and score the masked ones with 1/p
-    # importance weights; normalise by the response length |r| and average over the batch:
-    #     loss = (1/B) sum_b (1/|r_b|) sum_{i masked} -log f(x0_i | x_t) / p_b
-    B, T = input_ids.shape
-    t = torch.rand(B, 1, device=input_ids.device, generator=gen)
+def sft_loss(model, rows, facts, gen):
+    # Eq. (2): masked-diffusion SFT loss on response tokens only. rows: B pairs (prompt ids, response ids),
+    # every response exactly L tokens (trace, end of turn, padding: learning where to stop is part of the
+    # task). Per sequence draw t ~ U(0,1), mask each response token with probability p = (1-eps) t + eps,
+    # keep the prompt clean, and score the masked tokens with 1/p importance weights, normalised by the
+    # response length L and averaged over the batch:
+    #     loss = (1/B) sum_b (1/L) sum_{i masked} -log f(x0_i | x_t) / p_b
+    device = gen.device
+    B, L = len(rows), len(rows[0][1])
+    t = torch.rand(B, 1, device=device, generator=gen)
     p = (1 - LOG_EPS) * t + LOG_EPS  # (B, 1)
-    masked = (torch.rand(B, T, device=input_ids.device, generator=gen) < p) & response_mask.bool()  # (B, T)
-    noisy = torch.where(masked, mask_id, input_ids)  # x_t of Eq. (1), restricted to the response
-    logits = model(noisy, attention_mask=attention_mask).logits  # (B, T, V)
-    nll = torch.nn.functional.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
-    # 1/p undoes the masking rate (Eq. (1)): without it low-t samples, with few masked tokens, hardly count
-    weight = 1.0 / (p * response_mask.sum(1, keepdim=True)).expand(B, T)[masked]  # 1 / (p_b |r_b|) per token
-    return (nll * weight).sum() / B
+    masked = torch.rand(B, L, device=device, generator=gen) < p  # (B, L): response positions only
+    total = 0.0
+    for group in equal_length_batches([len(q) for q, _ in rows], B):  # no padding enters the model
+        P = len(rows[group[0]][0])
+        x0 = torch.tensor([rows[i][0] + rows[i][1] for i in group], device=device)  # (b, P + L)
+        m = masked[group]  # (b, L)
+        xt = x0.clone()
+        xt[:, P:] = torch.where(m, facts.mask_id, x0[:, P:])  # x_t of Eq. (1), restricted to the response
+        logits = model(xt).logits[:, P - facts.shifted:P + L - facts.shifted]  # (b, L, V): the response's
+        nll = torch.nn.functional.cross_entropy(logits[m].float(), x0[:, P:][m], reduction="none")
+        # 1/p undoes the masking rate (Eq. (1)): without it low-t samples (few masked tokens) hardly count
+        total = total + (nll / (p[group] * L).expand(-1, L)[m]).sum()
+    return total / B
 
 
 def build_sft_data(args, tokenizer, facts, toy):
@@ -469,9 +501,9 @@ def main(argv=None):
 
     # ---- model (a resumed full model comes back from --out_dir; a resumed LoRA run reloads its adapter)
     # and data (the over-length filter needs the model's tokenizer and end tokens)
-    resumed_full = state and not args.lora_r
+    resumed_full = bool(state) and not args.lora_r
     model, tokenizer, facts = load_model(args.out_dir if resumed_full else args.model, args.trust_remote_code,
-                                         device, dtype)
+                                         device, dtype, merge=not args.lora_r)
     rows = build_sft_data(args, tokenizer, facts, args.dataset == "toy")  # [(prompt ids, response ids)]
     if args.grad_ckpt:
         enable_grad_ckpt(model)
@@ -501,12 +533,7 @@ def main(argv=None):
         k = (step * args.grad_accum + micro) * world + rank  # each rank reads its own micro-batches
         epoch_gen = torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch)  # new order each epoch
         perm = torch.randperm(len(rows), generator=epoch_gen)
-        chosen = [rows[i] for i in perm[(k % per_epoch) * args.batch_size:][:args.batch_size].tolist()]
-        ids, attn = left_pad([q + r for q, r in chosen], tokenizer.pad_token_id)  # (B, T)
-        response_mask = torch.zeros_like(ids)  # (B, T)
-        # Eq. (2): only these positions are ever masked; the prompt to their left stays clean
-        response_mask[:, -args.gen_length:] = 1  # every response has length gen_length, at the right end
-        return ids.to(device), attn.to(device), response_mask.to(device)
+        return [rows[i] for i in perm[(k % per_epoch) * args.batch_size:][:args.batch_size].tolist()]
 
     # ---- training loop
     from tqdm import tqdm
@@ -516,10 +543,9 @@ def main(argv=None):
     while step < args.max_steps:
         total = 0.0
         for micro in range(args.grad_accum):
-            ids, attn, response_mask = batch_at(step, micro)
             # Eq. (2) per micro-batch; dividing by grad_accum makes the summed gradient that of the full batch
             with autocast(device, amp_dtype):
-                loss = sft_loss(model, ids, attn, response_mask, facts.mask_id, gen) / args.grad_accum
+                loss = sft_loss(model, batch_at(step, micro), facts, gen) / args.grad_accum
             loss.backward()
             total += loss.item()
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the norm before clipping
@@ -606,7 +632,8 @@ def save_checkpoint(out_dir, model, tokenizer, args, state):
         fail("model weights are not finite; refusing to save over the last good checkpoint")
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    adapter = {"selected_adapters": ["default"]} if hasattr(model, "peft_config") else {}  # the trained one
+    model.save_pretrained(tmp, safe_serialization=True, **adapter)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)

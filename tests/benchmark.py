@@ -119,6 +119,9 @@ def main():
     torch.manual_seed(0)
     tok = sft.build_toy_tokenizer()
     mask_id = tok.mask_token_id
+    facts = sft.model_facts(sft.build_toy_model(tok).config, tok)
+    wide_facts = facts._replace(n_tokens=LLADA_VOCAB)  # the wide model's every id is a token
+    greedy = lambda L_, Lb_, steps_: ev.Sampler(L_, Lb_, steps_, 0.0, early_exit=False)
     res = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     B = 8 if args.quick else 64
     L, Lb, steps = 64, 16, 32
@@ -130,7 +133,7 @@ def main():
     with torch.no_grad():
         x = torch.cat([prompt, torch.full((B, L), mask_id)], 1)
         _, t_fwd = timed(lambda: model(x).logits, repeat=5)
-        _, t_gen = timed(lambda: ev.generate(model, prompt, L, Lb, steps, 0.0, mask_id), repeat=2)
+        _, t_gen = timed(lambda: ev.generate(model, prompt, greedy(L, Lb, steps), facts), repeat=2)
     # overhead measured inside one run: total sampler time / time spent in the model's own forward calls
     fwd_time, real_forward = [0.0], model.forward
 
@@ -143,7 +146,7 @@ def main():
     model.forward = timed_forward
     with torch.no_grad():
         t = time.perf_counter()
-        ev.generate(model, prompt, L, Lb, steps, 0.0, mask_id)
+        ev.generate(model, prompt, greedy(L, Lb, steps), facts)
         t_run = time.perf_counter() - t
     model.forward = real_forward
     res["sampler_seconds_per_token"] = t_gen / (B * L)
@@ -153,35 +156,42 @@ def main():
 
     # ---- sampler vs the reference at LLaDA's vocabulary
     Bw = 2 if args.quick else 8
-    wide = sft.build_toy_model(tok, vocab_size=LLADA_VOCAB).eval()
+    wide = wide_model(tok).eval()
     with torch.no_grad():
         for p in wide.parameters():
             if p.dim() > 1:
                 p.mul_(20.0)  # peaked predictions, so greedy choices are well separated
         pw = prompt[:Bw]
-        ours, t_ours = timed(lambda: ev.generate(wide, pw, L, Lb, steps, 0.0, mask_id), repeat=1)
+        ours, t_ours = timed(lambda: ev.generate(wide, pw, greedy(L, Lb, steps), wide_facts), repeat=1)
         ref, t_ref = timed(lambda: reference_generate(wide, pw, L, Lb, steps, mask_id), repeat=1)
         res["greedy_identical"] = bool(torch.equal(ours, ref))
         res["sampler_speedup_vs_reference"] = t_ref / t_ours
         # peak memory of one sampling step (one block, one step)
-        _, m_ours = peak_bytes(lambda: ev.generate(wide, pw, Lb, Lb, 1, 0.0, mask_id))
+        _, m_ours = peak_bytes(lambda: ev.generate(wide, pw, greedy(Lb, Lb, 1), wide_facts))
         _, m_ref = peak_bytes(lambda: reference_generate(wide, pw, Lb, Lb, 1, mask_id))
+        # the same step at temperature 1.2 (rollouts): the float64 Gumbel noise is drawn a chunk at a time
+        sampled = ev.Sampler(Lb, Lb, 1, 1.2, early_exit=False)
+        g = torch.Generator().manual_seed(0)
+        _, m_ours_t = peak_bytes(lambda: ev.generate(wide, pw, sampled, wide_facts, generator=g))
+        logits_mb = Bw * Lb * LLADA_VOCAB * 4 / 2**20
         xw = torch.cat([pw, torch.full((Bw, Lb), mask_id)], 1)
         _, m_fwd = peak_bytes(lambda: wide(xw).logits)
     res["sampler_step_peak_mb"] = m_ours / 2**20
     res["reference_step_peak_mb"] = m_ref / 2**20
     res["forward_peak_mb_wide"] = m_fwd / 2**20
     res["sampler_memory_ratio_vs_reference"] = m_ref / m_ours
+    res["sampler_step_peak_mb_temperature"] = m_ours_t / 2**20
+    res["sampler_step_block_logits_mb"] = logits_mb
 
     # ---- estimator pass (log-probs + entropies) vs naive, wide vocabulary, G samples per prompt
     G = 8
     Bp = 1 if args.quick else 2
     completions = torch.randint(10, 100, (Bp * G, L))
-    attn = torch.ones(Bp, prompt.shape[1], dtype=torch.long)
+    plist = prompt[:Bp].tolist()
     with torch.no_grad():
-        (lp, ent), m_est = peak_bytes(lambda: igpo.token_logps(wide, prompt[:Bp], attn, completions, G, mask_id, True))
+        (lp, ent), m_est = peak_bytes(lambda: igpo.token_logps(wide, plist, completions, wide_facts, True))
         (lp_n, ent_n), m_naive = peak_bytes(lambda: naive_token_logps(wide, prompt[:Bp], completions, G, mask_id))
-        _, t_est = timed(lambda: igpo.token_logps(wide, prompt[:Bp], attn, completions, G, mask_id, True), repeat=1)
+        _, t_est = timed(lambda: igpo.token_logps(wide, plist, completions, wide_facts, True), repeat=1)
         _, t_naive = timed(lambda: naive_token_logps(wide, prompt[:Bp], completions, G, mask_id), repeat=1)
     res["estimator_same_values"] = bool(torch.allclose(lp, lp_n, atol=1e-4)
                                         and torch.allclose(ent.repeat_interleave(G, 0), ent_n, atol=1e-3))
@@ -219,6 +229,14 @@ def main():
         print(f"{k:38s} {v if not isinstance(v, float) else round(v, 4)}")
 
 
+def wide_model(tok):
+    """The embedded architecture with LLaDA's 126,464-row vocabulary (the tokenizer's ids come first)."""
+    from transformers import ModernBertForMaskedLM
+    config = sft.build_toy_model(tok).config
+    config.vocab_size = LLADA_VOCAB
+    return ModernBertForMaskedLM(config)
+
+
 def count_rows(model):
     """A list whose [0] counts the rows of every forward call of model (a sequence forward pass each)."""
     rows = [0]
@@ -230,15 +248,16 @@ def igpo_step(model, tok, args, batch):
     """One IGPO step as igpo.py runs it, timed by phase. Returns (phase seconds, what the step reads: tokens,
     rewards, hint and loss masks, the loss, the rollout generator's state, and row-forwards per rollout)."""
     mask_id, G, rows = tok.mask_token_id, args.num_generations, count_rows(model)
-    end_ids = torch.tensor(ev.end_token_ids(tok))
-    prompts, attn = sft.left_pad([tok(sft.make_prompt(tok, q, True), add_special_tokens=False).input_ids
-                                  for q, _, _ in batch], tok.pad_token_id)
+    facts = sft.model_facts(model.config, tok)
+    end_ids = torch.tensor(facts.end_ids)
+    sampler = igpo.sampler_of(args)
+    prompts = [tok(sft.make_prompt(tok, q, True), add_special_tokens=False).input_ids for q, _, _ in batch]
+    rep = lambda xs: [x for x in xs for _ in range(G)]
     gen, hint_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     times = {}
     t = time.perf_counter()
     model.eval()
-    comp = igpo.rollout(model, prompts.repeat_interleave(G, 0), attn.repeat_interleave(G, 0), args, mask_id, gen,
-                        end_ids=end_ids)
+    comp = igpo.rollout(model, rep(prompts), sampler, facts, gen)
     times["rollouts"] = time.perf_counter() - t
     t = time.perf_counter()
     texts = tok.batch_decode(comp)
@@ -246,20 +265,21 @@ def igpo_step(model, tok, args, batch):
     times["grading"] = time.perf_counter() - t
     t = time.perf_counter()
     all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
-    hints = igpo.hint_canvases(tok, [batch[b][1] for b in all_wrong], args, mask_id, hint_gen)
-    rep = lambda t: t.repeat_interleave(G, 0)
-    inpainted = igpo.rollout(model, rep(prompts[all_wrong]), rep(attn[all_wrong]), args, mask_id, gen, hints, end_ids)
-    inp_texts = tok.batch_decode(inpainted)
-    correct = torch.tensor([ev.grade(t, batch[all_wrong[j // G]][2], "toy") for j, t in enumerate(inp_texts)],
-                           dtype=torch.bool).view(len(all_wrong), G)
-    comp, reward, texts, hint_mask, _ = igpo.replace_wrong(comp, reward, texts, all_wrong, inpainted, inp_texts, correct,
-                                                           hints, args.max_replace_frac, mask_id)
+    hint_mask = torch.zeros_like(comp, dtype=torch.bool)
+    if all_wrong:
+        hints = igpo.hint_canvases(tok, [batch[b][1] for b in all_wrong], args, mask_id, hint_gen)
+        inpainted = igpo.rollout(model, rep([prompts[b] for b in all_wrong]), sampler, facts, gen, hints)
+        inp_texts = tok.batch_decode(inpainted)
+        correct = torch.tensor([ev.grade(t, batch[all_wrong[j // G]][2], "toy") for j, t in enumerate(inp_texts)],
+                               dtype=torch.bool).view(len(all_wrong), G)
+        comp, reward, hint_mask, _ = igpo.replace_wrong(comp, reward, all_wrong, inpainted, correct, hints,
+                                                        args.max_replace_frac, mask_id)
     times["inpainting_rollouts_and_grading"] = time.perf_counter() - t
     n_rollouts, rollout_rows = len(comp) + G * len(all_wrong), rows[0]
     t = time.perf_counter()
     with torch.no_grad():
-        logp_old, ent = igpo.token_logps(model, prompts, attn, comp, G, mask_id, with_entropy=True)
-        logp_ref = igpo.token_logps(model, prompts, attn, comp, G, mask_id)
+        logp_old, ent = igpo.token_logps(model, prompts, comp, facts, with_entropy=True)
+        logp_ref = igpo.token_logps(model, prompts, comp, facts)
     times["old_and_ref_passes"] = time.perf_counter() - t
     valid = ev.completion_mask(comp, end_ids)
     loss_mask = valid & (~hint_mask | igpo.entropy_filter(ent.repeat_interleave(G, 0), hint_mask & valid, args.entropy_keep))
@@ -268,7 +288,7 @@ def igpo_step(model, tok, args, batch):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     for _ in range(args.num_iterations):
-        logp = igpo.token_logps(model, prompts, attn, comp, G, mask_id)
+        logp = igpo.token_logps(model, prompts, comp, facts)
         loss, _, _ = igpo.grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, args.epsilon, args.beta)
         loss.backward()
         opt.step()
@@ -304,7 +324,7 @@ def early_exit_igpo_step(ckpt, quick):
     runs = {}
     for on in (False, True, False, True):  # twice each, alternating; the faster of the two is kept
         args.early_exit = on
-        model, tok = sft.load_model(ckpt)
+        model, tok, _ = sft.load_model(ckpt)
         times, reads, per_rollout = igpo_step(model, tok, args, batch)
         seconds = times["rollouts"] + times["inpainting_rollouts_and_grading"]
         if on not in runs or seconds < runs[on][0]:
@@ -323,7 +343,8 @@ def early_exit_paper_shape(ends, L=256, Lb=32, steps=128, temperature=1.2):
     from conftest import tiny_model
     from test_sampler import Scripted
     tok = sft.build_toy_tokenizer()
-    end_ids = torch.tensor(ev.end_token_ids(tok))
+    facts = sft.model_facts(sft.build_toy_model(tok).config, tok)
+    end_ids = torch.tensor(facts.end_ids)
     B, P = len(ends), 40
     prompts = torch.cat([torch.arange(B)[:, None] + 7, torch.randint(7, 100, (B, P - 1))], 1)  # row r: first token r+7
     scripts = {r + 7: torch.full((L,), -1).index_fill_(0, torch.tensor([e]), int(end_ids[0])) for r, e in enumerate(ends)}
@@ -332,8 +353,7 @@ def early_exit_paper_shape(ends, L=256, Lb=32, steps=128, temperature=1.2):
         model = Scripted(tiny_model(tok, hidden=64, layers=4), P, scripts, end_ids)
         g = torch.Generator().manual_seed(0)
         t = time.perf_counter()
-        out = ev.generate(model, prompts, L, Lb, steps, temperature, tok.mask_token_id, generator=g,
-                          end_ids=end_ids if on else None)[:, P:]
+        out = ev.generate(model, prompts, ev.Sampler(L, Lb, steps, temperature, on), facts, generator=g)[:, P:]
         seconds = time.perf_counter() - t
         if on not in res or seconds < res[on][3]:
             res[on] = (out.masked_fill(~ev.completion_mask(out, end_ids), -1), g.get_state(), model.rows / B, seconds)

@@ -58,11 +58,8 @@ def test_hints_never_contain_the_answer(tokenizer):
     assert igpo.answer_from_trace(metamath) == "7" and igpo.answer_from_trace(trace) == "37"
 
 
-def fake_batch(tokenizer, answers, B, G):
-    batch = [(f"Q{b}?", f"{10 + b}+{b}={10 + 2 * b}\n\\boxed{{{answers[b]}}}", str(answers[b])) for b in range(B)]
-    prompts, attn = sft.left_pad([tokenizer(q, add_special_tokens=False).input_ids for q, _, _ in batch],
-                                 tokenizer.pad_token_id)
-    return batch, prompts, attn
+def fake_batch(answers, B):
+    return [(f"Q{b}?", f"{10 + b}+{b}={10 + 2 * b}\n\\boxed{{{answers[b]}}}", str(answers[b])) for b in range(B)]
 
 
 @pytest.mark.parametrize("n_correct,expected_K", [(0, 0), (1, 1), (3, 3), (4, 4), (8, 4)])
@@ -73,7 +70,7 @@ def test_replacement_rule_and_own_trace(tokenizer, n_correct, expected_K):
     mask_id = tokenizer.mask_token_id
     args = make_args(num_generations=G, gen_length=L, block_length=8, diffusion_steps=8, max_replace_frac=0.5,
                      eta_low=0.5, eta_high=0.5, chunk_min=2, chunk_max=3)
-    batch, prompts, attn = fake_batch(tokenizer, [11, 13, 15], B, G)
+    batch = fake_batch([11, 13, 15], B)
     groups = [0, 2]  # group 1 is not all-wrong and must be left alone
     hints = igpo.hint_canvases(tokenizer, [batch[b][1] for b in groups], args, mask_id, torch.Generator().manual_seed(0))
     assert hints.shape == (2 * G, L)
@@ -87,14 +84,13 @@ def test_replacement_rule_and_own_trace(tokenizer, n_correct, expected_K):
     completions = torch.full((B * G, L), tokenizer.eos_token_id)
     reward = torch.zeros(B, G)
     reward[1, 0] = 1.0
-    texts = ["x"] * (B * G)
-    before = (completions.clone(), reward.clone(), list(texts))
-    completions2, reward2, texts2, hint_mask, Ks = igpo.replace_wrong(
-        completions, reward, texts, groups, inpainted, ["y"] * (2 * G), correct, hints, 0.5, mask_id)
+    before = (completions.clone(), reward.clone())
+    completions2, reward2, hint_mask, Ks = igpo.replace_wrong(completions, reward, groups, inpainted, correct,
+                                                             hints, 0.5, mask_id)
     assert Ks == [expected_K] * 2
-    assert torch.equal(completions, before[0]) and torch.equal(reward, before[1]) and texts == before[2]
+    assert torch.equal(completions, before[0]) and torch.equal(reward, before[1])
     for g, b in enumerate(groups):
-        assert reward2[b].sum() == expected_K and texts2[b * G:(b + 1) * G].count("y") == expected_K
+        assert reward2[b].sum() == expected_K
         assert torch.equal(completions2[b * G:b * G + expected_K], inpainted[g * G:g * G + expected_K])
         assert hint_mask[b * G:b * G + expected_K].any(1).all() and not hint_mask[b * G + expected_K:(b + 1) * G].any()
     assert torch.equal(completions2[G:2 * G], before[0][G:2 * G]) and reward2[1].tolist() == [1] + [0] * 7
@@ -102,15 +98,14 @@ def test_replacement_rule_and_own_trace(tokenizer, n_correct, expected_K):
     assert (adv[0].abs().sum() > 0) == (expected_K > 0)  # a rescued group now has a learning signal
 
 
-def test_estimator_equals_per_sample_hand_computation(tokenizer):
+def test_estimator_equals_per_sample_hand_computation(tokenizer, facts):
     model = tiny_model(tokenizer)
     G, L, mask_id = 3, 10, tokenizer.mask_token_id
     seqs = [tokenizer(sft.make_prompt(tokenizer, q, True), add_special_tokens=False).input_ids
             for q in ["Ann has 3 pens. How many?", "Jo has 41 eggs. Sells 9. How many eggs now?"]]
-    prompts, attn = sft.left_pad(seqs, tokenizer.pad_token_id)
     completions = torch.randint(7, 100, (2 * G, L))
     with torch.no_grad():
-        logp, entropy = igpo.token_logps(model, prompts, attn, completions, G, mask_id, with_entropy=True)
+        logp, entropy = igpo.token_logps(model, seqs, completions, facts, with_entropy=True)
         for b, s in enumerate(seqs):  # each sample alone, unpadded, the obvious way
             x = torch.tensor([s + [mask_id] * L])
             logprobs = F.log_softmax(model(x).logits[0, len(s):].double(), -1)  # (L, V)
@@ -197,7 +192,7 @@ def test_end_to_end_short_run(tiny_init, tmp_path, mu):
     assert [r["step"] for r in rows] == [1, 2] and all(keys <= set(r) for r in rows)
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert json.load(open(out / "args.json"))["num_iterations"] == mu
-    model, _ = sft.load_model(str(out))  # the checkpoint loads back
+    model, _, _ = sft.load_model(str(out))  # the checkpoint loads back
     assert model is not None
 
 

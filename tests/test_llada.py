@@ -11,21 +11,21 @@ import torch
 import igpo
 import sft
 
-LLADA_LORA_TARGETS = {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"}
+LLADA_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"}  # per block
+OFFICIAL_TARGETS = {"q_proj", "k_proj", "v_proj", "up_proj"}  # the official list's names that exist in LLaDA
 
 
 def llada_batch(tokenizer, G=2, L=8, seed=0):
-    """Two prompts of different lengths (left-padded) and random completions of ordinary characters."""
+    """Two prompts of different lengths (token-id lists) and random completions of ordinary characters."""
     qs = ["What is 2+3?", "Tom has 12 apples and eats 5. How many are left?"]
-    prompts, attn = sft.left_pad([tokenizer(sft.make_prompt(tokenizer, q, False), add_special_tokens=False).input_ids
-                                  for q in qs], tokenizer.pad_token_id)
+    prompts = [tokenizer(sft.make_prompt(tokenizer, q, False), add_special_tokens=False).input_ids for q in qs]
     completions = torch.randint(0, 96, (len(qs) * G, L), generator=torch.Generator().manual_seed(seed))
-    return prompts, attn, completions
+    return prompts, completions
 
 
-def loss_and_grads(model, mask_id, prompts, attn, completions, G):
+def loss_and_grads(model, facts, prompts, completions):
     model.zero_grad(set_to_none=True)
-    logp = igpo.token_logps(model, prompts, attn, completions, G, mask_id)
+    logp = igpo.token_logps(model, prompts, completions, facts)
     loss, _, _ = igpo.grpo_loss(logp, logp.detach() - 0.05, logp.detach() + 0.05, torch.linspace(-1, 1, logp.shape[0]),
                                 torch.ones_like(logp, dtype=torch.bool), 0.2, 0.01)
     loss.backward()
@@ -34,34 +34,36 @@ def loss_and_grads(model, mask_id, prompts, attn, completions, G):
 
 def test_grad_ckpt_on_llada_recomputes_blocks_with_same_grads(tiny_llada):
     """Issue 13.1: --grad_ckpt used to stop LLaDA at startup (no supports_gradient_checkpointing)."""
-    plain, tok = sft.load_model(tiny_llada, trust_remote_code=True)
-    ckpt, _ = sft.load_model(tiny_llada, trust_remote_code=True)
+    plain, tok, facts = sft.load_model(tiny_llada, trust_remote_code=True)
+    ckpt, _, _ = sft.load_model(tiny_llada, trust_remote_code=True)
     sft.enable_grad_ckpt(ckpt)
-    mask_id = tok.convert_tokens_to_ids(sft.MASK)
     calls = []
     # a pre-hook: the recompute in backward stops early, so a forward (post-)hook would not see it
     ckpt.model.transformer.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
-    prompts, attn, completions = llada_batch(tok)
-    loss0, grads0 = loss_and_grads(plain.train(), mask_id, prompts, attn, completions, 2)
-    loss1, grads1 = loss_and_grads(ckpt.train(), mask_id, prompts, attn, completions, 2)
-    assert len(calls) == 2  # block 0 ran again during backward
+    prompts, completions = llada_batch(tok)
+    loss0, grads0 = loss_and_grads(plain.train(), facts, prompts, completions)
+    loss1, grads1 = loss_and_grads(ckpt.train(), facts, prompts, completions)
+    assert len(calls) == 4  # two prompt lengths, two forward passes: block 0 ran again for each in backward
     assert torch.allclose(loss0, loss1, atol=1e-6) and grads0.keys() == grads1.keys()
     for n in grads0:
         assert torch.allclose(grads0[n], grads1[n], atol=1e-6), n
 
 
-def test_lora_on_llada_adapts_the_seven_block_projections_not_the_head(tiny_llada):
-    """Issue 13.3: the target name ff_out also matched the vocabulary head model.transformer.ff_out."""
-    model, _ = sft.load_model(tiny_llada, trust_remote_code=True)
+@pytest.mark.parametrize("targets", [None, tuple(LLADA_PROJECTIONS)])
+def test_lora_on_llada_targets_and_never_the_head(tiny_llada, targets):
+    """The default trains what the official code trains (the four of its seven names that exist in LLaDA);
+    --lora_targets reaches all seven block projections. The name ff_out also matches the vocabulary head
+    model.transformer.ff_out, which is never adapted."""
+    model, _, facts = sft.load_model(tiny_llada, trust_remote_code=True)
     cfg, r = model.config, 4
-    lora = sft.add_lora(model, r, 8)
-    adapted = [n for n, m in lora.named_modules() if hasattr(m, "lora_A")]
-    assert {n.split(".")[-1] for n in adapted} == LLADA_LORA_TARGETS
+    lora = sft.add_lora(model, r, 8, targets or facts.lora_targets)
+    adapted = {n.split(".")[-1] for n, m in lora.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == (set(targets) if targets else OFFICIAL_TARGETS)
     assert not hasattr(lora.get_output_embeddings(), "lora_A")
-    # per block: q k v attn_out are d -> d, ff_proj and up_proj d -> h, ff_out h -> d
+    # per block: q k v attn_out are d -> d, ff_proj and up_proj d -> h, ff_out h -> d (kv heads = heads here)
     d, h = cfg.d_model, cfg.mlp_hidden_size
-    expected = cfg.n_layers * r * (4 * 2 * d + 3 * (d + h))
-    assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == expected
+    per_block = 4 * 2 * d + 3 * (d + h) if targets else 3 * 2 * d + (d + h)
+    assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == cfg.n_layers * r * per_block
 
 
 # MetaMathQA rows in their exact shapes (query, response, type), as the hub dataset holds them
@@ -85,7 +87,7 @@ def test_hints_never_reveal_the_answer_of_metamath_rows(tiny_llada):
     """Issue 13.5: the hintable part was cut at the LAST answer marker, so GSM_AnsAug's '#### 72' and
     MATH_AnsAug's '\\boxed{12}' stayed hintable; a sample that merely keeps them was rewarded."""
     import eval as evaluation
-    _, tok = sft.load_model(tiny_llada, trust_remote_code=True)
+    _, tok, _ = sft.load_model(tiny_llada, trust_remote_code=True)
     for row in METAMATH_ROWS[:2]:
         gold = igpo.answer_from_trace(row["response"])
         assert gold in ("72", "12")
@@ -115,11 +117,12 @@ def lora_delta(folder, module):
 
 
 def test_lora_on_lora_chain_keeps_the_sft_stage(tiny_llada, tmp_path):
-    """Issue 13.2: an IGPO adapter trained on a merged SFT adapter recorded the raw base as its base, so loading
-    the IGPO output gave base + IGPO. Here both stages are saved the way sft.py / igpo.py save them."""
+    """Issue 13.2: an IGPO adapter trained on an SFT adapter must record the SFT folder as its base, so that
+    loading the IGPO output gives base + SFT + IGPO. Both stages are saved the way sft.py / igpo.py save them;
+    loaded, the adapters stay separate (stacked) modules, and merged they are the sum of the deltas."""
     def train_adapter(init, out, seed):  # add_lora + nonzero adapter weights + save_checkpoint, as the scripts do
-        model, tok = sft.load_model(init, trust_remote_code=True)
-        model = sft.add_lora(model, 4, 8)
+        model, tok, facts = sft.load_model(init, trust_remote_code=True)
+        model = sft.add_lora(model, 4, 8, facts.lora_targets)
         torch.manual_seed(seed)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -132,15 +135,20 @@ def test_lora_on_lora_chain_keeps_the_sft_stage(tiny_llada, tmp_path):
     assert igpo_config["base_model_name_or_path"] == str(tmp_path / "sft")  # the SFT folder, not the raw base
     module = "model.transformer.blocks.0.q_proj"
     base = sft.load_model(tiny_llada, trust_remote_code=True)[0].get_submodule(module).weight
-    final = sft.load_model(str(tmp_path / "igpo"), trust_remote_code=True)[0].get_submodule(module).weight
+    merged, tok, _ = sft.load_model(str(tmp_path / "igpo"), trust_remote_code=True, merge=True)
     d_sft, d_igpo = lora_delta(tmp_path / "sft", "blocks.0.q_proj"), lora_delta(tmp_path / "igpo", "blocks.0.q_proj")
     assert d_sft.abs().mean() > 1e-3 and d_igpo.abs().mean() > 1e-3  # both stages really change the weights
-    assert torch.allclose(final, base + d_sft + d_igpo, atol=1e-5)  # merged SFT + IGPO delta
+    assert torch.allclose(merged.get_submodule(module).weight, base + d_sft + d_igpo, atol=1e-5)
+    stacked = sft.load_model(str(tmp_path / "igpo"), trust_remote_code=True)[0]  # what eval.py loads
+    assert stacked.active_adapters == ["stage0", "stage1"] and not any(p.requires_grad for p in stacked.parameters())
+    x = torch.tensor([tok("What is 2+3?").input_ids])
+    with torch.no_grad():
+        assert torch.allclose(stacked.eval()(x).logits, merged.eval()(x).logits, atol=1e-4)
 
 
 def test_eval_on_llada_is_batch_invariant(tiny_llada, tmp_path):
     """Issue 13.7: LLaDA's hub code ignores attention_mask, so a left-padded prompt's greedy answer changed with
-    the rest of its batch. eval.py must give the same generations with --batch_size 1 and 8."""
+    the rest of its batch. eval.py must give the same generations with --gen_batch 1 and 8."""
     import eval as evaluation
     data = tmp_path / "gsm.jsonl"
     qs = ["1+1?", "What is 2+3?", "What is 2+3?", "Tom has 12 apples and eats 5. How many?", "Is 7 > 3?", "1+1?"]
@@ -149,7 +157,7 @@ def test_eval_on_llada_is_batch_invariant(tiny_llada, tmp_path):
     for bs in (1, 8):
         out = tmp_path / f"bs{bs}"
         evaluation.main(["--model", tiny_llada, "--trust_remote_code", "--task", "gsm8k", "--data", str(data),
-                         "--gen_length", "16", "--block_length", "8", "--diffusion_steps", "8", "--batch_size", str(bs),
+                         "--gen_length", "16", "--block_length", "8", "--diffusion_steps", "8", "--gen_batch", str(bs),
                          "--out_dir", str(out), "--device", "cpu"])
         gens.append([r["generations"] for r in json.load(open(out / "eval_gsm8k.json"))["generations"]])
     assert gens[0] == gens[1] and len(set(gens[0])) > 2  # same answers, and not a degenerate constant output
@@ -158,14 +166,13 @@ def test_eval_on_llada_is_batch_invariant(tiny_llada, tmp_path):
 
 def test_rollout_rows_do_not_see_each_other(tiny_llada):
     """igpo.rollout on LLaDA: a prompt's samples do not depend on the other prompts of the batch (greedy)."""
-    model, tok = sft.load_model(tiny_llada, trust_remote_code=True)
-    prompts, attn, _ = llada_batch(tok)
-    args = argparse.Namespace(gen_length=16, block_length=8, diffusion_steps=8, temperature=0.0, gen_batch=0, early_exit=True)
-    mask_id = tok.convert_tokens_to_ids(sft.MASK)
-    both = igpo.rollout(model.eval(), prompts, attn, args, mask_id, None)
+    import eval as evaluation
+    model, tok, facts = sft.load_model(tiny_llada, trust_remote_code=True)
+    prompts, _ = llada_batch(tok)
+    sampler = evaluation.Sampler(16, 8, 8, 0.0)
+    both = igpo.rollout(model.eval(), prompts, sampler, facts, None)
     for b in range(2):
-        alone = igpo.rollout(model, prompts[b:b + 1, -int(attn[b].sum()):], attn[b:b + 1, -int(attn[b].sum()):],
-                             args, mask_id, None)
+        alone = igpo.rollout(model, prompts[b:b + 1], sampler, facts, None)
         assert torch.equal(both[b], alone[0])
 
 
@@ -191,7 +198,8 @@ def test_bf16_policy_moves_weights_like_fp32(tiny_llada, tmp_path, capsys):
     w0 = load_file(os.path.join(tiny_llada, "model.safetensors"))
     w32, _ = sft_weights(tiny_llada, tmp_path, "fp32")
     wbf, out = sft_weights(tiny_llada, tmp_path, "bf16")
-    assert "weights float32, compute bfloat16 autocast" in capsys.readouterr().out  # printed at start
+    printed = capsys.readouterr().out
+    assert "precision: weights float32 (" in printed and "compute bfloat16 autocast" in printed  # at start
     name = "model.transformer.blocks.0.q_proj.weight"
     assert wbf[name].dtype == torch.float32  # the master weights stayed fp32
     d32, dbf = w32[name] - w0[name], wbf[name] - w0[name]
@@ -207,11 +215,12 @@ def test_bf16_policy_moves_weights_like_fp32(tiny_llada, tmp_path, capsys):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def readme_command(script, **changes):
-    """The README's LLaDA command for `script`, as written, with the flags in `changes` replaced (or added)."""
+def readme_command(script, which="LLaDA", **changes):
+    """The README's command for `script` on `which` model (LLaDA or Dream), as written, with the flags in `changes`
+    replaced (or added)."""
     import shlex
     line = next(l for l in open(os.path.join(ROOT, "README.md")) if l.startswith(f"python {script} ")
-                and "--trust_remote_code" in l)
+                and "--trust_remote_code" in l and which.lower() in l.lower())
     argv = shlex.split(line)[2:]
     for flag, value in changes.items():
         flag = "--" + flag
@@ -244,11 +253,99 @@ def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
     assert printed.count("precision: weights bfloat16") == 3  # the policy line of all three scripts
     assert len(json.load(open(tmp_path / "eval_math500.json"))["generations"]) == len(SHORT_ROWS)
     assert json.load(open(os.path.join(igpo_out, "adapter_config.json")))["base_model_name_or_path"] == sft_out
-    module = "model.transformer.blocks.1.ff_out"
+    module = "model.transformer.blocks.1.up_proj"
     base = sft.load_model(tiny_llada, trust_remote_code=True)[0].get_submodule(module).weight
-    final = sft.load_model(igpo_out, trust_remote_code=True)[0].get_submodule(module).weight
-    d_sft, d_igpo = lora_delta(sft_out, "blocks.1.ff_out"), lora_delta(igpo_out, "blocks.1.ff_out")
+    final = sft.load_model(igpo_out, trust_remote_code=True, merge=True)[0].get_submodule(module).weight
+    d_sft, d_igpo = lora_delta(sft_out, "blocks.1.up_proj"), lora_delta(igpo_out, "blocks.1.up_proj")
     from safetensors.torch import load_file
     assert {t.dtype for t in load_file(os.path.join(sft_out, "adapter_model.safetensors")).values()} == {torch.float32}
     assert d_sft.abs().mean() > 1e-4  # SFT moved the weights, and that move survives into the final model
     assert torch.allclose(final, base + d_sft + d_igpo, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What was trained is what is evaluated (issue 20): adapters under the GPU precision policy, and no padding.
+
+def sub_bf16_step_adapter(tiny_llada, out, frac=0.4):
+    """An adapter on the default targets whose every weight change is `frac` of half a bf16 step of the weight
+    it changes (random signs): merged into bf16 weights, all of it rounds away. Saved as sft.py saves one."""
+    model, tok, facts = sft.load_model(tiny_llada, trust_remote_code=True)
+    lora = sft.add_lora(model, 32, 32, facts.lora_targets)  # r = d_model: any delta is a rank-r product
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora.modules():
+            if hasattr(m, "lora_A") and "default" in m.lora_A:
+                W = m.base_layer.weight  # (d_out, d_in), d_in = 32 for every default target
+                half_step = 2.0 ** (torch.floor(torch.log2(W.bfloat16().float().abs())) - 8)
+                delta = frac * half_step * (torch.randint(0, 2, W.shape, generator=g) * 2 - 1)
+                m.lora_A["default"].weight.copy_(torch.eye(32))
+                m.lora_B["default"].weight.copy_(delta / m.scaling["default"])
+                assert ((W.bfloat16() + delta).bfloat16() == W.bfloat16()).all()  # below half a step, all of it
+    sft.save_checkpoint(str(out), lora, tok, argparse.Namespace(), None)
+    return lora.eval(), tok, facts
+
+
+def forward_logits(model, x, bf16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model(x).logits.float()
+
+
+def test_bf16_load_evaluates_the_trained_adapter(tiny_llada, tmp_path):
+    """Loaded with bf16 weights (the GPU policy), an adapter whose change is below half a bf16 step of every
+    weight used to be merged into those weights, where it rounded away: eval.py evaluated the start model.
+    Loaded as a separate fp32 module it gives exactly the outputs of the policy that was trained (same weights,
+    same computation), and in fp32 exactly the fp32 change. Under bf16 compute, a change this small is below the
+    computation's own rounding (NOTES.md §7): what survives is what training saw, no less."""
+    trained, tok, facts = sub_bf16_step_adapter(tiny_llada, tmp_path / "adapter")
+    x = torch.tensor([tok(sft.make_prompt(tok, "Tom has 12 apples and eats 5. How many?", False)).input_ids])
+    for dtype in (torch.bfloat16, torch.float32):  # the GPU policy's load, and the fp32 one
+        policy = sft.load_model(tiny_llada, trust_remote_code=True, dtype=dtype)[0]  # as the trainer holds it
+        policy = sft.add_lora(policy, 32, 32, facts.lora_targets)
+        policy.load_state_dict(trained.state_dict(), strict=False)  # the trained adapter, the base in `dtype`
+        loaded = sft.load_model(str(tmp_path / "adapter"), trust_remote_code=True, dtype=dtype)[0]
+        base = sft.load_model(tiny_llada, trust_remote_code=True, dtype=dtype)[0]
+        bf16 = dtype == torch.bfloat16
+        assert torch.equal(forward_logits(loaded.eval(), x, bf16), forward_logits(policy.eval(), x, bf16))
+        assert not torch.equal(forward_logits(loaded, x, bf16), forward_logits(base.eval(), x, bf16))
+    change = forward_logits(loaded, x, False) - forward_logits(base, x, False)  # fp32: the whole update
+    assert torch.allclose(change, forward_logits(trained, x, False) - forward_logits(base, x, False), atol=1e-4)
+    # the old load path: the same adapter merged into bf16 weights changes nothing at all
+    merged = sft.load_model(str(tmp_path / "adapter"), trust_remote_code=True, dtype=torch.bfloat16, merge=True)[0]
+    base16 = sft.load_model(tiny_llada, trust_remote_code=True, dtype=torch.bfloat16)[0]
+    assert torch.equal(forward_logits(merged.eval(), x, True), forward_logits(base16.eval(), x, True))
+
+
+def test_estimator_and_sft_loss_do_not_see_other_prompts(tiny_llada):
+    """LLaDA ignores attention_mask, so a left-padded prompt attended to pads that its rollout never saw and
+    its log-probs, entropies and SFT loss depended on the other prompts of its micro-batch. No pad enters the
+    model now: a prompt's numbers are the same alone as in a batch with longer and shorter prompts."""
+    model, tok, facts = sft.load_model(tiny_llada, trust_remote_code=True)
+    model.eval()
+    qs = ["What is 2+3?", "Tom has 12 apples and eats 5. How many are left?", "Is 7 > 3?"]
+    prompts = [tok(sft.make_prompt(tok, q, False), add_special_tokens=False).input_ids for q in qs]
+    assert len({len(p) for p in prompts}) == 3
+    G, L = 2, 8
+    completions = torch.randint(0, 96, (len(qs) * G, L), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp, entropy = igpo.token_logps(model, prompts, completions, facts, with_entropy=True)
+        for b in range(len(qs)):
+            alone, h = igpo.token_logps(model, prompts[b:b + 1], completions[b * G:(b + 1) * G], facts, True)
+            assert torch.allclose(logp[b * G:(b + 1) * G], alone, atol=1e-5)
+            assert torch.allclose(entropy[b], h[0], atol=1e-5)
+        # Eq. (2) on the batch is the mean of each prompt's loss alone, for the same noise (t and mask draws)
+        rows = [(p, list(c)) for p, c in zip(prompts, completions[::G].tolist())]
+        t, u = torch.rand(3, 1), torch.rand(3, L)
+        batch = sft_loss_with_draws(model, rows, facts, t, u)
+        alone = [sft_loss_with_draws(model, rows[i:i + 1], facts, t[i:i + 1], u[i:i + 1]) for i in range(3)]
+    assert torch.allclose(batch, sum(alone) / 3, atol=1e-5)
+
+
+def sft_loss_with_draws(model, rows, facts, t, u):
+    """sft.sft_loss with its two random draws (t, then the mask uniforms) replaced by the given tensors."""
+    draws = iter([t, u])
+    real = torch.rand
+    torch.rand = lambda *a, **k: next(draws)
+    try:
+        return sft.sft_loss(model, rows, facts, torch.Generator())
+    finally:
+        torch.rand = real

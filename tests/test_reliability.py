@@ -99,10 +99,12 @@ def igpo_setup(tokenizer, tmp_path_factory):
     tiny_model(tokenizer).save_pretrained(root / "init")
     tokenizer.save_pretrained(root / "init")
     with open(root / "add.jsonl", "w") as f:
-        # with REVEAL_ANSWER the whole trace is hintable, so a fully revealed trace grades as correct
+        # with REVEAL_ANSWER the whole trace is hintable, so a fully revealed trace grades as correct; its end
+        # token, hinted too, ends the row early, so early exit is part of the run as well
         for a in range(2, 12):
             for b in range(3, 7):
-                f.write(json.dumps({"question": f"What is {a}+{b}?", "trace": f"\\boxed{{{a + b}}}\n"}) + "\n")
+                trace = f"\\boxed{{{a + b}}}\n{sft.EOT}"
+                f.write(json.dumps({"question": f"What is {a}+{b}?", "trace": trace}) + "\n")
     args = ["--model", str(root / "init"), "--dataset", str(root / "add.jsonl"), "--max_steps", "4",
             "--save_every", "1", "--batch_prompts", "2", "--num_generations", "4", "--gen_length", "16",
             "--block_length", "8", "--diffusion_steps", "8", "--eta_low", "0.5", "--eta_high", "1", "--limit", "0"]
@@ -338,7 +340,7 @@ def test_torch_load_is_used_and_checkpoint_is_safetensors(tokenizer, tmp_path):
     assert any(isinstance(c.func, ast.Attribute) and ast.unparse(c.func) == "torch.load" for c in calls("sft.py"))
     out = str(tmp_path / "run")
     sft.save_checkpoint(out, tiny_model(tokenizer), tokenizer, sft.get_args(["--out_dir", out]),
-                        {"step": 1, "rng": [sft.rng_state(torch.Generator())]})
+                        {"step": 1, "rng": [sft.rng_state([torch.Generator()])]})
     names = os.listdir(out)
     assert "model.safetensors" in names and not any(n.endswith((".bin", ".pkl")) for n in names)
     assert sft.load_state(out)["step"] == 1  # the resume state loads under weights_only=True

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import sft
 from conftest import tiny_model
-from eval import generate, num_transfer_tokens
+from eval import Sampler, generate, num_transfer_tokens
 
 
 def reference_generate(model, prompt, gen_length, block_length, steps, mask_id):
@@ -47,11 +47,11 @@ def prompt_ids(tokenizer, text):
 
 
 @pytest.mark.parametrize("gen_length,block_length,steps", [(16, 16, 8), (16, 4, 8), (24, 8, 6), (12, 4, 12)])
-def test_greedy_matches_reference(model, tokenizer, gen_length, block_length, steps):
+def test_greedy_matches_reference(model, tokenizer, facts, gen_length, block_length, steps):
     mask_id = tokenizer.mask_token_id
     for text in ["Ann has 3 pens. How many pens now?", "Jo has 41 eggs. Sells 9. How many eggs now?"]:
         prompt = prompt_ids(tokenizer, text)
-        ours = generate(model, prompt, gen_length, block_length, steps, 0.0, mask_id)
+        ours = generate(model, prompt, Sampler(gen_length, block_length, steps, 0.0, False), facts)
         ref = reference_generate(model, prompt, gen_length, block_length, steps, mask_id)
         assert torch.equal(ours, ref)
         assert not (ours == mask_id).any()
@@ -65,7 +65,7 @@ def test_schedule_is_even_with_remainder_first():
     assert sched.tolist() == [[3, 2, 2], [1, 1, 0], [0, 0, 0]]
 
 
-def test_hints_fixed_and_schedule_followed(model, tokenizer, monkeypatch):
+def test_hints_fixed_and_schedule_followed(model, tokenizer, facts, monkeypatch):
     """Hint tokens never change; every other position ends unmasked; each step commits exactly the
     scheduled number of non-hint tokens in the current block and nothing outside it."""
     mask_id, L, Lb, steps = tokenizer.mask_token_id, 16, 8, 8
@@ -81,7 +81,7 @@ def test_hints_fixed_and_schedule_followed(model, tokenizer, monkeypatch):
         return real_forward(x, **kw)
 
     monkeypatch.setattr(model, "forward", recording_forward)
-    out = generate(model, prompts, L, Lb, steps, 0.0, mask_id, hints=hints)
+    out = generate(model, prompts, Sampler(L, Lb, steps, 0.0, False), facts, hints)
     monkeypatch.undo()
     ans = out[:, prompts.shape[1]:]
     is_hint = hints != mask_id
@@ -102,33 +102,32 @@ def test_hints_fixed_and_schedule_followed(model, tokenizer, monkeypatch):
         assert changed.sum(1).tolist() == expected.tolist()
 
 
-def test_batch_invariance_under_left_padding(model, tokenizer):
-    """A row's greedy output does not depend on the other rows of its batch (padding + attention mask)."""
-    mask_id = tokenizer.mask_token_id
-    texts = ["Ann has 3 pens. How many?", "Jo has 41 eggs. Sells 9. Buys 12. Doubles them. How many eggs now?"]
+def test_batch_invariance(model, tokenizer, facts):
+    """A row's greedy output does not depend on the other rows of its batch."""
+    texts = ["Ann has 3 pens. How many?", "Jo has 41 eggs. How many?", "Max has 2 eggs. How many?"]
     seqs = [tokenizer(sft.make_prompt(tokenizer, t, True), add_special_tokens=False).input_ids for t in texts]
-    ids, attn = sft.left_pad(seqs, tokenizer.pad_token_id)
-    batched = generate(model, ids, 16, 8, 8, 0.0, mask_id, attention_mask=attn)
+    assert len({len(s) for s in seqs}) == 1  # one sampler call takes prompts of one length (no padding)
+    batched = generate(model, torch.tensor(seqs), Sampler(16, 8, 8, 0.0, False), facts)
     for i, s in enumerate(seqs):
-        alone = generate(model, torch.tensor([s]), 16, 8, 8, 0.0, mask_id)
+        alone = generate(model, torch.tensor([s]), Sampler(16, 8, 8, 0.0, False), facts)
         assert torch.equal(batched[i, -16:], alone[0, -16:])
 
 
-def test_temperature_sampling_reproducible_with_generator(model, tokenizer):
-    mask_id = tokenizer.mask_token_id
+def test_temperature_sampling_reproducible_with_generator(model, tokenizer, facts):
     prompt = torch.cat([prompt_ids(tokenizer, "Ann has 3 pens. How many?")] * 4)
-    a = generate(model, prompt, 16, 8, 8, 1.0, mask_id, generator=torch.Generator().manual_seed(1))
-    b = generate(model, prompt, 16, 8, 8, 1.0, mask_id, generator=torch.Generator().manual_seed(1))
-    c = generate(model, prompt, 16, 8, 8, 1.0, mask_id, generator=torch.Generator().manual_seed(2))
+    sampler = Sampler(16, 8, 8, 1.0, False)
+    a = generate(model, prompt, sampler, facts, generator=torch.Generator().manual_seed(1))
+    b = generate(model, prompt, sampler, facts, generator=torch.Generator().manual_seed(1))
+    c = generate(model, prompt, sampler, facts, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert len({tuple(r) for r in a[:, -16:].tolist()}) > 1  # samples of one prompt differ from each other
 
 
 @pytest.mark.parametrize("L,B,steps", [(10, 4, 4), (16, 4, 6), (0, 4, 4)])
-def test_bad_lengths_give_one_line_errors(model, tokenizer, L, B, steps):
+def test_bad_lengths_give_one_line_errors(model, tokenizer, facts, L, B, steps):
     with pytest.raises(SystemExit, match="must be a positive multiple"):
-        generate(model, prompt_ids(tokenizer, "x"), L, B, steps, 0.0, tokenizer.mask_token_id)
+        generate(model, prompt_ids(tokenizer, "x"), Sampler(L, B, steps, 0.0), facts)
 
 
 # ---------------------------------------------------------------- early exit (end_ids)
@@ -147,9 +146,9 @@ class Scripted(torch.nn.Module):
     def get_output_embeddings(self):
         return None  # logits_at then slices the full logits: the script is written in sequence positions
 
-    def forward(self, x, attention_mask=None):
+    def forward(self, x):
         self.calls, self.rows = self.calls + 1, self.rows + x.shape[0]
-        logits = self.inner(x, attention_mask=attention_mask).logits.clone()
+        logits = self.inner(x).logits.clone()
         for r in range(x.shape[0]):
             script = self.scripts[int(x[r, 0])]
             free = (script < 0).nonzero().flatten() + self.P
@@ -177,7 +176,7 @@ def scripted_rows(tokenizer, L, P=6):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_early_exit_same_tokens_rewards_loss_mask_and_generator(tokenizer, temperature):
+def test_early_exit_same_tokens_rewards_loss_mask_and_generator(tokenizer, facts, temperature):
     from eval import completion_mask, grade
     L, Lb, steps = 32, 8, 16
     prompts, scripts, end_ids = scripted_rows(tokenizer, L)
@@ -185,8 +184,8 @@ def test_early_exit_same_tokens_rewards_loss_mask_and_generator(tokenizer, tempe
     for ends in [None, end_ids]:
         model = Scripted(tiny_model(tokenizer, seed=3), prompts.shape[1], scripts, end_ids)
         g = torch.Generator().manual_seed(7)
-        outs.append(generate(model, prompts, L, Lb, steps, temperature, tokenizer.mask_token_id, generator=g,
-                             end_ids=ends)[:, -L:])
+        sampler = Sampler(L, Lb, steps, temperature, early_exit=ends is not None)
+        outs.append(generate(model, prompts, sampler, facts, generator=g)[:, -L:])
         states.append(g.get_state())
         rows.append(model.rows)
     full, early = outs
@@ -202,7 +201,7 @@ def test_early_exit_same_tokens_rewards_loss_mask_and_generator(tokenizer, tempe
     assert rows == [80, 52]
 
 
-def test_early_exit_with_hints(tokenizer):
+def test_early_exit_with_hints(tokenizer, facts):
     """A hint after a row's end does not keep it alive: the row leaves after the block holding its end, and
     the hint becomes EOS like the rest of the tail (nothing after the end is read by reward or loss). Hints
     before the end are kept; a hinted end token ends its row once its block is complete."""
@@ -218,8 +217,8 @@ def test_early_exit_with_hints(tokenizer):
     outs, rows = [], []
     for ends in [None, end_ids]:
         model = Scripted(tiny_model(tokenizer, seed=3), prompts.shape[1], scripts, end_ids)
-        outs.append(generate(model, prompts, L, Lb, steps, 1.0, mask_id, hints=hints, end_ids=ends,
-                             generator=torch.Generator().manual_seed(7))[:, -L:])
+        sampler = Sampler(L, Lb, steps, 1.0, early_exit=ends is not None)
+        outs.append(generate(model, prompts, sampler, facts, hints, torch.Generator().manual_seed(7))[:, -L:])
         rows.append(model.rows)
     full, early = outs
     keep = completion_mask(full, end_ids)
@@ -231,7 +230,7 @@ def test_early_exit_with_hints(tokenizer):
     assert rows == [70, 48]
 
 
-def test_fully_hinted_block_costs_no_forward(tokenizer):
+def test_fully_hinted_block_costs_no_forward(tokenizer, facts):
     """A step at which no row commits anything skips its forward pass, with or without early exit."""
     L, Lb, steps = 16, 4, 16  # 4 blocks of 4 steps; block 1 fully hinted in every row
     prompts, scripts, end_ids = scripted_rows(tokenizer, L)
@@ -241,7 +240,7 @@ def test_fully_hinted_block_costs_no_forward(tokenizer):
     outs, calls = [], []
     for ends in [None, end_ids]:
         model = Scripted(tiny_model(tokenizer, seed=3), prompts.shape[1], scripts, end_ids)
-        outs.append(generate(model, prompts, L, Lb, steps, 0.0, tokenizer.mask_token_id, hints=hints, end_ids=ends))
+        outs.append(generate(model, prompts, Sampler(L, Lb, steps, 0.0, ends is not None), facts, hints))
         calls.append(model.calls)
     assert torch.equal(outs[0], outs[1]) and calls == [12, 12]  # not 16: block 1 is skipped
 
@@ -253,7 +252,7 @@ def test_early_exit_flag_default_on_same_name_in_both_scripts():
         assert get_args([]).early_exit is True and get_args(["--no-early_exit"]).early_exit is False
 
 
-def test_evaluate_saves_the_full_eos_padded_canvas(tokenizer):
+def test_evaluate_saves_the_full_eos_padded_canvas(tokenizer, facts):
     """With early exit the saved generation still has all gen_length tokens, EOS after the end (d1's layout)."""
     from eval import evaluate
     L = 32
@@ -262,7 +261,7 @@ def test_evaluate_saves_the_full_eos_padded_canvas(tokenizer):
     script[5] = tokenizer.convert_tokens_to_ids(sft.EOT)
     end_ids = torch.tensor([script[5], tokenizer.eos_token_id])
     model = Scripted(tiny_model(tokenizer, seed=3), len(prompt), {prompt[0]: script}, end_ids)
-    records, _ = evaluate(model, tokenizer, [("Ann has 3 pens.", "3")] * 2, "toy", L, 8, 16)
+    records, _ = evaluate(model, tokenizer, facts, [("Ann has 3 pens.", "3")] * 2, "toy", Sampler(L, 8, 16, 0.0))
     for r in records:
         text = r["generations"]
         assert text.endswith(sft.EOT + sft.EOS * (L - 6)) and sft.MASK not in text

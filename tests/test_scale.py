@@ -31,11 +31,10 @@ def one_line_exit(excinfo):
 
 
 def toy_batch(tokenizer, questions, G, L, seed=0):
-    """Prompts (B, P) + attention mask, and random completions (B*G, L) of ordinary characters."""
-    prompts, attn = sft.left_pad([tokenizer(sft.make_prompt(tokenizer, q, True), add_special_tokens=False).input_ids
-                                  for q in questions], tokenizer.pad_token_id)
+    """Prompts (B token-id lists, unpadded) and random completions (B*G, L) of ordinary tokens."""
+    prompts = [tokenizer(sft.make_prompt(tokenizer, q, True), add_special_tokens=False).input_ids for q in questions]
     g = torch.Generator().manual_seed(seed)
-    return prompts, attn, torch.randint(len(sft.SPECIAL_TOKENS), len(tokenizer), (len(questions) * G, L), generator=g)
+    return prompts, torch.randint(len(sft.SPECIAL_TOKENS), len(tokenizer), (len(questions) * G, L), generator=g)
 
 
 QUESTIONS = ["Ann has 3 pens. How many pens now?", "Jo has 41 eggs. Sells 9. How many eggs now?",
@@ -45,23 +44,23 @@ QUESTIONS = ["Ann has 3 pens. How many pens now?", "Jo has 41 eggs. Sells 9. How
 # ---------------------------------------------------------------------------------------------------------
 # 1. LoRA: only adapters train, and the KL reference is the base model with the adapter switched off.
 
-def test_lora_trains_only_adapters_and_reference_is_base(tokenizer):
-    G, L, mask_id = 2, 8, tokenizer.mask_token_id
+def test_lora_trains_only_adapters_and_reference_is_base(tokenizer, facts):
+    G, L = 2, 8
     base = tiny_model(tokenizer)
-    model = sft.add_lora(copy.deepcopy(base), r=4, alpha=8)
+    model = sft.add_lora(copy.deepcopy(base), 4, 8, facts.lora_targets)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     # every projection the embedded model has (Wqkv, Wo, Wi) got an adapter
     assert {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")} == {"Wqkv", "Wo", "Wi"}
 
-    prompts, attn, completions = toy_batch(tokenizer, QUESTIONS[:2], G, L)
+    prompts, completions = toy_batch(tokenizer, QUESTIONS[:2], G, L)
 
-    def reference():  # as igpo.main's reference_logps does under --lora_r
-        with torch.no_grad(), model.disable_adapter():
-            return igpo.token_logps(model, prompts, attn, completions, G, mask_id)
+    def reference():  # as igpo.main computes pi_ref under --lora_r
+        with torch.no_grad(), igpo.trained_adapter_off(model):
+            return igpo.token_logps(model, prompts, completions, facts)
 
     with torch.no_grad():
-        logp_base = igpo.token_logps(base.eval(), prompts, attn, completions, G, mask_id)
+        logp_base = igpo.token_logps(base.eval(), prompts, completions, facts)
     model.eval()
     assert torch.equal(reference(), logp_base)
 
@@ -70,7 +69,7 @@ def test_lora_trains_only_adapters_and_reference_is_base(tokenizer):
     adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
-    logp = igpo.token_logps(model, prompts, attn, completions, G, mask_id)
+    logp = igpo.token_logps(model, prompts, completions, facts)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     loss, _, _ = igpo.grpo_loss(logp, logp.detach(), logp_base, adv, torch.ones_like(logp, dtype=torch.bool), 0.2, 0.01)
     loss.backward()
@@ -80,15 +79,15 @@ def test_lora_trains_only_adapters_and_reference_is_base(tokenizer):
             assert torch.equal(p, frozen[n]), n
     assert all(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if "lora_B" in n)
     with torch.no_grad():
-        assert not torch.equal(igpo.token_logps(model, prompts, attn, completions, G, mask_id), logp_base)
+        assert not torch.equal(igpo.token_logps(model, prompts, completions, facts), logp_base)
     assert torch.equal(reference(), logp_base)  # the trained adapter does not leak into the reference
 
 
 def test_lora_without_known_targets_is_one_line_error():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
     with pytest.raises(SystemExit) as e:
-        sft.add_lora(model, 4, 8)
-    assert "LoRA target modules" in one_line_exit(e)
+        sft.add_lora(model, 4, 8, ("q_proj",))
+    assert "no Linear layer named q_proj" in one_line_exit(e)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,7 +140,9 @@ class ToyLLaDAModelLM(PreTrainedModel):
 '''
 
 
-def test_trust_remote_code_loader(tokenizer, tmp_path):
+def test_trust_remote_code_loader(tokenizer, tmp_path, monkeypatch):
+    # a new model type gets its entry in sft.MODELS, the one place a port edits: LLaDA's conventions here
+    monkeypatch.setitem(sft.MODELS, "toy_llada", sft.MODELS["llada"])
     path, sentinel = tmp_path / "toyllada", tmp_path / "remote_code_ran"
     path.mkdir()
     (path / "configuration_toyllada.py").write_text(CONFIG_SRC.format(sentinel=str(sentinel)))
@@ -175,27 +176,27 @@ def test_trust_remote_code_loader(tokenizer, tmp_path):
     assert "custom code" in msg and "--trust_remote_code" in msg  # names the problem and the flag
     assert not sentinel.exists()
 
-    model, tok = sft.load_model(str(path), trust_remote_code=True)  # the path LLaDA-8B-Instruct takes
+    model, tok, facts = sft.load_model(str(path), trust_remote_code=True)  # the path LLaDA-8B-Instruct takes
     ran = sentinel.read_text().split()
     assert any(m.endswith("configuration_toyllada") for m in ran) and any(m.endswith("modeling_toyllada") for m in ran)
     assert type(model).__name__ == "ToyLLaDAModelLM" and type(model).__module__.endswith("modeling_toyllada")
     model.eval()
-    prompts, attn, _ = toy_batch(tok, QUESTIONS[:3], 1, 1)
+    prompts = torch.tensor(toy_batch(tok, QUESTIONS[:1], 1, 1)[0] * 3)
     with torch.no_grad():  # the saved weights came back, not a fresh initialisation
-        assert torch.equal(model(prompts, attention_mask=attn).logits, original(prompts, attention_mask=attn).logits)
-    out = evaluation.generate(model, prompts, 16, 8, 8, 0.0, tok.mask_token_id, attention_mask=attn)
+        assert torch.equal(model(prompts).logits, original(prompts).logits)
+    sampler = evaluation.Sampler(16, 8, 8, 0.0)
+    out = evaluation.generate(model, prompts, sampler, facts)
     assert out.shape == (3, prompts.shape[1] + 16) and torch.equal(out[:, :prompts.shape[1]], prompts)
     assert not (out == tok.mask_token_id).any()
-    assert torch.equal(out, evaluation.generate(original, prompts, 16, 8, 8, 0.0, tok.mask_token_id,
-                                                attention_mask=attn))
+    assert torch.equal(out, evaluation.generate(original, prompts, sampler, facts))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 3. Gradient checkpointing: same numbers, less memory; a clear error where the model cannot do it.
 
-def loss_and_grads(model, tokenizer, prompts, attn, completions, G):
+def loss_and_grads(model, facts, prompts, completions):
     model.zero_grad(set_to_none=True)
-    logp = igpo.token_logps(model, prompts, attn, completions, G, tokenizer.mask_token_id)
+    logp = igpo.token_logps(model, prompts, completions, facts)
     adv = torch.linspace(-1, 1, logp.shape[0])
     loss, _, _ = igpo.grpo_loss(logp, logp.detach() - 0.05, logp.detach() + 0.05, adv,
                                 torch.ones_like(logp, dtype=torch.bool), 0.2, 0.01)
@@ -204,13 +205,14 @@ def loss_and_grads(model, tokenizer, prompts, attn, completions, G):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_grad_ckpt_same_loss_and_grads(tokenizer, lora):
+def test_grad_ckpt_same_loss_and_grads(tokenizer, facts, lora):
     G = 2
-    prompts, attn, completions = toy_batch(tokenizer, QUESTIONS[:2], G, 8)
+    prompts, completions = toy_batch(tokenizer, QUESTIONS[:2], G, 8)
     plain, ckpt = tiny_model(tokenizer), tiny_model(tokenizer)
     sft.enable_grad_ckpt(ckpt)  # before LoRA, the order igpo.main and sft.main use
     if lora:  # adapters get the same (random) init: LoRA B is zero, so perturb it identically
-        plain, ckpt = sft.add_lora(plain, 4, 8, dropout=0.0), sft.add_lora(ckpt, 4, 8, dropout=0.0)
+        targets = facts.lora_targets
+        plain, ckpt = sft.add_lora(plain, 4, 8, targets, dropout=0.0), sft.add_lora(ckpt, 4, 8, targets, dropout=0.0)
         for m in (plain, ckpt):
             torch.manual_seed(1)
             with torch.no_grad():
@@ -220,10 +222,11 @@ def test_grad_ckpt_same_loss_and_grads(tokenizer, lora):
     plain.train(), ckpt.train()  # checkpointing is only active in training mode
     layer = (ckpt.base_model.model if lora else ckpt).model.layers[0]
     calls = []
-    layer.register_forward_hook(lambda *_: calls.append(1))
-    loss0, grads0 = loss_and_grads(plain, tokenizer, prompts, attn, completions, G)
-    loss1, grads1 = loss_and_grads(ckpt, tokenizer, prompts, attn, completions, G)
-    assert len(calls) == 2  # the layer really was recomputed during backward
+    layer.register_forward_pre_hook(lambda *_: calls.append(1))  # a recompute may stop before the end
+    loss0, grads0 = loss_and_grads(plain, facts, prompts, completions)
+    loss1, grads1 = loss_and_grads(ckpt, facts, prompts, completions)
+    groups = len({len(p) for p in prompts})  # prompts of one length share a forward pass
+    assert len(calls) == 2 * groups  # the layer really was recomputed during backward
     assert torch.allclose(loss0, loss1, atol=1e-5)
     assert grads0.keys() == grads1.keys() and len(grads0) > 0
     for n in grads0:
@@ -271,32 +274,32 @@ def ddp_worker(rank, world, port, init, batch, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # what torchrun would set
     rank, world, _ = sft.init_distributed("cpu")
-    model, _ = sft.load_model(init)
+    model, _, facts = sft.load_model(init)
     d = torch.load(batch)
     model.eval()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    B, G = d["prompts"].shape[0] // world, d["G"]
+    B, G = len(d["prompts"]) // world, d["G"]
     b, s = slice(rank * B, (rank + 1) * B), slice(rank * B * G, (rank + 1) * B * G)  # this rank's prompts
-    logp = igpo.token_logps(ddp, d["prompts"][b], d["attn"][b], d["completions"][s], G, d["mask_id"])
+    logp = igpo.token_logps(ddp, d["prompts"][b], d["completions"][s], facts)
     loss, _, _ = igpo.grpo_loss(logp, d["logp_old"][s], d["logp_ref"][s], d["adv"][s], d["loss_mask"][s], 0.2, 0.04)
     loss.backward()  # DDP averages the gradients over ranks here
     torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out, f"grad{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_gradient_equals_full_batch(tokenizer, tmp_path):
-    G, L, mask_id = 2, 8, tokenizer.mask_token_id
+def test_ddp_gradient_equals_full_batch(tokenizer, facts, tmp_path):
+    G, L = 2, 8
     model = tiny_model(tokenizer)
     model.save_pretrained(tmp_path / "init")
     tokenizer.save_pretrained(tmp_path / "init")
-    prompts, attn, completions = toy_batch(tokenizer, QUESTIONS, G, L)
+    prompts, completions = toy_batch(tokenizer, QUESTIONS, G, L)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        logp0 = igpo.token_logps(model, prompts, attn, completions, G, mask_id)
+        logp0 = igpo.token_logps(model, prompts, completions, facts)
     n = logp0.shape[0]
     loss_mask = torch.rand(n, L, generator=g) < 0.7
     loss_mask[: n // 2, L // 2:] = False  # rank 0 holds fewer loss tokens than rank 1, on purpose
-    d = {"prompts": prompts, "attn": attn, "completions": completions, "G": G, "mask_id": mask_id,
+    d = {"prompts": prompts, "completions": completions, "G": G,
          "logp_old": logp0 + 0.2 * torch.randn(n, L, generator=g), "logp_ref": logp0 + 0.2 * torch.randn(n, L, generator=g),
          "adv": torch.randn(n, generator=g), "loss_mask": loss_mask}
     torch.save(d, tmp_path / "batch.pt")
@@ -312,7 +315,7 @@ def test_ddp_gradient_equals_full_batch(tokenizer, tmp_path):
             pytest.fail("DDP workers did not finish in 120 s")
 
     # the same loss on the full batch in one process
-    logp = igpo.token_logps(model, prompts, attn, completions, G, mask_id)
+    logp = igpo.token_logps(model, prompts, completions, facts)
     loss, _, _ = igpo.grpo_loss(logp, d["logp_old"], d["logp_ref"], d["adv"], loss_mask, 0.2, 0.04)
     loss.backward()
     ref = {n: p.grad for n, p in model.named_parameters()}
@@ -339,17 +342,17 @@ def test_torchrun_igpo_two_processes(tiny_ckpt, tmp_path):
              "--device", "cpu")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]  # one line per step, written by rank 0 only
-    model, _ = sft.load_model(str(out))
+    model, _, _ = sft.load_model(str(out))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     state = sft.load_state(str(out))
     assert state["step"] == 2 and len(state["rng"]) == 2  # both ranks' RNG streams saved for a resume
 
 
 def test_torchrun_eval_matches_single_process(tiny_ckpt, tmp_path):
-    # batch_size 1: each question is sampled alone in both runs, so any difference comes from the sharding
+    # gen_batch 1: each question is sampled alone in both runs, so any difference comes from the sharding
     # and gathering of questions over ranks, not from float noise of different left padding
     flags = ["--model", tiny_ckpt, "--task", "toy", "--limit", 6, "--gen_length", 16, "--block_length", 8,
-             "--diffusion_steps", 8, "--batch_size", 1, "--device", "cpu"]
+             "--diffusion_steps", 8, "--gen_batch", 1, "--device", "cpu"]
     torchrun("eval.py", *flags, "--out_dir", tmp_path / "two")
     evaluation.main([str(f) for f in flags] + ["--out_dir", str(tmp_path / "one")])
     one, two = (json.load(open(tmp_path / d / "eval_toy.json")) for d in ("one", "two"))

@@ -33,7 +33,7 @@ def test_tokenizer_round_trip_and_save(tokenizer, tmp_path):
 def test_model_is_bidirectional_after_reload(tokenizer, tmp_path):
     sft.build_toy_model(tokenizer, hidden=32, layers=2, heads=2).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    model, _ = sft.load_model(str(tmp_path))  # plain Auto classes under the hood
+    model, _, _ = sft.load_model(str(tmp_path))  # plain Auto classes under the hood
     model.eval()
     x = torch.tensor([tokenizer("12+5=17", add_special_tokens=False).input_ids])
     y = x.clone()
@@ -42,14 +42,15 @@ def test_model_is_bidirectional_after_reload(tokenizer, tmp_path):
         assert not torch.allclose(model(x).logits[0, 0], model(y).logits[0, 0])  # the future is visible
 
 
-def test_encode_response_pads_to_gen_length(tokenizer):
+def test_encode_response_pads_to_gen_length(tokenizer, facts):
     eot, eos = tokenizer.convert_tokens_to_ids(sft.EOT), tokenizer.eos_token_id
-    resp = sft.encode_response(tokenizer, "1+2=3", 12)
+    assert facts.end_ids == (eot, eos)  # (end of turn, padding)
+    resp = sft.encode_response(tokenizer, "1+2=3", 12, facts.end_ids)
     assert len(resp) == 12
     assert resp[:6] == tokenizer("1+2=3", add_special_tokens=False).input_ids + [eot]
     assert resp[6:] == [eos] * 6
-    assert sft.encode_response(tokenizer, "1+2=3", 6) is not None  # exactly fits: 5 tokens + end of turn
-    assert sft.encode_response(tokenizer, "1+2=3", 5) is None
+    assert sft.encode_response(tokenizer, "1+2=3", 6, facts.end_ids) is not None  # exactly fits: 5 + end of turn
+    assert sft.encode_response(tokenizer, "1+2=3", 5, facts.end_ids) is None
 
 
 def test_toy_splits_disjoint_and_traces_correct():
@@ -68,7 +69,7 @@ def test_toy_splits_disjoint_and_traces_correct():
         assert len(row["trace"].split("\n")) == row["days"] + 1  # one line per day, then the answer
 
 
-def test_toy_difficulty_knob_and_every_trace_fits(tokenizer):
+def test_toy_difficulty_knob_and_every_trace_fits(tokenizer, facts):
     """The difficulty is the number of days (trace lines); every concise trace fits the default L = 48 with its
     end-of-turn token, so the length filter drops nothing; every word of the task is in the vocabulary."""
     rows = sft.toy_dataset("train", 2000)
@@ -76,7 +77,7 @@ def test_toy_difficulty_knob_and_every_trace_fits(tokenizer):
     assert {r["days"] for r in sft.toy_dataset("train", 300, max_days=2)} == {1, 2}
     L = sft.get_args([]).gen_length
     for r in rows:
-        assert sft.encode_response(tokenizer, r["trace"], L) is not None
+        assert sft.encode_response(tokenizer, r["trace"], L, facts.end_ids) is not None
         ids = tokenizer(sft.make_prompt(tokenizer, r["question"], True) + r["verbose"], add_special_tokens=False).input_ids
         assert tokenizer.unk_token_id not in ids
 
@@ -87,7 +88,7 @@ class UniformModel(torch.nn.Module):
         super().__init__()
         self.V, self.seen = V, []
 
-    def forward(self, x, attention_mask=None):
+    def forward(self, x):
         self.seen.append(x.clone())
         return type("Out", (), {"logits": torch.zeros(*x.shape, self.V, requires_grad=True)})
 
@@ -95,31 +96,31 @@ class UniformModel(torch.nn.Module):
 def test_sft_loss_matches_hand_computation():
     B, P, L, V, mask_id = 3, 4, 6, 11, 10
     ids = torch.randint(0, 10, (B, P + L))
-    response_mask = torch.zeros(B, P + L, dtype=torch.long)
-    response_mask[:, P:] = 1
+    rows = [(r[:P].tolist(), r[P:].tolist()) for r in ids]
+    facts = sft.Facts(mask_id, (1, 2), False, V, ())
     model = UniformModel(V)
-    loss = sft.sft_loss(model, ids, None, response_mask, mask_id, torch.Generator().manual_seed(0))
+    loss = sft.sft_loss(model, rows, facts, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)  # replay the same draws by hand
     t = torch.rand(B, 1, generator=g)
-    u = torch.rand(B, P + L, generator=g)
+    u = torch.rand(B, L, generator=g)
     expected = 0.0
     for b in range(B):
         p = (1 - 1e-3) * t[b, 0].item() + 1e-3
-        n_masked = sum(1 for i in range(P, P + L) if u[b, i].item() < p)
+        n_masked = sum(1 for i in range(L) if u[b, i].item() < p)
         expected += n_masked * math.log(V) / (p * L)
     assert loss.item() == pytest.approx(expected / B, rel=1e-5)
     noisy = model.seen[0]
     assert torch.equal(noisy[:, :P], ids[:, :P])  # the prompt is never masked
+    assert torch.equal(noisy[:, P:] == mask_id, u < (1 - 1e-3) * t + 1e-3)  # each response token w.p. p
 
 
-def test_prompt_never_masked_over_many_draws(tokenizer):
+def test_prompt_never_masked_over_many_draws(tokenizer, facts):
     model = UniformModel(len(tokenizer))
     ids = torch.randint(10, 90, (8, 30))
-    response_mask = torch.zeros_like(ids)
-    response_mask[:, 20:] = 1
+    rows = [(r[:20].tolist(), r[20:].tolist()) for r in ids]
     g = torch.Generator().manual_seed(1)
     for _ in range(50):
-        sft.sft_loss(model, ids, None, response_mask, tokenizer.mask_token_id, g)
+        sft.sft_loss(model, rows, facts, g)
     seen = torch.stack(model.seen)
     assert not (seen[:, :, :20] == tokenizer.mask_token_id).any()
     assert (seen[:, :, 20:] == tokenizer.mask_token_id).any()
@@ -129,14 +130,14 @@ def args_for(tmp_path, *extra):
     return sft.get_args(["--out_dir", str(tmp_path / "run"), "--toy_size", "64", *extra])
 
 
-def test_local_jsonl_with_renamed_columns_and_length_filter(tokenizer, tmp_path, capsys):
+def test_local_jsonl_with_renamed_columns_and_length_filter(tokenizer, facts, tmp_path, capsys):
     path = tmp_path / "data.jsonl"
     rows = [{"query": "What is 2+3?", "response": "2+3=5. The answer is: 5"},
             {"query": "Long one?", "response": "1+1=2\n" * 10}]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     args = args_for(tmp_path, "--dataset", str(path), "--question_col", "query", "--trace_col", "response",
                     "--gen_length", "32")
-    data = sft.build_sft_data(args, tokenizer, toy=False)
+    data = sft.build_sft_data(args, tokenizer, facts, toy=False)
     assert len(data) == 1 and "1 longer ones dropped" in capsys.readouterr().out
     prompt, resp = data[0]
     text = sft.make_prompt(tokenizer, "What is 2+3?", toy=False)  # real data gets the reasoning-format prompt
@@ -174,7 +175,7 @@ def test_end_to_end_tiny_run_loads_back(tmp_path):
         sft.main(["--out_dir", str(run), "--toy_size", "64", "--max_steps", "3"])
 
 
-def test_rewrite_traces_plumbing_and_cache(tokenizer, tmp_path):
+def test_rewrite_traces_plumbing_and_cache(tokenizer, facts, tmp_path):
     """--rewrite_model: a local causal LM rewrites each trace once; results are cached in a JSONL and a second
     run reads the cache instead of generating (a tiny random GPT-2 stands in for the instruct model)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -187,14 +188,14 @@ def test_rewrite_traces_plumbing_and_cache(tokenizer, tmp_path):
     cache = tmp_path / "cache.jsonl"
     args = args_for(tmp_path, "--dataset", str(data), "--rewrite_model", str(lm_dir), "--rewrite_cache", str(cache),
                     "--gen_length", "16")
-    sft.build_sft_data(args, tokenizer, toy=False)
+    sft.build_sft_data(args, tokenizer, facts, toy=False)
     lines = [json.loads(l) for l in open(cache)]
     assert [l["source"] for l in lines] == [f"long trace {i}" for i in range(3)]
     import transformers
     original = transformers.GenerationMixin.generate
     transformers.GenerationMixin.generate = lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached"))
     try:
-        sft.build_sft_data(args, tokenizer, toy=False)  # every trace comes from the cache now
+        sft.build_sft_data(args, tokenizer, facts, toy=False)  # every trace comes from the cache now
     finally:
         transformers.GenerationMixin.generate = original
     assert len(open(cache).readlines()) == 3
@@ -215,9 +216,9 @@ def test_short_default_sft_learns_the_task_format(tmp_path):
     torch.set_num_threads(1)
     try:
         sft.main(["--out_dir", str(tmp_path / "run"), "--max_steps", str(SHORT_SFT_STEPS), "--save_every", "100000"])
-        model, tok = sft.load_model(str(tmp_path / "run"))
+        model, tok, facts = sft.load_model(str(tmp_path / "run"))
         items = evaluation.load_task("toy", limit=100)
-        records, acc = evaluation.evaluate(model, tok, items, "toy", 48, 8, 24)
+        records, acc = evaluation.evaluate(model, tok, facts, items, "toy", evaluation.Sampler(48, 8, 24, 0.0))
     finally:
         torch.set_num_threads(n)
     shaped = 0
