@@ -2,8 +2,11 @@
 # Run it:
 #   python eval.py                                  # out/igpo (else out/sft) on the embedded test split
 #   python eval.py --model out/sft --show --limit 1 # watch one canvas being denoised
-#   python eval.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --task gsm8k --gen_length 256
-#   python eval.py --grade generations.json --task gsm8k   # re-grade a saved file, no model needed
+#   paper scale, one GPU: the README's command (tests/test_llada.py checks that the two agree)
+#   python eval.py --model out/igpo_llada --trust_remote_code --task math500 --gen_length 256 \
+#       --block_length 32 --diffusion_steps 128
+#   Dream-v0-Instruct-7B: the same with --model out/igpo_dream (README)
+#   python eval.py --compare A/eval_toy.json B/eval_toy.json  # paired difference of two runs
 #
 # A masked diffusion LM writes its answer by starting from a canvas of mask tokens and, step by step,
 # committing the tokens it is most confident about (LLaDA's low-confidence remasking, NOTES.md §4). The
@@ -28,50 +31,35 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from sft import (MODELS, PRECISION_HELP, PRECISIONS, autocast, equal_length_batches, fail, init_distributed,
-                 load_model, load_rows, make_prompt, precision_line, precision_policy, rank_and_world,
-                 toy_dataset)
+from sft import (MODELS, autocast, equal_length_batches, fail, init_distributed, load_model, load_rows,
+                 make_prompt, precision_line, precision_policy, rank_and_world, shared_flags, toy_dataset)
 
 NEG_INF = float("-inf")
 F64_CHUNK_BYTES = 16 * 2**20  # the sampler's float64 work is done this many bytes at a time (NOTES.md §7)
+PROBE_QUESTIONS, PROBE_GATE = 64, 0.1  # sft.py's regime check: held-out problems, greedy accuracy gate
 
 
 def get_args(argv=None):
     # allow_abbrev=False: a misspelled or removed flag is an error, not a prefix of another flag
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    # ---- model and task
-    p.add_argument("--model", default="",
-                   help="checkpoint folder or hub id (default: out/igpo, else out/sft)")
-    p.add_argument("--trust_remote_code", action="store_true",
-                   help="allow the model's own code (LLaDA, Dream)")
+    # ---- model and task; --model defaults to out/igpo, else out/sft; --out_dir holds eval_<task>.json
+    shared_flags(p, model="", out_dir="out", training=False)  # flags all three scripts share (sft.py)
     p.add_argument("--task", default="toy", help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--data", default="",
-                   help="local JSON/JSONL with the task's hub columns instead of the hub")
-    p.add_argument("--limit", type=int, default=0,
-                   help="evaluate only the first N questions (0: all; toy: 500)")
+    p.add_argument("--data", default="", help="local JSON/JSONL in the task's hub layout")
+    p.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all; toy: 500)")
     # ---- sampler (NOTES.md §4)
     p.add_argument("--gen_length", type=int, default=0, help="L: tokens generated (toy: 48; paper: 256)")
-    p.add_argument("--block_length", type=int, default=0,
-                   help="semi-autoregressive block (toy: 8; paper: 32)")
-    p.add_argument("--diffusion_steps", type=int, default=0, help="denoising steps over the whole answer "
-                   "(default: L/2)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="Gumbel temperature; 0 is greedy (paper: 0; "
-                   "AMC: 0.1)")
-    p.add_argument("--num_samples", type=int, default=1,
-                   help="samples per question, accuracy averaged (AMC: 16)")
-    p.add_argument("--gen_batch", type=int, default=64, help="sequences per generate() call (memory knob)")
+    p.add_argument("--block_length", type=int, default=0, help="semi-autoregressive block (paper: 32)")
+    p.add_argument("--diffusion_steps", type=int, default=0, help="denoising steps (default: L/2)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (paper: 0; AMC: 0.1)")
+    p.add_argument("--num_samples", type=int, default=1, help="samples per question, averaged (AMC: 16)")
+    p.add_argument("--gen_batch", type=int, default=64, help="sequences per generate() call (memory)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
-                   help="rows whose answer has ended leave the batch (same tokens; --no-early_exit: all)")
+                   help="finished rows leave the sampler's batch (same tokens)")
     # ---- run
-    p.add_argument("--out_dir", default="out", help="folder of the results file eval_<task>.json")
-    p.add_argument("--grade", default="", help="re-grade this results JSON instead of generating")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired accuracy difference B - A of two "
                    "results JSONs on their shared questions; a,b,c averages several files (seeds) per side")
     p.add_argument("--show", action="store_true", help="print the first canvas after every denoising step")
-    p.add_argument("--seed", type=int, default=0, help="random seed for temperature > 0")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     return p.parse_args(argv)
 
 
@@ -244,7 +232,7 @@ def print_canvas(tokenizer, answer_ids, hints, mask_id, title):
 
 _SPECIAL = re.compile(r"<\|[^<>|]{0,64}\|>")  # <|eot_id|>, <|mdm_mask|>, <|start_header_id|>, ...
 # a completion ends at the first end token of any model in sft.MODELS (<|eot_id|>, <|im_end|>, <|endoftext|>)
-_END = re.compile("|".join(sorted({re.escape(t) for facts in MODELS.values() for t in facts.ends})))
+END_TOKENS = re.compile("|".join(sorted({re.escape(t) for _, ends, _, _ in MODELS.values() for t in ends})))
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOX_BARE = re.compile(r"\\boxed +([^\s${}][^$\n]*)")  # "\boxed 5$" (no braces)
 _NUM = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # 1,000 / 18.00 / .5
@@ -259,7 +247,7 @@ def extract_answer(text):
     # Last \\boxed{..} (or \\fbox, bare \\boxed x), else last <answer>..</answer>, else '#### x', in the text
     # before the first end token: the loss stops there too (completion_mask), so reward and loss read the same
     # tokens. Real LLaDA generations put nothing but EOS after their <|eot_id|> (tests/test_grader.py).
-    text = strip_special(_END.split("" if text is None else str(text), 1)[0])
+    text = strip_special(END_TOKENS.split("" if text is None else str(text), 1)[0])
     opens = {m.end() - 1: m.start() for m in _BOX.finditer(text)}  # brace index -> box start
     spans, stack = [], []  # (box start, content start, content end); slice only at the end
     for i, ch in enumerate(text):  # one linear pass, no recursion: nesting depth is harmless
@@ -469,27 +457,27 @@ def evaluate(model, tokenizer, facts, items, task, sampler, num_samples=1, gener
     return records, sum(r["correct"] for r in records) / max(1, len(records))
 
 
+def regime_check(model, tokenizer, facts, gen_length):
+    # sft.py's stopping measure (NOTES.md §3 item 20): the fraction of PROBE_QUESTIONS held-out training
+    # problems (neither SFT's nor RL's) whose G = 8 samples at the rollout temperature 1.2 are all wrong, the
+    # all-wrong groups of Eq. (4), sampled as igpo.py samples them. Greedy accuracy first: below PROBE_GATE
+    # the policy is far from the regime and the sampling is skipped (returns 1).
+    ds = toy_dataset("train", PROBE_QUESTIONS, seed="probe")
+    items = list(zip(ds["question"], ds["answer"]))
+    greedy = Sampler(gen_length, 8, gen_length // 2, 0.0)  # igpo.py's defaults for the embedded task
+    if evaluate(model, tokenizer, facts, items, "toy", greedy)[1] < PROBE_GATE:
+        return 1.0
+    gen = torch.Generator(next(model.parameters()).device).manual_seed(0)  # the same draws at every check
+    records, _ = evaluate(model, tokenizer, facts, items, "toy", greedy._replace(temperature=1.2), 8, gen)
+    return sum(r["correct"] == 0 for r in records) / len(records)
+
+
 def write_json(path, obj):
     # Write via a temporary file and rename, so an interrupted run never leaves a half-written result.
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
-
-
-def regrade(path, task):
-    # Re-grade a saved results file (d1's layout or ours) without a model.
-    if not os.path.exists(path):
-        fail(f"results file not found: {path}")
-    try:
-        data = json.load(open(path))
-        records = data["generations"]
-        for r in records:
-            gens = r["generations"] if isinstance(r["generations"], list) else [r["generations"]]
-            r["correct"] = sum(grade(g, str(r["ground_truth"]), task) for g in gens) / len(gens)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        fail(f"{path} is not a results file with generations/ground_truth ({type(e).__name__}: {e})")
-    return data, records
 
 
 def compare(paths_a, paths_b, n_boot=4000, seed=0):
@@ -542,39 +530,32 @@ def main(argv=None):
     steps = args.diffusion_steps or gen_length // 2
     sampler = Sampler(gen_length, block_length, steps, args.temperature, args.early_exit, args.gen_batch)
     out = os.path.join(args.out_dir, f"eval_{args.task}.json")
-
-    if args.grade:
-        data, records = regrade(args.grade, args.task)
-        settings = {"graded": args.grade}
-    else:
-        check_sampler(sampler)
-        model_path = args.model or next((p for p in ("out/igpo", "out/sft") if os.path.isdir(p)), None)
-        if model_path is None:
-            fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
-        rank, world, device = init_distributed(args.device)  # under torchrun, questions are split over ranks
-        items = load_task(args.task, args.data, args.limit)
-        dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained
-        model, tokenizer, facts = load_model(model_path, args.trust_remote_code, device, dtype)
-        print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "
-              f"L={gen_length} block={block_length} steps={steps} T={args.temperature} | "
-              + precision_line(model, amp_dtype))
-        gen = torch.Generator(device).manual_seed(args.seed + rank)
-        t0 = time.time()
-        with autocast(device, amp_dtype):
-            if args.show:  # watch the first question's canvas being denoised, step by step
-                first = make_prompt(tokenizer, items[0][0], args.task == "toy")
-                first = torch.tensor([tokenizer(first, add_special_tokens=False).input_ids], device=device)
-                generate(model.eval(), first, sampler, facts, generator=gen, show=tokenizer)
-            records, _ = evaluate(model, tokenizer, facts, items, args.task, sampler, args.num_samples, gen)
-        settings = {"model_path": model_path, **sampler._asdict(), "num_samples": args.num_samples,
-                    "seed": args.seed, "seconds": round(time.time() - t0, 1)}
-        data = {"generations": records}
-        if rank:
-            return
+    check_sampler(sampler)
+    model_path = args.model or next((p for p in ("out/igpo", "out/sft") if os.path.isdir(p)), None)
+    if model_path is None:
+        fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
+    rank, world, device = init_distributed(args.device)  # under torchrun, questions are split over ranks
+    items = load_task(args.task, args.data, args.limit)
+    dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained
+    model, tokenizer, facts = load_model(model_path, args.trust_remote_code, device, dtype)
+    print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "
+          f"L={gen_length} block={block_length} steps={steps} T={args.temperature} | "
+          + precision_line(model, amp_dtype))
+    gen = torch.Generator(device).manual_seed(args.seed + rank)
+    t0 = time.time()
+    with autocast(device, amp_dtype):
+        if args.show:  # watch the first question's canvas being denoised, step by step
+            first = make_prompt(tokenizer, items[0][0], args.task == "toy")
+            first = torch.tensor([tokenizer(first, add_special_tokens=False).input_ids], device=device)
+            generate(model.eval(), first, sampler, facts, generator=gen, show=tokenizer)
+        records, _ = evaluate(model, tokenizer, facts, items, args.task, sampler, args.num_samples, gen)
+    if rank:
+        return
     correct = sum(r["correct"] for r in records)
-    data["metrics"] = {"accuracy": correct / max(1, len(records)), "correct": correct, "total": len(records),
-                       "task": args.task}
-    data.update(settings)
+    data = {"generations": records, "model_path": model_path, **sampler._asdict(), "seed": args.seed,
+            "num_samples": args.num_samples, "seconds": round(time.time() - t0, 1),
+            "metrics": {"accuracy": correct / max(1, len(records)), "correct": correct, "total": len(records),
+                        "task": args.task}}
     write_json(out, data)
     accuracy = 100 * data["metrics"]["accuracy"]
     print(f"{args.task}: accuracy {accuracy:.1f}% ({correct:g}/{len(records)}) -> {out}")

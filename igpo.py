@@ -3,11 +3,14 @@
 #   python igpo.py                                  # embedded task (runs sft.py first if out/sft is missing)
 #   python igpo.py --no_inpaint                     # plain GRPO baseline
 #   python igpo.py --eta_low 0 --eta_high 0         # sample-matched control: extra samples, no hints
-#   paper scale, one GPU (README has the full command):
+#   paper scale, one GPU: the README's command (tests/test_llada.py checks that the two agree)
 #   python igpo.py --model out/sft_llada --trust_remote_code --dataset meta-math/MetaMathQA \
 #       --metamath_official --question_col query --trace_col response --gen_length 256 --block_length 32 \
-#       --diffusion_steps 128 --num_iterations 4 --chunk_min 5 --chunk_max 10 --lr 5e-7 --warmup_steps 50 \
-#       --lora_r 128 --grad_ckpt --batch_prompts 64 --grad_accum 64 --gen_batch 64
+#       --diffusion_steps 128 --temperature 1.2 --num_generations 8 --batch_prompts 64 --grad_accum 64 \
+#       --num_iterations 4 --lr 5e-7 --warmup_steps 50 --beta 0.01 --epsilon 0.2 --grad_clip 0.2 \
+#       --chunk_min 5 --chunk_max 10 --gen_batch 64 --lora_r 128 --grad_ckpt --limit 0 --max_steps 500 \
+#       --out_dir out/igpo_llada
+#   Dream-v0-Instruct-7B: the same with --model out/sft_dream and --out_dir out/igpo_dream (README)
 #
 # What it does. GRPO learns only from groups whose samples disagree: if all G answers to a prompt are wrong,
 # every advantage is zero (Eq. (4)) and the prompt is wasted. A masked diffusion LM can *inpaint*: generate
@@ -24,7 +27,6 @@
 # pass per prompt (item 4); a binary reward (item 12); the LR schedule steps per batch of rollouts (item 13).
 import argparse
 import contextlib
-import copy
 import json
 import math
 import os
@@ -34,86 +36,51 @@ import time
 import torch
 
 import sft
-from eval import (Sampler, check_sampler, completion_mask, evaluate, extract_answer, generate, grade,
-                  load_task, logits_at, write_json)
+from eval import (END_TOKENS, Sampler, check_sampler, completion_mask, evaluate, extract_answer, generate,
+                  grade, load_task, logits_at, write_json)
 from sft import equal_length_batches, fail, load_model, make_prompt
 
 
 def get_args(argv=None):
     # allow_abbrev=False: a misspelled or removed flag is an error, not a prefix of another flag
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    # ---- model
-    p.add_argument("--model", default="out/sft",
-                   help="starting checkpoint: the SFT output, a hub id or a path")
-    p.add_argument("--trust_remote_code", action="store_true",
-                   help="allow the model's own code (LLaDA, Dream)")
-    p.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 trains every weight (paper: 128)")
-    p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
-    p.add_argument("--lora_targets", default="", help="comma-separated Linear names; empty: the model's "
-                   "default in sft.MODELS (LLaDA: q,k,v,up_proj, what the official code trains)")
-    p.add_argument("--grad_ckpt", action="store_true",
-                   help="gradient checkpointing (saves activation memory)")
+    # ---- model, how it is trained, its data (flags shared with sft.py and eval.py: sft.shared_flags)
+    sft.shared_flags(p, model="out/sft", out_dir="out/igpo", training=True)
     # ---- data
-    p.add_argument("--dataset", default="toy",
-                   help="'toy', a hub id, or a local .json/.jsonl (paper: MetaMathQA)")
-    p.add_argument("--split", default="train", help="dataset split")
-    p.add_argument("--question_col", default="question", help="question column (MetaMathQA: query)")
-    p.add_argument("--trace_col", default="trace", help="ground-truth trace column y* (MetaMathQA: response)")
-    p.add_argument("--answer_col", default="", help="answer column; empty: taken from the end of the trace")
-    p.add_argument("--metamath_official", action="store_true", help="MetaMathQA rows as the official code: "
-                   "GSM_AnsAug + MATH_AnsAug, one per query, trace prefixed '<reasoning>\\n'")
+    p.add_argument("--answer_col", default="", help="answer column; empty: read off the end of the trace")
+    p.add_argument("--metamath_official", action="store_true", help="MetaMathQA rows as the official code")
     # ---- rollouts (the sampler: NOTES.md §4)
-    p.add_argument("--batch_prompts", type=int, default=8,
-                   help="B: prompts per batch of rollouts (paper: 64)")
+    p.add_argument("--batch_prompts", type=int, default=8, help="B: prompts per batch (paper: 64)")
     p.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt (paper: 8)")
     p.add_argument("--gen_length", type=int, default=48, help="L: completion length (paper: 256)")
     p.add_argument("--block_length", type=int, default=8, help="semi-autoregressive block (paper: 32)")
-    p.add_argument("--diffusion_steps", type=int, default=24,
-                   help="denoising steps per completion (paper: 128)")
+    p.add_argument("--diffusion_steps", type=int, default=24, help="denoising steps (paper: 128)")
     p.add_argument("--temperature", type=float, default=1.2, help="rollout temperature (paper: 1.2)")
-    p.add_argument("--gen_batch", type=int, default=0,
-                   help="sequences per sampler call; 0: all (memory knob)")
+    p.add_argument("--gen_batch", type=int, default=0, help="sequences per sampler call; 0: all (memory)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
-                   help="rows whose answer has ended leave the batch (same tokens; --no-early_exit: all)")
+                   help="finished rows leave the sampler's batch (same tokens)")
     # ---- inpainting (Eq. (7), (8), (10))
     p.add_argument("--no_inpaint", action="store_true", help="plain GRPO: leave all-wrong groups alone")
-    p.add_argument("--eta_low", type=float, default=0.2, help="eta ~ U[eta_low, eta_high]: fraction of trace "
-                   "chunks revealed (paper: 0.2)")
-    p.add_argument("--eta_high", type=float, default=0.6, help="(paper: 0.6); 0/0 is the resampling control, "
-                   "1/1 full hints")
-    p.add_argument("--chunk_min", type=int, default=3,
-                   help="s_min: shortest hint chunk in tokens (paper code: 5)")
-    p.add_argument("--chunk_max", type=int, default=6,
-                   help="s_max: longest hint chunk in tokens (paper code: 10)")
-    p.add_argument("--max_replace_frac", type=float, default=0.5,
-                   help="lambda: at most floor(lambda G) samples "
-                   "replaced (paper: 0.5)")
-    p.add_argument("--entropy_keep", type=float, default=0.2, help="tau: fraction of hint tokens kept by "
-                   "entropy (paper: 0.2)")
+    p.add_argument("--eta_low", type=float, default=0.2, help="eta ~ U[eta_low, eta_high] (paper: 0.2)")
+    p.add_argument("--eta_high", type=float, default=0.6, help="(paper: 0.6); 0/0: the resampling control")
+    p.add_argument("--chunk_min", type=int, default=3, help="s_min: shortest hint chunk (paper code: 5)")
+    p.add_argument("--chunk_max", type=int, default=6, help="s_max: longest hint chunk (paper code: 10)")
+    p.add_argument("--max_replace_frac", type=float, default=0.5, help="lambda: replace <= floor(lambda G)")
+    p.add_argument("--entropy_keep", type=float, default=0.2, help="tau: hint tokens kept by entropy (0.2)")
     # ---- policy optimisation (Eq. (6))
-    p.add_argument("--num_iterations", type=int, default=2, help="mu: gradient steps per batch of rollouts "
-                   "(paper: 4)")
+    p.add_argument("--num_iterations", type=int, default=2, help="mu: updates per batch (paper: 4)")
     p.add_argument("--epsilon", type=float, default=0.2, help="epsilon: ratio clip (paper: 0.2)")
     p.add_argument("--beta", type=float, default=0.01, help="beta: KL weight, k3 estimator (paper: 0.01)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (paper: 5e-7 with LoRA on LLaDA-8B)")
-    p.add_argument("--warmup_steps", type=int, default=5,
-                   help="linear warmup, in batches of rollouts (paper: 50)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (paper: 5e-7, LoRA on LLaDA-8B)")
+    p.add_argument("--warmup_steps", type=int, default=5, help="linear warmup, in batches (paper: 50)")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
     p.add_argument("--grad_clip", type=float, default=0.2, help="gradient-norm clip (paper: 0.2)")
-    p.add_argument("--grad_accum", type=int, default=1,
-                   help="micro-batches the prompts are split into for updates")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per update (memory)")
     # ---- run
-    p.add_argument("--max_steps", type=int, default=60,
-                   help="batches of rollouts, each followed by mu updates")
-    p.add_argument("--out_dir", default="out/igpo", help="checkpoint folder; metrics.jsonl goes inside")
+    p.add_argument("--max_steps", type=int, default=60, help="batches of rollouts, mu updates each")
     p.add_argument("--save_every", type=int, default=20, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
-    p.add_argument("--limit", type=int, default=500, help="embedded test questions for the before/after eval "
-                   "(0: skip)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", default="auto", choices=sft.PRECISIONS, help=sft.PRECISION_HELP)
+    p.add_argument("--limit", type=int, default=500, help="embedded test questions, before/after (0: none)")
+    p.add_argument("--heldout_every", type=int, default=10, help="steps between held-out checks (0: none)")
     args = p.parse_args(argv)
     check_sampler(sampler_of(args))
     if args.num_generations < 2:
@@ -197,15 +164,6 @@ def load_rl_data(args, world):
     if not data:
         fail(f"no usable (question, trace, answer) rows in {args.dataset}")
     return data
-
-
-def batch_at(data, step, args, rank, world):
-    # The B rows of a step: a pure function of (seed, step, rank), so resuming needs no data position.
-    per_epoch = len(data) // args.batch_prompts
-    k = step * world + rank  # under torchrun each rank rolls out its own batch_prompts prompts
-    epoch_gen = torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch)  # a new order every epoch
-    perm = torch.randperm(len(data), generator=epoch_gen)
-    return [data[i] for i in perm[(k % per_epoch) * args.batch_prompts:][:args.batch_prompts].tolist()]
 
 
 # ---- rollouts and inpainting: Eq. (7), (8)
@@ -382,6 +340,7 @@ def grpo_loss(logp, logp_old, logp_ref, adv, loss_mask, epsilon, beta):
 
 
 LOGGED = ["step", "loss", "reward", "all_wrong", "all_wrong_after", "kl", "skipped", "seconds"]  # NOTES §5
+HELDOUT_QUESTIONS = 100  # test problems of the held-out curve (--heldout_every), G samples each
 
 
 def main(argv=None):
@@ -406,28 +365,16 @@ def main(argv=None):
     G = args.num_generations
     sampler = sampler_of(args)
 
-    # ---- model: the policy pi_theta, and the reference pi_ref of the KL term
-    dtype, amp_dtype = sft.precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
+    # ---- model: the policy pi_theta (gradient passes go through `model`, the DDP wrapper under torchrun,
+    # no-grad passes through `policy`), and the reference pi_ref of the KL term
+    policy, model, tokenizer, facts, amp_dtype = sft.setup_model(args, device, state)
     amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
-    policy, tokenizer, facts = load_model(args.model, args.trust_remote_code, device, dtype,
-                                          merge=not args.lora_r)
-    frozen = copy.deepcopy(policy).eval().requires_grad_(False) if args.beta and not args.lora_r else None
-    if args.grad_ckpt:
-        sft.enable_grad_ckpt(policy)
-    if args.lora_r:
-        targets = args.lora_targets or facts.lora_targets
-        policy = sft.add_lora(policy, args.lora_r, args.lora_alpha, targets, args.out_dir if state else None)
-    elif state:  # a resumed full run: its trained weights (the frozen reference keeps the initial ones)
-        trained = load_model(args.out_dir, args.trust_remote_code, device, dtype)[0]
-        policy.load_state_dict(trained.state_dict())
-    # pi_ref: without LoRA a frozen copy of the start; with LoRA the policy with its trained adapter off
-    ref_model = policy if frozen is None else frozen
-    reference = lambda: trained_adapter_off(policy) if args.lora_r else contextlib.nullcontext()
-    print(sft.precision_line(policy, amp_dtype))
-    # gradient passes go through `model` (the DDP wrapper under torchrun), no-grad passes through `policy`
-    model = policy
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(policy, [device] if device.type == "cuda" else None)
+    # pi_ref (used when beta > 0): with LoRA, the policy with its trained adapter switched off; without, the
+    # start model loaded again (a resumed policy holds trained weights), frozen
+    ref_model, reference = policy, lambda: trained_adapter_off(policy)
+    if args.beta and not args.lora_r:
+        ref_model = load_model(args.model, args.trust_remote_code, device, torch.float32, merge=True)[0]
+        ref_model, reference = ref_model.eval().requires_grad_(False), contextlib.nullcontext
 
     # ---- optimizer: AdamW, linear warmup; one schedule step per batch of rollouts (NOTES.md §3 item 13)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -439,12 +386,19 @@ def main(argv=None):
     acc_before = None
     if args.limit and toy and not state:
         acc_before = test_accuracy(policy, tokenizer, facts, args, amp, "before")
+    heldout = toy and args.heldout_every  # the held-out curve: every --heldout_every steps, and at step 0
+    if heldout and not state:
+        with amp():
+            first = {"step": 0, "heldout": round(heldout_accuracy(policy, tokenizer, facts, sampler, G), 5)}
+        if rank == 0:
+            sft.log_metrics(args.out_dir, first)
 
     from tqdm import tqdm
     bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None if rank == 0 else True)
     while step < args.max_steps:
         t0 = time.time()
-        batch = batch_at(data, step, args, rank, world)  # [(question, trace y*, gold answer)] * B
+        # [(question, trace y*, gold answer)] * B: under torchrun each rank rolls out its own B prompts
+        batch = sft.batch_at(data, args.batch_prompts, step * world + rank, args.seed)
         questions, traces, answers = zip(*batch)
         B = len(batch)
         prompts = [tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids
@@ -466,7 +420,7 @@ def main(argv=None):
         # 3. Eq. (4): all-wrong groups have zero advantage everywhere; these are the ones inpainting rescues
         all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
         hint_mask = torch.zeros_like(completions, dtype=torch.bool)  # (B*G, L): injected tokens, none yet
-        rescue = None
+        rescue = {"groups": all_wrong, "Ks": []}  # what inpainting did (bookkeeping and the worked example)
         if all_wrong and not args.no_inpaint:
             # 4. Eq. (7): G hint canvases per all-wrong group, from the group's own trace y*
             hints = hint_canvases(tokenizer, [traces[b] for b in all_wrong], args, facts.mask_id, hint_gen)
@@ -481,8 +435,7 @@ def main(argv=None):
             lam = args.max_replace_frac
             completions, reward, hint_mask, Ks = replace_wrong(completions, reward, all_wrong, inpainted,
                                                                correct, hints, lam, facts.mask_id)
-            rescue = {"groups": all_wrong, "hints": hints, "inpainted": inpainted, "correct": correct,
-                      "Ks": Ks}
+            rescue.update(hints=hints, inpainted=inpainted, correct=correct, Ks=Ks)
         # 7. Eq. (3): group-relative advantages on the new groups
         adv = advantages(reward).to(device)  # (B*G,)
         # 8. Eq. (5): pi_old log-probs and entropies H (B, L); pi_ref log-probs for the KL term of Eq. (6)
@@ -518,7 +471,7 @@ def main(argv=None):
         step += 1
         # ============================ everything below is bookkeeping ============================
 
-        Ks = rescue["Ks"] if rescue else []
+        Ks = rescue["Ks"]
         rescued = [b for b, K in zip(all_wrong, Ks) if K]
         means = {"reward": own_reward, "all_wrong": len(all_wrong) / B,
                  "all_wrong_after": (len(all_wrong) - len(rescued)) / B,
@@ -529,14 +482,17 @@ def main(argv=None):
         means, counts = mean_over_ranks(means, counts, world, device)
         row = {"step": step, **{k: round(v, 5) for k, v in means.items()}, **counts, "skipped": skipped,
                "seconds": round(time.time() - t0, 2)}
+        if heldout and step % args.heldout_every == 0:
+            with amp():
+                row["heldout"] = round(heldout_accuracy(policy, tokenizer, facts, sampler, G), 5)
         if rank == 0:
             sft.log_metrics(args.out_dir, row)
             bar.update(1)
-            bar.write(sft.log_line(row, LOGGED))
+            bar.write(sft.log_line(row, LOGGED + ["heldout"] * ("heldout" in row)))
             if rescued and not os.path.exists(os.path.join(args.out_dir, "example.json")):
-                after = {"reward": reward, "adv": adv, "completions": completions, "hint_mask": hint_mask,
-                         "loss_mask": loss_mask}
-                save_example(args.out_dir, tokenizer, step, batch, rescue, after)
+                rescue.update(reward=reward, adv=adv, completions=completions, hint_mask=hint_mask,
+                              loss_mask=loss_mask)
+                save_example(args.out_dir, tokenizer, step, batch, rescue)
         if step % args.save_every == 0 or step == args.max_steps:
             sft.checkpoint(args, policy, tokenizer, opt, sched, [gen, hint_gen], step, skipped)
     bar.close()
@@ -550,60 +506,84 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 # Everything in this section is reporting: the worked example, the run summary, the curves.
 
-def save_example(out_dir, tokenizer, step, batch, rescue, after):
-    # The first rescued group of the run, in full (NOTES.md §10's worked example; printed at the end).
+def heldout_accuracy(policy, tokenizer, facts, sampler, G):
+    # The policy's accuracy at the rollout temperature on a fixed held-out set (the first HELDOUT_QUESTIONS
+    # test problems x G samples, the same noise at every check). A step's reward depends on which prompts the
+    # step drew; this does not, so it shows whether the policy itself gets better (NOTES.md §10).
+    gen = torch.Generator(next(policy.parameters()).device).manual_seed(0)
+    items = load_task("toy", limit=HELDOUT_QUESTIONS)
+    return evaluate(policy, tokenizer, facts, items, "toy", sampler, G, gen)[1]
+
+
+def save_example(out_dir, tokenizer, step, batch, rescue):
+    # The first rescued group of the run, in full: example.json (printed at the end, NOTES.md §10's example).
     g = next(g for g, K in enumerate(rescue["Ks"]) if K)  # the first rescued of the inpainted groups
-    b, G = rescue["groups"][g], after["reward"].shape[1]
-    rows = range(b * G, (b + 1) * G)
-    canvases, hint_mask = rescue["hints"][g * G:(g + 1) * G], after["hint_mask"]
+    b, G = rescue["groups"][g], rescue["reward"].shape[1]
+    rows, own = range(b * G, (b + 1) * G), slice(g * G, (g + 1) * G)
+    hint_mask, kept = rescue["hint_mask"], rescue["hint_mask"] & rescue["loss_mask"]
     example = {"step": step, "question": batch[b][0], "trace": batch[b][1], "answer": batch[b][2], "group": b,
-               "hint_canvases": [tokenizer.decode(c).replace(sft.MASK, "_") for c in canvases],
-               "inpainted": tokenizer.batch_decode(rescue["inpainted"][g * G:(g + 1) * G]),
+               "hint_canvases": [tokenizer.decode(c).replace(sft.MASK, "_") for c in rescue["hints"][own]],
+               "inpainted": tokenizer.batch_decode(rescue["inpainted"][own]),
                "inpainted_correct": rescue["correct"][g].tolist(), "replaced": rescue["Ks"][g],
-               "new_group": tokenizer.batch_decode(after["completions"][b * G:(b + 1) * G]),
-               "new_rewards": after["reward"][b].tolist(),
-               "advantages": [round(after["adv"][i].item(), 4) for i in rows],
+               "new_group": tokenizer.batch_decode(rescue["completions"][b * G:(b + 1) * G]),
+               "new_rewards": rescue["reward"][b].tolist(),
+               "advantages": [round(rescue["adv"][i].item(), 4) for i in rows],
                "hint_positions": [hint_mask[i].nonzero().flatten().tolist() for i in rows],
-               "kept_hint_positions": [(hint_mask[i] & after["loss_mask"][i]).nonzero().flatten().tolist()
-                                       for i in rows]}
+               "kept_hint_positions": [kept[i].nonzero().flatten().tolist() for i in rows]}
     with open(os.path.join(out_dir, "example.json"), "w") as f:
         json.dump(example, f, indent=1)
+
+
+def print_example(out_dir):
+    # One rescue, as a student should see it first: the question, a hint canvas ('_' = masked), what the
+    # model wrote into it, and the group's rewards and advantages before and after the swap.
+    if not os.path.exists(os.path.join(out_dir, "example.json")):
+        return print("no all-wrong group was rescued in this run")
+    ex = json.load(open(os.path.join(out_dir, "example.json")))
+    i = ex["inpainted_correct"].index(True)
+    cut = lambda text: END_TOKENS.split(text, 1)[0].replace("\n", "⏎")  # up to the first end token
+    print(f"a rescued group (step {ex['step']}): {ex['question']}\n"
+          f"  all {len(ex['new_rewards'])} samples wrong: rewards all 0, so every advantage is 0 (Eq. (4))\n"
+          f"  hint canvas: {cut(ex['hint_canvases'][i])}\n  inpainted:   {cut(ex['inpainted'][i])}  (right)\n"
+          f"  {ex['replaced']} right inpainted samples swapped in: rewards {ex['new_rewards']}, "
+          f"advantages {ex['advantages']}")
 
 
 def summarize(out_dir):
     # Whole-run means from metrics.jsonl: the numbers the results tables of NOTES.md §10 report.
     rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl")) if l.strip()]
+    curve = [r["heldout"] for r in rows if "heldout" in r]
+    rows = [r for r in rows if "reward" in r]  # the step rows (step 0 holds only the first held-out check)
     mean = lambda key, rs=rows: round(sum(r[key] for r in rs) / max(1, len(rs)), 4)
     quarters = [rows[len(rows) * k // 4:len(rows) * (k + 1) // 4] for k in range(4)]
     return {"steps": len(rows), "all_wrong": mean("all_wrong"), "all_wrong_after": mean("all_wrong_after"),
             "replaced_per_step": mean("replaced"), "reward_by_quarter": [mean("reward", q) for q in quarters],
-            "max_abs_loss": round(max(abs(r["loss"]) for r in rows), 4),
-            "max_kl": round(max(r["kl"] for r in rows), 5),
+            "heldout": curve, "max_kl": round(max(r["kl"] for r in rows), 5),
             "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
 
 
 def plot_run(out_dir, acc_before, acc_after):
-    # curves.png in out_dir: the policy's own reward and the all-wrong fractions per step (thin: each step,
-    # thick: running mean over 5), and test accuracy before -> after.
+    # curves.png in out_dir: per step (thin: each step, thick: running mean over 5) the all-wrong fractions
+    # and the reward of the step's own samples, and the held-out accuracy at the rollout temperature; the
+    # title gives test accuracy (greedy) before -> after.
     import matplotlib
     matplotlib.use("Agg")  # write a file; no display needed
     import matplotlib.pyplot as plt
     rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl")) if l.strip()]
-    steps = [r["step"] for r in rows]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 1]})
-    for key, label in [("reward", "reward, policy's own samples"), ("all_wrong", "all-wrong groups"),
-                       ("all_wrong_after", "all-wrong after inpainting (seen by the gradient)")]:
-        y = [r[key] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for key, label in [("reward", "reward of the step's own samples"), ("all_wrong", "all-wrong groups"),
+                       ("all_wrong_after", "all-wrong after inpainting (what the gradient sees)")]:
+        steps, y = zip(*[(r["step"], r[key]) for r in rows if key in r])
         smooth = [sum(y[max(0, i - 4):i + 1]) / len(y[max(0, i - 4):i + 1]) for i in range(len(y))]
         line, = ax.plot(steps, y, lw=0.6, alpha=0.5)
         ax.plot(steps, smooth, lw=2, color=line.get_color(), label=label)
-    ax.set(xlabel="RL step", ylim=(0, 1), title="training")
+    held = [(r["step"], r["heldout"]) for r in rows if "heldout" in r]
+    if held:
+        label = f"accuracy at the rollout temperature, {HELDOUT_QUESTIONS} held-out questions x G"
+        ax.plot(*zip(*held), "o-", color="black", lw=2, label=label)
+    title = f"test accuracy (greedy) {100 * acc_before:.1f}% -> {100 * acc_after:.1f}%" if acc_before else ""
+    ax.set(xlabel="RL step", ylim=(0, 1), title=title)
     ax.legend(fontsize=8)
-    accs = [a for a in (acc_before, acc_after) if a is not None]
-    bars = bx.bar(["before RL", "after RL"][-len(accs):], [100 * a for a in accs],
-                  color=["grey", "tab:green"][-len(accs):])
-    bx.bar_label(bars, fmt="%.1f%%")
-    bx.set(ylim=(0, 100), title="test accuracy (greedy)")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
     plt.close(fig)
@@ -622,12 +602,13 @@ def test_accuracy(policy, tokenizer, facts, args, amp, when):
 
 
 def finish(out_dir, acc_before, acc_after, n):
-    # The run's summary (eval.json, printed) and its curves.
+    # The run's summary (eval.json, printed), its curves, and one rescued group.
     summary = {"accuracy_before": acc_before, "accuracy_after": acc_after, "n": n, **summarize(out_dir)}
     write_json(os.path.join(out_dir, "eval.json"), summary)
     print("run summary: " + json.dumps(summary))
     plot_run(out_dir, acc_before, acc_after)
     print(f"curves: {os.path.join(out_dir, 'curves.png')}")
+    print_example(out_dir)
 
 
 def mean_over_ranks(means, counts, world, device):

@@ -2,9 +2,11 @@
 # Run it:
 #   python sft.py                                   # embedded model + task, a few CPU minutes -> out/sft
 #   python sft.py --traces verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
-#   paper scale, one GPU (README has the full command):
-#   python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset traces.jsonl \
-#       --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5
+#   paper scale, one GPU: the README's command (tests/test_llada.py checks that the two agree)
+#   python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset concise_traces.jsonl \
+#       --question_col question --trace_col trace --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 \
+#       --grad_accum 64 --lr 1e-5 --warmup_steps 50 --max_steps 2000 --out_dir out/sft_llada
+#   Dream-v0-Instruct-7B: the same with --model Dream-org/Dream-v0-Instruct-7B, --out_dir out/sft_dream
 #
 # Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the
 # prompt stays clean, every response token is replaced by the mask token with probability t, and the model
@@ -18,8 +20,8 @@
 #
 # Eq. (k) refers to the equations of NOTES.md §2 (the project's numbering, not the paper's).
 # Deviations from the paper, with reasons, are NOTES.md §3; the ones in this file:
-# - the embedded task's concise traces are generated, not rewritten by a large model (§3 item 9);
-#   --rewrite_model performs the rewriting step on real data;
+# - the embedded task's concise traces are generated, not rewritten by a large model (§3 item 9); for real
+#   data, --dataset takes traces made concise beforehand;
 # - traces longer than the generation length are dropped with a printed count, never truncated: a truncated
 #   trace would teach the model to stop mid-reasoning.
 import argparse
@@ -39,67 +41,70 @@ EOS, BOS, MASK, EOT = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot
 HEADER_START, HEADER_END, UNK = "<|start_header_id|>", "<|end_header_id|>", "<|unk|>"
 SPECIAL_TOKENS = [EOS, BOS, MASK, HEADER_START, HEADER_END, EOT, UNK]
 LLADA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
-    "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 # Real data: the question follows this format instruction in the user turn (the embedded task: bare question).
-REASONING_PROMPT = (
-    "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
-    "Put the final answer in \\boxed{}.\n\n"
-)
-PRECISIONS = ["auto", "fp32", "bf16"]  # one policy for the three scripts (precision_policy)
-PRECISION_HELP = "fp32 | bf16: bf16 autocast, fp32 trained weights | auto: bf16 on a GPU, fp32 on CPU"
+REASONING_PROMPT = ("Respond in the following format:\n<reasoning>\n...\n</reasoning>\n"
+                    "<answer>\n...\n</answer>\nPut the final answer in \\boxed{}.\n\n")
 LOG_EPS = 1e-3  # Eq. (1): mask probability p = (1 - eps) t + eps keeps p away from 0
 MAX_BAD_UPDATES = 3  # consecutive non-finite updates skipped before a run (SFT or RL) stops
+# The regime check of the embedded SFT (NOTES.md §3 item 20, eval.regime_check): every STOP_EVERY steps from
+# STOP_FROM on, the policy is sampled on held-out problems as RL will sample it (T = 1.2, G = 8).
+STOP_FROM, STOP_EVERY = 500, 100
 
 
 def get_args(argv=None):
     # allow_abbrev=False: a misspelled or removed flag is an error, not a prefix of another flag
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    # ---- model
-    p.add_argument("--model", default="toy", help="'toy' (embedded tiny model) or a hub id / local path")
-    p.add_argument("--trust_remote_code", action="store_true",
-                   help="allow the model's own code (LLaDA, Dream)")
-    p.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 trains every weight (paper: 128)")
-    p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
-    p.add_argument("--lora_targets", type=lambda s: tuple(s.split(",")), default=None,
-                   help="comma-separated Linear layer names; default: the model's entry in sft.MODELS")
-    p.add_argument("--grad_ckpt", action="store_true",
-                   help="gradient checkpointing (saves activation memory)")
-    # ---- data
-    p.add_argument("--dataset", default="toy", help="'toy', a hub id, or a local .json/.jsonl file")
-    p.add_argument("--split", default="train", help="dataset split to train on")
-    p.add_argument("--question_col", default="question", help="column with the question (MetaMathQA: query)")
-    p.add_argument("--trace_col", default="trace",
-                   help="column with the reasoning trace (MetaMathQA: response)")
-    p.add_argument("--traces", default="concise", choices=["concise", "verbose"],
-                   help="embedded task: trace style")
-    p.add_argument("--toy_size", type=int, default=20000, help="embedded task: number of training problems")
-    p.add_argument("--rewrite_model", default="",
-                   help="local instruct LM that rewrites traces concisely (paper §3.3)")
-    p.add_argument("--rewrite_cache", default="out/rewritten.jsonl", help="JSONL cache of rewritten traces")
+    # ---- model, how it is trained, its data (flags shared with igpo.py, defined in shared_flags)
+    shared_flags(p, model="toy", out_dir="out/sft", training=True)
+    # ---- data (--dataset, --split, --question_col, --trace_col: shared_flags)
+    p.add_argument("--traces", default="concise", choices=["concise", "verbose"], help="embedded traces")
+    p.add_argument("--toy_size", type=int, default=20000, help="embedded task: training problems")
     # ---- length alignment
-    p.add_argument("--gen_length", type=int, default=48,
-                   help="L: response length = RL/eval generation length (paper: 256)")
+    p.add_argument("--gen_length", type=int, default=48, help="L: response = RL/eval length (paper: 256)")
     # ---- optimisation
-    p.add_argument("--max_steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--max_steps", type=int, default=3000, help="optimizer steps (the schedule's length)")
+    p.add_argument("--stop_all_wrong", type=float, default=None, help="stop once at most this fraction of "
+                   "held-out problems is all wrong at T = 1.2, G = 8 (embedded default 0.35; 0: never)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per micro-batch")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup_steps", type=int, default=50, help="linear warmup, then cosine decay to 10%%")
     p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip")
-    # ---- run
-    p.add_argument("--out_dir", default="out/sft", help="checkpoint folder (save_pretrained layout)")
     p.add_argument("--save_every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--log_every", type=int, default=200, help="steps between metric lines")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
+    args = p.parse_args(argv)
+    toy = args.dataset == "toy"
+    if args.stop_all_wrong is None:  # the embedded default stops in the regime IGPO is for; real data never
+        args.stop_all_wrong = 0.35 if toy else 0.0
+    if args.stop_all_wrong and not toy:
+        fail("--stop_all_wrong needs the embedded task (its held-out problems and grader)")
+    return args
+
+
+def shared_flags(p, model, out_dir, training):
+    # The flags all three scripts share, defined once so that each means the same thing everywhere.
+    p.add_argument("--model", default=model, help="'toy' (the embedded tiny model), a hub id or a folder")
+    p.add_argument("--trust_remote_code", action="store_true", help="run the model's own code (LLaDA, Dream)")
+    p.add_argument("--out_dir", default=out_dir, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
-    return p.parse_args(argv)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="fp32 | bf16: bf16 "
+                   "autocast, fp32 trained weights | auto: bf16 on a GPU, fp32 on CPU (NOTES.md §7)")
+    if training:
+        p.add_argument("--lora_r", type=int, default=0, help="LoRA rank; 0 trains every weight (paper: 128)")
+        p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
+        p.add_argument("--lora_targets", default="", help="comma-separated Linear names; default: sft.MODELS")
+        p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (less memory)")
+        p.add_argument("--resume", action="store_true", help="continue the run saved in --out_dir")
+        p.add_argument("--overwrite", action="store_true", help="replace a run already in --out_dir")
+        p.add_argument("--dataset", default="toy", help="'toy', a hub id, or a local .json/.jsonl file")
+        p.add_argument("--split", default="train", help="dataset split to train on")
+        p.add_argument("--question_col", default="question", help="question column (MetaMathQA: query)")
+        p.add_argument("--trace_col", default="trace", help="reasoning trace y* (MetaMathQA: response)")
 
 
 def fail(msg):
@@ -211,12 +216,12 @@ def load_rows(dataset, split, columns, config=None):
     local = dataset.endswith((".json", ".jsonl"))
     if local and not os.path.exists(dataset):
         fail(f"dataset file not found: {dataset}")
-    try:
+    try:  # malformed JSON or a bad hub id would surface as a deep datasets traceback
         if local:
             ds = datasets.load_dataset("json", data_files=dataset, split="train")
         else:
             ds = datasets.load_dataset(dataset, config, split=split)
-    except Exception as e:  # malformed JSON or a bad hub id surfaces as a deep datasets traceback otherwise
+    except Exception as e:
         what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
         fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     missing = [c for c in columns if c not in ds.column_names]
@@ -254,46 +259,40 @@ def equal_length_batches(lengths, size):
 
 # ----------------------------------------------------------------------------------------------------------
 # What differs between masked diffusion LMs, in one place (NOTES.md §11, "Porting to another model").
+# A model is looked up by its config's model_type; one the table does not know is refused, never guessed.
 
-class ModelFacts(NamedTuple):
-    mask: str  # the mask token M
-    ends: tuple  # tokens that end an answer: (end of turn, the padding that follows it)
-    shifted: bool  # True: the logits at position i - 1 predict token i (Dream); False: those at i (LLaDA)
-    lora_targets: tuple  # Linear layers that LoRA adapts by default; never the vocabulary head
-
-
-MODELS = {  # config.model_type -> facts. A model missing here is refused (load_model), never guessed.
-    "modernbert": ModelFacts(MASK, (EOT, EOS), False, ("Wqkv", "Wo", "Wi")),  # the embedded model
+MODELS = {  # config.model_type -> (mask token, end tokens, logits shifted?, default LoRA targets)
+    # the end tokens: (end of turn, the padding after it); an answer ends at the first of either
+    "modernbert": (MASK, (EOT, EOS), False, ("Wqkv", "Wo", "Wi")),  # the embedded model
     # LLaDA's seven block projections are q_proj k_proj v_proj attn_out ff_proj up_proj ff_out; the official
-    # IGPO config lists q/k/v/o/gate/up/down_proj, of which only these four exist in LLaDA (NOTES.md §3)
-    "llada": ModelFacts(MASK, (EOT, EOS), False, ("q_proj", "k_proj", "v_proj", "up_proj")),
-    "Dream": ModelFacts("<|mask|>", ("<|im_end|>", EOS), True,
-                        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    # IGPO config lists q/k/v/o/gate/up/down_proj, of which these four exist in LLaDA (NOTES.md §3 item 19)
+    "llada": (MASK, (EOT, EOS), False, ("q_proj", "k_proj", "v_proj", "up_proj")),
+    # Dream predicts token i from the logits at position i - 1 (it started as an autoregressive model)
+    "Dream": ("<|mask|>", ("<|im_end|>", EOS), True,
+              ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
 }
 
 
-class Facts(NamedTuple):  # a loaded model's facts as token ids: what the sampler, estimator and losses read
+class Facts(NamedTuple):  # a loaded model's entry of MODELS, with ids: what the sampler and the losses read
     mask_id: int
-    end_ids: tuple  # (end of turn, padding): an answer ends at the first of either
-    shifted: bool
-    n_tokens: int  # ids the tokenizer can decode: the sampler never draws an id at or beyond it
+    end_ids: tuple  # (end of turn, padding)
+    shifted: bool  # True: the logits at position i - 1 predict token i
     lora_targets: tuple
+    n_tokens: int  # ids the tokenizer can decode: the sampler never draws an id at or beyond it
 
 
 def model_facts(config, tokenizer):
-    # The table's entry for this model, with its tokens resolved to ids; one-line errors for what is missing.
+    # This model's entry of MODELS, its tokens resolved to ids; a one-line error for anything missing.
     kind = getattr(config, "model_type", None)
     if kind not in MODELS:
         fail(f"model_type '{kind}' is not in sft.MODELS: its mask token, end tokens, logit shift and LoRA "
              f"targets are unknown (add an entry, NOTES.md §11)")
-    facts = MODELS[kind]
+    mask, ends, shifted, targets = MODELS[kind]
     vocab = tokenizer.get_vocab()
-    for token in (facts.mask, *facts.ends):
+    for token in (mask, *ends):
         if token not in vocab:
-            fail(f"tokenizer of this {kind} model has no token {token}: "
-                 f"not the masked diffusion LM that sft.MODELS describes")
-    ids = [vocab[t] for t in facts.ends]
-    return Facts(vocab[facts.mask], tuple(ids), facts.shifted, len(tokenizer), facts.lora_targets)
+            fail(f"tokenizer of this {kind} model has no token {token}: not the model sft.MODELS describes")
+    return Facts(vocab[mask], tuple(vocab[t] for t in ends), shifted, targets, len(tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,12 +311,8 @@ def precision_policy(name, device, frozen_base):
 
 def precision_line(model, amp_dtype):
     # The line each script prints: the dtypes the loaded parameters are stored in, and what computes.
-    counts = {}
-    for p in model.parameters():
-        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    name = lambda dtype: str(dtype).replace("torch.", "")
-    stored = " + ".join(f"{name(t)} ({n / 1e6:.2f}M)" for t, n in sorted(counts.items(), key=lambda c: -c[1]))
-    compute = f"{name(amp_dtype)} autocast" if amp_dtype else "float32"
+    stored = " + ".join(sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()}))
+    compute = str(amp_dtype).replace("torch.", "") + " autocast" if amp_dtype else "float32"
     return f"precision: weights {stored}, compute {compute}"
 
 
@@ -372,13 +367,13 @@ def add_lora(model, r, alpha, targets, resume_dir=None, dropout=0.05):
     # head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464) and neither the
     # paper nor the official code adapts it. On a model loaded with adapters (SFT), it is stacked on them.
     from peft import LoraConfig, PeftModel, get_peft_model
+    targets = targets.split(",") if isinstance(targets, str) else targets  # --lora_targets, or sft.MODELS
     stacked = isinstance(model, PeftModel)
     core = model.get_base_model() if stacked else model
     head = getattr(core, "get_output_embeddings", lambda: None)()
-    # every Linear layer by its own name (an adapted one is a LoRA layer holding its Linear as `base_layer`)
-    linear = [(n.removesuffix(".base_layer"), m) for n, m in core.named_modules()
-              if isinstance(m, torch.nn.Linear) and ".lora_" not in n]
-    names = {n.split(".")[-1] for n, m in linear if m is not head}
+    # every Linear layer's own name (an adapted one is a LoRA layer holding its Linear as `base_layer`)
+    names = {n.removesuffix(".base_layer").split(".")[-1] for n, m in core.named_modules()
+             if isinstance(m, torch.nn.Linear) and m is not head and ".lora_" not in n}
     missing = [t for t in targets if t not in names]
     if missing:
         fail(f"--lora_targets: no Linear layer named {missing[0]} in this model "
@@ -410,6 +405,26 @@ def enable_grad_ckpt(model):
         fail(f"--grad_ckpt: {type(model).__name__} does not support gradient checkpointing")
     # non-reentrant: correct when no input of a checkpointed block needs a gradient (frozen embeddings, LoRA)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def setup_model(args, device, state):
+    # What a trainer (sft.py, igpo.py) trains: the model from --model (resuming full fine-tuning: from
+    # --out_dir), in the precision policy's dtype, with gradient checkpointing and LoRA if asked for.
+    # Returns (policy, model: what gradients go through, DDP under torchrun; tokenizer, facts, amp dtype).
+    dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
+    start = args.out_dir if state and not args.lora_r else args.model
+    policy, tokenizer, facts = load_model(start, args.trust_remote_code, device, dtype, merge=not args.lora_r)
+    if args.grad_ckpt:
+        enable_grad_ckpt(policy)
+    if args.lora_r:  # a resumed LoRA run reloads its adapter
+        targets = args.lora_targets or facts.lora_targets
+        policy = add_lora(policy, args.lora_r, args.lora_alpha, targets, args.out_dir if state else None)
+    model = policy
+    if rank_and_world()[1] > 1:  # gradients are averaged over ranks inside backward()
+        model = torch.nn.parallel.DistributedDataParallel(policy, [device] if device.type == "cuda" else None)
+    n_trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    print(f"model: {args.model} | {n_trained / 1e6:.2f}M trained | {precision_line(policy, amp_dtype)}")
+    return policy, model, tokenizer, facts, amp_dtype
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -447,76 +462,39 @@ def build_sft_data(args, tokenizer, facts, toy):
         ds = toy_dataset("train", args.toy_size, args.seed, args.traces)
     else:
         ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
-    if args.rewrite_model and not toy:
-        ds = rewrite_traces(ds, args)
-    rows, dropped = [], 0
-    for question, trace in zip(ds[args.question_col], ds[args.trace_col]):
-        # length alignment (Eq. (2)): a trace longer than L is dropped (None), never truncated
-        response = encode_response(tokenizer, str(trace), args.gen_length, facts.end_ids)
-        if response is None:
-            dropped += 1
-            continue
-        prompt = tokenizer(make_prompt(tokenizer, question, toy), add_special_tokens=False).input_ids
-        rows.append((prompt, response))
-    print(f"data: {len(rows)} traces fit gen_length={args.gen_length}, {dropped} longer ones dropped")
+    # length alignment (Eq. (2)): a trace longer than L is dropped (None), never truncated
+    L = args.gen_length
+    responses = [encode_response(tokenizer, str(t), L, facts.end_ids) for t in ds[args.trace_col]]
+    rows = [(tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids, r)
+            for q, r in zip(ds[args.question_col], responses) if r is not None]
+    print(f"data: {len(rows)} traces fit gen_length={L}, {len(ds) - len(rows)} longer ones dropped")
     if not rows:
         fail(f"no trace fits --gen_length {args.gen_length}; "
              f"raise it or use shorter (--traces concise) traces")
     return rows
 
 
-def rewrite_traces(ds, args):
-    # The paper's rewriting step (§3.3): a local instruct LM turns long traces into concise ones. Results are
-    # cached line by line in a JSONL so an interrupted rewrite continues where it stopped.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    instruction = "Rewrite this solution as a concise step-by-step derivation that keeps the final answer:"
-    cache = {}
-    if os.path.exists(args.rewrite_cache):
-        cache = {r["source"]: r["rewritten"] for r in map(json.loads, open(args.rewrite_cache))}
-    tok = AutoTokenizer.from_pretrained(args.rewrite_model)
-    lm = AutoModelForCausalLM.from_pretrained(args.rewrite_model)
-    os.makedirs(os.path.dirname(args.rewrite_cache) or ".", exist_ok=True)
-    with open(args.rewrite_cache, "a") as f:
-        for trace in ds[args.trace_col]:
-            if trace in cache:  # each distinct trace is rewritten once, ever
-                continue
-            enc = tok(instruction + "\n\n" + trace, return_tensors="pt")
-            # gen_length - 1 leaves room for the end-of-turn token when the two tokenizers agree
-            out = lm.generate(**enc, max_new_tokens=args.gen_length - 1, do_sample=False,
-                              pad_token_id=tok.eos_token_id)
-            cache[trace] = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip()
-            f.write(json.dumps({"source": trace, "rewritten": cache[trace]}) + "\n")
-    rewritten = [cache[t] for t in ds[args.trace_col]]
-    return ds.remove_columns(args.trace_col).add_column(args.trace_col, rewritten)
+def batch_at(rows, size, k, seed):
+    # The k-th batch of `size` rows: a pure function of (seed, k), so resuming needs no saved data position.
+    # Each epoch draws a new permutation of all rows.
+    per_epoch = len(rows) // size
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100003 + k // per_epoch))
+    return [rows[i] for i in perm[(k % per_epoch) * size:][:size].tolist()]
 
 
 def main(argv=None):
     args = get_args(argv)
     # ---- device and RNG: every random draw of the run comes from `gen` (the model's init: the global RNG)
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
-    dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
     torch.manual_seed(args.seed)
     gen = torch.Generator(device).manual_seed(args.seed + rank)
     state = open_run(args)  # None unless --resume finds a checkpoint
 
-    # ---- model (a resumed full model comes back from --out_dir; a resumed LoRA run reloads its adapter)
-    # and data (the over-length filter needs the model's tokenizer and end tokens)
-    resumed_full = bool(state) and not args.lora_r
-    model, tokenizer, facts = load_model(args.out_dir if resumed_full else args.model, args.trust_remote_code,
-                                         device, dtype, merge=not args.lora_r)
+    # ---- model (`policy` is what gets saved, `model` what gradients go through) and data (the over-length
+    # filter needs the model's tokenizer and end tokens)
+    policy, model, tokenizer, facts, amp_dtype = setup_model(args, device, state)
     rows = build_sft_data(args, tokenizer, facts, args.dataset == "toy")  # [(prompt ids, response ids)]
-    if args.grad_ckpt:
-        enable_grad_ckpt(model)
-    if args.lora_r:
-        targets = args.lora_targets or facts.lora_targets
-        model = add_lora(model, args.lora_r, args.lora_alpha, targets, args.out_dir if state else None)
-    policy = model  # the unwrapped model is what gets saved, whatever wraps it for training
-    if world > 1:  # gradients are averaged over ranks inside backward()
-        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trained = sum(p.numel() for p in params)
-    print(f"model: {args.model} | {n_trained / 1e6:.2f}M trained | device {device} | "
-          f"{precision_line(model, amp_dtype)}")
+    params = [p for p in policy.parameters() if p.requires_grad]
 
     # ---- optimizer: AdamW, linear warmup over W steps, then cosine decay to 10% of the peak at step T
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
@@ -527,14 +505,6 @@ def main(argv=None):
     step, skipped = restore(state, args.out_dir, opt, sched, [gen]) if state else (0, 0)
     bad = 0  # non-finite updates in a row
 
-    def batch_at(step, micro):
-        # Data order is a pure function of (seed, step): resuming needs no saved data position.
-        per_epoch = len(rows) // args.batch_size
-        k = (step * args.grad_accum + micro) * world + rank  # each rank reads its own micro-batches
-        epoch_gen = torch.Generator().manual_seed(args.seed * 100003 + k // per_epoch)  # new order each epoch
-        perm = torch.randperm(len(rows), generator=epoch_gen)
-        return [rows[i] for i in perm[(k % per_epoch) * args.batch_size:][:args.batch_size].tolist()]
-
     # ---- training loop
     from tqdm import tqdm
     model.train()
@@ -543,9 +513,11 @@ def main(argv=None):
     while step < args.max_steps:
         total = 0.0
         for micro in range(args.grad_accum):
+            k = (step * args.grad_accum + micro) * world + rank  # each rank reads its own micro-batches
+            batch = batch_at(rows, args.batch_size, k, args.seed)
             # Eq. (2) per micro-batch; dividing by grad_accum makes the summed gradient that of the full batch
             with autocast(device, amp_dtype):
-                loss = sft_loss(model, batch_at(step, micro), facts, gen) / args.grad_accum
+                loss = sft_loss(model, batch, facts, gen) / args.grad_accum
             loss.backward()
             total += loss.item()
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the norm before clipping
@@ -557,14 +529,25 @@ def main(argv=None):
         sched.step()  # the schedule follows steps taken, skipped or not, so resume needs only `step`
         step += 1
         bar.update(1)
+        # ---- the regime check (the embedded default, NOTES.md §3 item 20): SFT stops once RL would meet
+        # enough all-wrong groups for IGPO to act on, wherever this machine's floating point put the S-curve
+        row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4),
+               "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": round(time.time() - t0, 1)}
+        stop = bool(args.stop_all_wrong) and step >= STOP_FROM and step % STOP_EVERY == 0
+        if stop:
+            from eval import regime_check  # eval.py imports this file: imported where it is used
+            row["all_wrong"] = regime_check(policy, tokenizer, facts, args.gen_length)
+            stop = row["all_wrong"] <= args.stop_all_wrong
         # ---- everything below is logging and checkpoints
-        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps):
-            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4),
-                   "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": round(time.time() - t0, 1)}
+        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps or "all_wrong" in row):
             log_metrics(args.out_dir, row)
             bar.write(log_line(row, row))
-        if step % args.save_every == 0 or step == args.max_steps:
+        if step % args.save_every == 0 or step == args.max_steps or stop:
             checkpoint(args, policy, tokenizer, opt, sched, [gen], step, skipped)
+        if stop:
+            print(f"stopped at step {step}: {100 * row['all_wrong']:.1f}% of held-out problems all wrong at "
+                  f"T = 1.2, G = 8 (<= {100 * args.stop_all_wrong:.0f}%)")
+            break
     bar.close()
     print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")  # rank 0 only: the others print to /dev/null
 
@@ -596,14 +579,6 @@ def init_distributed(device_name="auto"):
 def rank_and_world():
     dist = torch.distributed
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def gather_objects(obj):
-    # The list of obj from every rank (just [obj] in a single process).
-    out = [obj] * rank_and_world()[1]
-    if len(out) > 1:
-        torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def prepare_out_dir(out_dir, resume, overwrite):
@@ -652,11 +627,6 @@ def load_state(out_dir):
     return torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)  # no pickled code, ever
 
 
-def rng_state(gens):
-    gens = [g.get_state() for g in gens]
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "gens": gens}
-
-
 def log_metrics(out_dir, row):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
@@ -696,8 +666,13 @@ def restore(state, out_dir, opt, sched, gens):
 def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped):
     # Save weights + optimizer + every rank's RNG streams (gathered, so a resume continues each one).
     rank, world = rank_and_world()
-    state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": gather_objects(rng_state(gens)),
-             "step": step, "skipped": skipped}
+    gens = [g.get_state() for g in gens]
+    mine = {"torch": torch.get_rng_state(), "python": random.getstate(), "gens": gens}
+    rng = [mine] * world
+    if world > 1:  # every rank's streams, so that a resume continues each one
+        torch.distributed.all_gather_object(rng, mine)
+    state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng, "step": step,
+             "skipped": skipped}
     if rank == 0:
         save_checkpoint(args.out_dir, model, tokenizer, args, state)
     if world > 1:  # no rank runs ahead of a save that may still fail

@@ -187,8 +187,10 @@ def test_end_to_end_short_run(tiny_init, tmp_path, mu):
                "--num_generations", "4", "--gen_length", "16", "--block_length", "8", "--diffusion_steps", "8",
                "--num_iterations", str(mu), "--limit", "0", "--save_every", "1"])
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert set(rows[0]) == {"step", "heldout"} and rows[0]["step"] == 0  # the held-out curve's first point
+    rows = rows[1:]
     keys = {"step", "reward", "all_wrong", "all_wrong_after", "inpainted_groups", "replaced", "hint_frac",
-            "entropy", "loss", "kl", "clip_frac", "seconds"}
+            "entropy", "loss", "kl", "clip_frac", "grad_norm", "lr", "seconds"}
     assert [r["step"] for r in rows] == [1, 2] and all(keys <= set(r) for r in rows)
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert json.load(open(out / "args.json"))["num_iterations"] == mu
@@ -200,11 +202,13 @@ def test_summarize_matches_hand_computation(tmp_path):
     rows = [{"step": s, "reward": r, "all_wrong": w, "all_wrong_after": wa, "replaced": k, "loss": l, "kl": kl,
              "seconds": 2.0} for s, r, w, wa, k, l, kl in
             [(1, .1, .5, 0, 4, .3, .01), (2, .2, .5, .25, 2, -.7, .02), (3, .3, 0, 0, 0, .1, .0), (4, .5, .25, 0, 1, .2, .05)]]
+    rows[1]["heldout"], rows[3]["heldout"] = 0.3, 0.4  # held-out checks at steps 0, 2 and 4
+    rows.insert(0, {"step": 0, "heldout": 0.25})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = igpo.summarize(str(tmp_path))
     assert s["steps"] == 4 and s["all_wrong"] == 0.3125 and s["all_wrong_after"] == 0.0625
     assert s["reward_by_quarter"] == [.1, .2, .3, .5] and s["replaced_per_step"] == 1.75
-    assert s["max_abs_loss"] == 0.7 and s["max_kl"] == 0.05 and s["train_seconds"] == 8.0
+    assert s["heldout"] == [0.25, 0.3, 0.4] and s["max_kl"] == 0.05 and s["train_seconds"] == 8.0
 
 
 def test_checkpoint_keeps_files_written_between_saves(tokenizer, tmp_path):

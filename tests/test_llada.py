@@ -349,3 +349,24 @@ def sft_loss_with_draws(model, rows, facts, t, u):
         return sft.sft_loss(model, rows, facts, torch.Generator())
     finally:
         torch.rand = real
+
+
+@pytest.mark.parametrize("script", ["sft.py", "igpo.py", "eval.py"])
+def test_script_headers_carry_the_readme_commands(script):
+    """One source of truth for the paper-scale commands: each script's header is the README's LLaDA line, and
+    the README's Dream line is the same command with the header's stated substitutions."""
+    import re
+    import shlex
+    lines = open(os.path.join(ROOT, script)).read().split("\n#\n")[0].splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"#   python {script} --model") and "llada" in l.lower())
+    block = []
+    for line in lines[start:]:
+        block.append(line.lstrip("# ").rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    header = shlex.split(" ".join(block))[2:]
+    assert header == readme_command(script, "LLaDA")
+    dream = dict(re.findall(r"(--\w+) (\S+?)[,)]?(?: and|,|$| \()",
+                            next(l for l in lines if l.startswith("#   Dream-v0-Instruct-7B"))))
+    expected = [dream.get(header[i - 1], a) if i and header[i - 1] in dream else a for i, a in enumerate(header)]
+    assert readme_command(script, "Dream") == expected

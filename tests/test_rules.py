@@ -79,7 +79,7 @@ def test_step_inpaints_only_all_wrong_groups_replaces_floor_lambda_g_and_filters
     spy(monkeypatch, "estimate", estimates)
     igpo.main(args + ["--out_dir", str(tmp_path / "run"), "--max_replace_frac", "0.3", "--entropy_keep", "0.3",
                       "--eta_low", "1", "--eta_high", "1", "--num_iterations", "1"])
-    batch = igpo.batch_at(igpo.load_rl_data(igpo.get_args(args), 1), 0, igpo.get_args(args), 0, 1)
+    batch = sft.batch_at(igpo.load_rl_data(igpo.get_args(args), 1), 4, 0, 0)  # the step's 4 prompts
     gold = [b[2] for b in batch]
     (call_args, _, (completions, reward, hint_mask, Ks)), = replaced
     groups = call_args[2]
@@ -245,10 +245,8 @@ def test_hint_chunks_take_every_size_from_s_min_to_s_max():
 
 
 def test_every_epoch_draws_a_new_order_of_all_prompts():
-    args = igpo.get_args(["--batch_prompts", "4"])
-    data = [(f"q{i}", "t", str(i)) for i in range(12)]  # 3 batches per epoch
-    epochs = [[row[0] for step in range(3 * e, 3 * e + 3) for row in igpo.batch_at(data, step, args, 0, 1)]
-              for e in range(3)]
+    data = [(f"q{i}", "t", str(i)) for i in range(12)]  # 3 batches of 4 per epoch
+    epochs = [[row[0] for k in range(3 * e, 3 * e + 3) for row in sft.batch_at(data, 4, k, 0)] for e in range(3)]
     for order in epochs:
         assert sorted(order) == sorted(q for q, _, _ in data)  # each prompt once per epoch
     assert epochs[0] != epochs[1] != epochs[2]

@@ -175,58 +175,26 @@ def test_end_to_end_tiny_run_loads_back(tmp_path):
         sft.main(["--out_dir", str(run), "--toy_size", "64", "--max_steps", "3"])
 
 
-def test_rewrite_traces_plumbing_and_cache(tokenizer, facts, tmp_path):
-    """--rewrite_model: a local causal LM rewrites each trace once; results are cached in a JSONL and a second
-    run reads the cache instead of generating (a tiny random GPT-2 stands in for the instruct model)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    lm_dir = tmp_path / "lm"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=1, n_head=2,
-                               eos_token_id=tokenizer.eos_token_id)).save_pretrained(lm_dir)
-    tokenizer.save_pretrained(lm_dir)
-    data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"question": f"q{i}", "trace": f"long trace {i}"}) for i in range(3)))
-    cache = tmp_path / "cache.jsonl"
-    args = args_for(tmp_path, "--dataset", str(data), "--rewrite_model", str(lm_dir), "--rewrite_cache", str(cache),
-                    "--gen_length", "16")
-    sft.build_sft_data(args, tokenizer, facts, toy=False)
-    lines = [json.loads(l) for l in open(cache)]
-    assert [l["source"] for l in lines] == [f"long trace {i}" for i in range(3)]
-    import transformers
-    original = transformers.GenerationMixin.generate
-    transformers.GenerationMixin.generate = lambda *a, **k: (_ for _ in ()).throw(AssertionError("not cached"))
-    try:
-        sft.build_sft_data(args, tokenizer, facts, toy=False)  # every trace comes from the cache now
-    finally:
-        transformers.GenerationMixin.generate = original
-    assert len(open(cache).readlines()) == 3
-
-
-SHORT_SFT_STEPS = 1500  # about 75 s on one idle core
-SHORT_SFT_SHAPED = 30  # measured: 38 of 100 (and 10% accuracy), seed 0, one thread
-
-
-def test_short_default_sft_learns_the_task_format(tmp_path):
-    """The embedded world is learnable fast: after a short SFT with every other default (seed 0, one thread),
-    greedy answers to unseen test questions have the trace's shape, one "a+k=b" line per day of the
-    question, starting from the question's number (copied from the prompt), and a final \\boxed{} answer.
-    Measured: see NOTES.md §10.1 (full accuracy needs the default 3,000 steps; this checks the early part)."""
-    import re
+def test_default_sft_stops_in_the_regime_igpo_is_for(tmp_path):
+    """The embedded default SFT (seed 0, one thread) stops once about a third of held-out problems are all wrong
+    at the rollout temperature (NOTES.md §3 item 20), and hands RL a policy in that regime: on RL's own prompts
+    (a stream neither SFT nor the check used), 20-45% of groups of G = 8 samples at T = 1.2 are all wrong
+    (measured: see NOTES.md §10.2; the band asserted here is widened by the noise of 128 prompts)."""
     import eval as evaluation
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        sft.main(["--out_dir", str(tmp_path / "run"), "--max_steps", str(SHORT_SFT_STEPS), "--save_every", "100000"])
+        sft.main(["--out_dir", str(tmp_path / "run")])
         model, tok, facts = sft.load_model(str(tmp_path / "run"))
-        items = evaluation.load_task("toy", limit=100)
-        records, acc = evaluation.evaluate(model, tok, facts, items, "toy", evaluation.Sampler(48, 8, 24, 0.0))
+        ds = sft.toy_dataset("train", 128, seed="rl-0")  # the default RL run's first prompts
+        items = list(zip(ds["question"], ds["answer"]))
+        records, _ = evaluation.evaluate(model, tok, facts, items, "toy", evaluation.Sampler(48, 8, 24, 1.2), 8,
+                                         torch.Generator().manual_seed(0))
     finally:
         torch.set_num_threads(n)
-    shaped = 0
-    for r in records:
-        start, days = map(int, re.search(r"has (\d+) .* after (\d+) days", r["question"]).groups())
-        text = r["generations"].split(sft.EOT)[0]
-        lines = text.split("\n")
-        shaped += (len(lines) == days + 1 and re.fullmatch(r"\\boxed\{\d+\}", lines[-1]) is not None
-                   and all(re.fullmatch(r"\d+[-+]\d+=\d+", l) for l in lines[:-1]) and re.match(rf"{start}[-+]", lines[0]) is not None)
-    print(f"shaped {shaped}/100, accuracy {acc:.2f}")
-    assert shaped >= SHORT_SFT_SHAPED and acc >= 0.05  # measured: 38 shaped, 10% correct
+    checks = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if "all_wrong" in l]
+    assert checks[-1]["all_wrong"] <= 0.35 and all(c["all_wrong"] > 0.35 for c in checks[:-1])  # the first
+    assert checks[-1]["step"] < 3000  # stopped by the rule, not by the schedule's end
+    all_wrong = sum(r["correct"] == 0 for r in records) / len(records)
+    print(f"stopped at step {checks[-1]['step']}, all-wrong on 128 RL prompts {all_wrong:.3f}")
+    assert 0.15 <= all_wrong <= 0.5
