@@ -31,8 +31,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from sft import (MODELS, autocast, equal_length_batches, fail, init_distributed, load_model, load_rows,
-                 make_prompt, precision_line, precision_policy, rank_and_world, shared_flags, toy_dataset)
+from sft import (MODELS, autocast, equal_length_batches, fail, init_distributed, load_model, make_prompt,
+                 precision_line, precision_policy, rank_and_world, shared_flags, toy_dataset)
 
 NEG_INF = float("-inf")
 F64_CHUNK_BYTES = 16 * 2**20  # the sampler's float64 work is done this many bytes at a time (NOTES.md §7)
@@ -197,7 +197,8 @@ def generate(model, prompt_ids, sampler, facts, hints=None, generator=None, show
     steps = sampler.diffusion_steps // n_blocks  # per block
     for b in range(n_blocks):
         s, e = P + b * Lb, P + (b + 1) * Lb
-        # the schedule counts mask tokens only: hint tokens are never scheduled and never change (Eq. (7))
+        # the schedule counts mask tokens only: hint tokens are never scheduled and never change (Eq. (7);
+        # after a row's first end token, early exit pads the tail below, hints there included)
         n_transfer = num_transfer_tokens(x[:, s:e] == mask_id, steps)  # (B, steps)
         for i in range(steps):
             rows = rows_to_run(x, n_transfer[:, i], P, s, end_ids)  # (R,)
@@ -384,8 +385,9 @@ def grade(text, ground_truth, task) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Benchmarks: each task registered in one place. A task reads the hub layout, or the same layout from a
-# local --data file. To add one, add an entry to TASKS (tests/test_sampler.py shows it done).
+# Data and benchmarks: load_rows reads a hub dataset or a local JSON/JSONL (sft.py and igpo.py read their
+# real data with it); each benchmark task is registered in one place, TASKS, and reads the hub layout or the
+# same layout from a local --data file. To add one, add an entry to TASKS (tests/test_sampler.py does).
 
 def gsm8k_gold(answer):
     return answer.split("####")[-1].strip().replace(",", "")
@@ -411,6 +413,27 @@ TASKS = {
     "amc": Task("AI-MO/aimo-validation-amc", None, "train", "problem", "answer", str, "latex", 256, 32),
     "minerva": Task("math-ai/minervamath", None, "test", "question", "answer", str, "latex", 256, 32),
 }
+
+
+def load_rows(dataset, split, columns, config=None):
+    # Load a dataset and check that the columns we need exist (one-line error otherwise).
+    import datasets
+    datasets.disable_progress_bars()  # keeps stderr for errors
+    local = dataset.endswith((".json", ".jsonl"))
+    if local and not os.path.exists(dataset):
+        fail(f"dataset file not found: {dataset}")
+    try:  # malformed JSON or a bad hub id would surface as a deep datasets traceback
+        if local:
+            ds = datasets.load_dataset("json", data_files=dataset, split="train")
+        else:
+            ds = datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:
+        what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
+        fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        fail(f"dataset {dataset} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
+    return ds
 
 
 def load_task(task, data="", limit=0):

@@ -37,7 +37,7 @@ import torch
 
 import sft
 from eval import (END_TOKENS, Sampler, check_sampler, completion_mask, evaluate, extract_answer, generate,
-                  grade, load_task, logits_at, write_json)
+                  grade, load_rows, load_task, logits_at, write_json)
 from sft import equal_length_batches, fail, load_model, make_prompt
 
 
@@ -109,7 +109,8 @@ def sampler_of(args):
 #   y*, eta, s_min/s_max           trace_ids, eta, chunk_min/chunk_max
 #   lambda, tau, mu                max_replace_frac, entropy_keep, num_iterations
 #   log pi_theta, pi_old, pi_ref   logp, logp_old, logp_ref (B*G, L) per token, from Eq. (5)
-#   H                              entropy (B, L), per prompt and position under pi_old
+#   H                              entropy (B, L) under pi_old: one per prompt and position, as the
+#                                  estimator's input is the same for a prompt's G samples (Eq. (5))
 # Row b*G + i of every (B*G, ...) tensor is sample i of prompt b. W = the number of all-wrong groups.
 
 # ---- data: (question, trace y*, gold answer) rows
@@ -152,7 +153,7 @@ def load_rl_data(args, world):
         questions, traces, answers = ds["question"], ds["trace"], ds["answer"]
     else:
         cols = [args.question_col, args.trace_col] + ([args.answer_col] if args.answer_col else [])
-        ds = sft.load_rows(args.dataset, args.split, cols)
+        ds = load_rows(args.dataset, args.split, cols)
         if args.metamath_official:  # the official rows, hints prefixed with the format the prompt asks for
             ds = ds.select(metamath_official(ds, args.question_col))
             ds = ds.map(lambda r: {args.trace_col: "<reasoning>\n" + r[args.trace_col]})
@@ -454,7 +455,9 @@ def main(argv=None):
         for _ in range(args.num_iterations):
             stats = torch.zeros(3)  # loss, kl, clip_frac of this update (the last update's are logged)
             for p, s in micro:  # p: the micro-batch's prompt rows, s: its sample rows
-                with amp():  # as logp_old, so the first ratio is exactly 1 (not with LoRA dropout: item 15)
+                # as logp_old was computed: the first update's ratio is exactly 1, unless the model has
+                # dropout (LoRA's 0.05: logp_old came in eval mode, this in train mode; NOTES §3 item 15)
+                with amp():
                     logp = token_logps(model, prompts[p], completions[s], facts)  # (mb*G, L)
                 loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s],
                                                 args.epsilon, args.beta)

@@ -207,28 +207,7 @@ def toy_dataset(split, n, seed=0, traces="concise", max_days=TOY_MAX_DAYS):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data for real runs: hub id or local JSON/JSONL, with the columns named by flags.
-
-def load_rows(dataset, split, columns, config=None):
-    # Load a dataset and check that the columns we need exist (one-line error otherwise).
-    import datasets
-    datasets.disable_progress_bars()  # keeps stderr for errors
-    local = dataset.endswith((".json", ".jsonl"))
-    if local and not os.path.exists(dataset):
-        fail(f"dataset file not found: {dataset}")
-    try:  # malformed JSON or a bad hub id would surface as a deep datasets traceback
-        if local:
-            ds = datasets.load_dataset("json", data_files=dataset, split="train")
-        else:
-            ds = datasets.load_dataset(dataset, config, split=split)
-    except Exception as e:
-        what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
-        fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        fail(f"dataset {dataset} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
-    return ds
-
+# Prompts and responses, the same for the embedded task and real data (eval.load_rows reads real data).
 
 def make_prompt(tokenizer, question, toy):
     # The chat-formatted prompt used identically by SFT, RL and evaluation.
@@ -344,6 +323,9 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None, merge=Fa
         else:
             model = PeftModel.from_pretrained(model, name, adapter_name=stage)
         model.base_model.set_adapter(list(model.peft_config), inference_mode=True)
+        for m in model.modules():  # a frozen stage belongs to the model RL starts from: no dropout on it
+            if stage in getattr(m, "lora_dropout", {}):
+                m.lora_dropout[stage] = torch.nn.Identity()
         if merge:
             model = model.merge_and_unload()
         model.name_or_path = name  # an adapter trained on this model names this folder as its base
@@ -461,6 +443,7 @@ def build_sft_data(args, tokenizer, facts, toy):
     if toy:
         ds = toy_dataset("train", args.toy_size, args.seed, args.traces)
     else:
+        from eval import load_rows  # eval.py imports this file: imported where it is used
         ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
     # length alignment (Eq. (2)): a trace longer than L is dropped (None), never truncated
     L = args.gen_length
@@ -608,6 +591,11 @@ def save_checkpoint(out_dir, model, tokenizer, args, state):
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     adapter = {"selected_adapters": ["default"]} if hasattr(model, "peft_config") else {}  # the trained one
+    if not adapter and getattr(model, "generation_config", None) is not None:
+        # Dream's code swaps in a generation config that save_pretrained cannot validate (transformers
+        # 4.57); these scripts never use it, so a plain one is saved
+        from transformers import GenerationConfig
+        model.generation_config = GenerationConfig()
     model.save_pretrained(tmp, safe_serialization=True, **adapter)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "args.json"), "w") as f:

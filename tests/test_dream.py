@@ -138,3 +138,15 @@ def test_readme_dream_chain_sft_igpo_eval(tiny_dream, tmp_path, capsys):
     assert json.load(open(os.path.join(igpo_out, "adapter_config.json")))["base_model_name_or_path"] == sft_out
     loaded = sft.load_model(igpo_out, trust_remote_code=True)[0]
     assert loaded.active_adapters == ["stage0", "stage1"]  # base + SFT adapter + IGPO adapter, unmerged
+
+
+def test_full_fine_tuning_of_dream_saves_and_loads_back(tiny_dream, tmp_path):
+    """Without --lora_r every weight trains; the checkpoint must save (Dream's own generation config cannot
+    be validated by save_pretrained on transformers 4.57) and load back as a Dream."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in SHORT_ROWS))
+    out = tmp_path / "sft_full"
+    sft.main(["--model", tiny_dream, "--trust_remote_code", "--dataset", str(data), "--gen_length", "16",
+              "--batch_size", "2", "--max_steps", "1", "--out_dir", str(out), "--device", "cpu"])
+    model, _, facts = sft.load_model(str(out), trust_remote_code=True)
+    assert type(model).__name__ == "DreamModel" and facts.shifted

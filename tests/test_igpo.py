@@ -236,3 +236,31 @@ def test_rl_prompts_are_not_the_sft_problems():
     # and RL's stream follows --seed, as SFT's does
     other = [q for q, _, _ in igpo.load_rl_data(igpo.get_args(["--seed", "1"]), world=1)]
     assert other != rl_questions
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num_generations", "1"], "--num_generations must be at least 2"),  # every advantage would be 0
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--eta_low", "0.7", "--eta_high", "0.2"], "need 0 <= eta_low <= eta_high <= 1"),
+    (["--batch_prompts", "3", "--grad_accum", "2"], "must be divisible by grad_accum"),
+])
+def test_settings_that_cannot_mean_anything_are_one_line_errors(argv, message):
+    with pytest.raises(SystemExit) as e:
+        igpo.get_args(argv)
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("script,flag", [("igpo", "--init"), ("igpo", "--steps"), ("igpo", "--eval_limit"),
+                                         ("eval", "--batch_size"), ("eval", "--grade"), ("sft", "--rewrite_model")])
+def test_removed_flags_are_argparse_errors(script, flag, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).get_args([flag, "1"])
+    assert e.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_stop_rule_needs_the_embedded_task():
+    assert sft.get_args([]).stop_all_wrong == 0.35 and sft.get_args(["--dataset", "d.jsonl"]).stop_all_wrong == 0
+    with pytest.raises(SystemExit) as e:
+        sft.get_args(["--dataset", "d.jsonl", "--stop_all_wrong", "0.3"])
+    assert str(e.value).startswith("error: --stop_all_wrong needs the embedded task")

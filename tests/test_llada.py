@@ -144,6 +144,8 @@ def test_lora_on_lora_chain_keeps_the_sft_stage(tiny_llada, tmp_path):
     x = torch.tensor([tok("What is 2+3?").input_ids])
     with torch.no_grad():
         assert torch.allclose(stacked.eval()(x).logits, merged.eval()(x).logits, atol=1e-4)
+        # a frozen stage has no dropout, also in train mode (it belongs to the model RL starts from)
+        assert torch.equal(stacked.train()(x).logits, stacked(x).logits)
 
 
 def test_eval_on_llada_is_batch_invariant(tiny_llada, tmp_path):

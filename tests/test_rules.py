@@ -133,18 +133,30 @@ def test_mu_updates_take_the_ratio_against_pi_old(setup, tmp_path, monkeypatch):
     assert not torch.allclose(logp2, old2) and not torch.allclose(logp3, logp2)  # the policy moved
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", ["no", "yes", "on an SFT adapter"])
 def test_kl_reference_is_the_start_model(setup, tokenizer, tmp_path, monkeypatch, lora):
-    """pi_ref: a frozen copy of the start model, or under LoRA the policy with its trained adapter switched
-    off. In the second step the policy has moved, pi_ref must not have."""
+    """pi_ref: the start model, frozen; under LoRA the policy with its trained adapter switched off, and when
+    RL starts from an SFT adapter, that adapter stays on (pi_ref is the SFT model). In the second step the
+    policy has moved, pi_ref must not have."""
     root, args, _ = setup
+    start = str(root / "init")
+    if lora == "on an SFT adapter":  # an SFT stage saved as sft.py saves it, with a nonzero update
+        start = str(tmp_path / "sft")
+        sft_model, tok, facts = sft.load_model(str(root / "init"))
+        sft_model = sft.add_lora(sft_model, 4, 8, facts.lora_targets)
+        with torch.no_grad():
+            for n, p in sft_model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+        sft.save_checkpoint(start, sft_model, tok, igpo.get_args([]), None)
     monkeypatch.setattr(igpo, "grade", hashed_grader)
     estimates = []
     spy(monkeypatch, "estimate", estimates)
-    extra = ["--lora_r", "4", "--lr", "5e-2"] if lora else ["--lr", "1e-2"]
-    igpo.main(args + ["--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--beta", "0.1", *extra])
+    extra = ["--lora_r", "4", "--lr", "5e-2"] if lora != "no" else ["--lr", "1e-2"]
+    igpo.main(args + ["--model", start, "--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--beta", "0.1",
+                      *extra])
     old, ref = estimates[2], estimates[3]  # step 2: pi_old (with entropies), then pi_ref
-    model, _, facts = sft.load_model(str(root / "init"))
+    model, _, facts = sft.load_model(start)
     (_, prompts, completions, _, micro), _, logp_ref = ref[0], None, ref[2]
     with torch.no_grad():
         start = igpo.token_logps(model.eval(), prompts, completions, facts)
