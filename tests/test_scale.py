@@ -341,7 +341,8 @@ def test_torchrun_igpo_two_processes(tiny_ckpt, tmp_path):
              "--num_generations", 4, "--gen_length", 16, "--block_length", 8, "--diffusion_steps", 8, "--limit", 0,
              "--device", "cpu")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2]  # one line per step, written by rank 0 only
+    assert [r["step"] for r in rows] == [0, 1, 2]  # held-out row at step 0, one per step, by rank 0 only
+    assert set(rows[0]) == {"step", "heldout"}
     model, _, _ = sft.load_model(str(out))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     state = sft.load_state(str(out))
