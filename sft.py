@@ -564,25 +564,6 @@ def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def prepare_out_dir(out_dir, resume, overwrite):
-    # Recover from a save that was interrupted mid-swap, and refuse to clobber another run.
-    old, tmp = out_dir + ".old", out_dir + ".tmp"
-    if not os.path.exists(out_dir) and os.path.exists(old):
-        os.rename(old, out_dir)  # killed between the two renames of save_checkpoint: the old one is intact
-    for d in (old, tmp):  # killed before deleting .old: out_dir already holds the new one; .tmp: half written
-        shutil.rmtree(d, ignore_errors=True)
-    has_run = os.path.exists(os.path.join(out_dir, "args.json"))
-    if has_run and not (resume or overwrite):
-        fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if overwrite and not resume:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    elif not has_run:  # a run killed before its first checkpoint: its metric lines would be logged twice
-        for name in ("metrics.jsonl", "example.json"):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-    return has_run and resume
-
-
 def save_checkpoint(out_dir, model, tokenizer, args, state):
     # Write the whole checkpoint to out_dir.tmp, then swap it in with two renames, so an interrupted save
     # never damages the last good checkpoint. The folder loads with load_model() / the Auto classes.
@@ -622,14 +603,28 @@ def log_metrics(out_dir, row):
 
 
 def open_run(args):
-    # The saved state when --resume finds a checkpoint in --out_dir, else None (a fresh run).
+    # The saved state when --resume finds a checkpoint in --out_dir, else None (a fresh run). Rank 0 first
+    # recovers from a save that was interrupted mid-swap, and refuses to clobber another run.
     rank, world = rank_and_world()
+    out_dir, old, tmp = args.out_dir, args.out_dir + ".old", args.out_dir + ".tmp"
     if rank == 0:
-        prepare_out_dir(args.out_dir, args.resume, args.overwrite)
+        if not os.path.exists(out_dir) and os.path.exists(old):
+            os.rename(old, out_dir)  # killed between save_checkpoint's two renames: the old one is intact
+        for d in (old, tmp):  # killed before deleting .old: out_dir holds the new one; .tmp: half written
+            shutil.rmtree(d, ignore_errors=True)
+        has_run = os.path.exists(os.path.join(out_dir, "args.json"))
+        if has_run and not (args.resume or args.overwrite):
+            fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        if args.overwrite and not args.resume:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        elif not has_run:  # a run killed before its first checkpoint: its metric lines would be logged twice
+            for name in ("metrics.jsonl", "example.json"):
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
     if world > 1:  # the other ranks wait until rank 0 has the folder ready
         torch.distributed.barrier()
-    if args.resume and os.path.exists(os.path.join(args.out_dir, "state.pt")):
-        return load_state(args.out_dir)
+    if args.resume and os.path.exists(os.path.join(out_dir, "state.pt")):
+        return load_state(out_dir)
     return None
 
 

@@ -215,9 +215,9 @@ def test_interrupted_save_keeps_a_complete_checkpoint(tokenizer, tmp_path, monke
             sft.save_checkpoint(out, v2, tokenizer, args, {"step": 2})
     expect_step, expect_model = (2, v2) if stage == "delete_old" else (1, v1)
 
-    assert sft.prepare_out_dir(out, resume=True, overwrite=False)  # a run to resume is found
+    state = sft.open_run(sft.get_args(["--out_dir", out, "--resume"]))  # a run to resume is found
     assert not os.path.exists(out + ".tmp") and not os.path.exists(out + ".old")
-    assert sft.load_state(out)["step"] == expect_step
+    assert state["step"] == expect_step
     saved = weights(out)
     common = [k for k in expect_model.state_dict() if k in saved]
     assert len(common) > 5 and all(torch.equal(saved[k], expect_model.state_dict()[k]) for k in common)
