@@ -1,7 +1,7 @@
 """Length-aligned supervised fine-tuning (SFT) of a masked diffusion language model."""
 # Run it:
 #   python sft.py                                   # embedded model + task, a few CPU minutes -> out/sft
-#   python sft.py --traces verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
+#   python sft.py --trace_col verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
 #   paper scale, one GPU: the README's command (tests/test_llada.py checks that the two agree)
 #   python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset concise_traces.jsonl \
 #       --question_col question --trace_col trace --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 \
@@ -60,7 +60,6 @@ def get_args(argv=None):
     # ---- model, how it is trained, its data (flags shared with igpo.py, defined in shared_flags)
     shared_flags(p, model="toy", out_dir="out/sft", training=True)
     # ---- data (--dataset, --split, --question_col, --trace_col: shared_flags)
-    p.add_argument("--traces", default="concise", choices=["concise", "verbose"], help="embedded traces")
     p.add_argument("--toy_size", type=int, default=20000, help="embedded task: training problems")
     # ---- length alignment
     p.add_argument("--gen_length", type=int, default=48, help="L: response = RL/eval length (paper: 256)")
@@ -104,7 +103,8 @@ def shared_flags(p, model, out_dir, training):
         p.add_argument("--dataset", default="toy", help="'toy', a hub id, or a local .json/.jsonl file")
         p.add_argument("--split", default="train", help="dataset split to train on")
         p.add_argument("--question_col", default="question", help="question column (MetaMathQA: query)")
-        p.add_argument("--trace_col", default="trace", help="reasoning trace y* (MetaMathQA: response)")
+        p.add_argument("--trace_col", default="trace", help="reasoning trace y* (MetaMathQA: response; "
+                       "embedded task: trace, or verbose for the ~3.5x longer traces)")
 
 
 def fail(msg):
@@ -187,23 +187,20 @@ def toy_problem(rng, max_days=TOY_MAX_DAYS):
             "verbose": " ".join(verbose) + f" The answer is {boxed}.", "answer": str(x), "days": n}
 
 
-def toy_dataset(split, n, seed=0, traces="concise", max_days=TOY_MAX_DAYS):
+def toy_dataset(split, n, seed=0, max_days=TOY_MAX_DAYS):
     # n problems of one split, as a datasets.Dataset. Train and test are disjoint by construction: a problem
     # belongs to the test split iff a hash of its question text is 0 mod 10, so no question is in both.
     # seed names the random stream (an int for SFT, "rl-<seed>" for igpo.py's prompts).
     import zlib
     from datasets import Dataset
-    rng, rows, seen = random.Random(f"{split}-{seed}"), [], set()
+    rng, rows = random.Random(f"{split}-{seed}"), {}  # question -> row: each question once
     while len(rows) < n:
         row = toy_problem(rng, max_days)
         # crc32, not hash(): Python salts str hashes per process, and the split must be the same every run
         in_test = zlib.crc32(row["question"].encode()) % 10 == 0
-        if in_test == (split == "test") and row["question"] not in seen:
-            seen.add(row["question"])
-            if traces == "verbose":
-                row["trace"] = row["verbose"]
-            rows.append(row)
-    return Dataset.from_list(rows)
+        if in_test == (split == "test") and row["question"] not in rows:
+            rows[row["question"]] = row
+    return Dataset.from_list(list(rows.values()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -441,7 +438,7 @@ def sft_loss(model, rows, facts, gen):
 def build_sft_data(args, tokenizer, facts, toy):
     # Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter).
     if toy:
-        ds = toy_dataset("train", args.toy_size, args.seed, args.traces)
+        ds = toy_dataset("train", args.toy_size, args.seed)  # columns trace and verbose: --trace_col picks
     else:
         from eval import load_rows  # eval.py imports this file: imported where it is used
         ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
@@ -452,8 +449,7 @@ def build_sft_data(args, tokenizer, facts, toy):
             for q, r in zip(ds[args.question_col], responses) if r is not None]
     print(f"data: {len(rows)} traces fit gen_length={L}, {len(ds) - len(rows)} longer ones dropped")
     if not rows:
-        fail(f"no trace fits --gen_length {args.gen_length}; "
-             f"raise it or use shorter (--traces concise) traces")
+        fail(f"no trace fits --gen_length {L}; raise it or use shorter traces")
     return rows
 
 
