@@ -368,7 +368,7 @@ def main(argv=None):
 
     # ---- model: the policy pi_theta (gradient passes go through `model`, the DDP wrapper under torchrun,
     # no-grad passes through `policy`), and the reference pi_ref of the KL term
-    policy, model, tokenizer, facts, amp_dtype = sft.setup_model(args, device, state)
+    policy, model, params, tokenizer, facts, amp_dtype = sft.setup_model(args, device, state)
     amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
     # pi_ref (used when beta > 0): with LoRA, the policy with its trained adapter switched off; without, the
     # start model loaded again (a resumed policy holds trained weights), frozen
@@ -378,7 +378,6 @@ def main(argv=None):
         ref_model, reference = ref_model.eval().requires_grad_(False), contextlib.nullcontext
 
     # ---- optimizer: AdamW, linear warmup; one schedule step per batch of rollouts (NOTES.md §3 item 13)
-    params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
     step, skipped = sft.restore(state, args.out_dir, opt, sched, [gen, hint_gen]) if state else (0, 0)

@@ -389,7 +389,7 @@ def enable_grad_ckpt(model):
 def setup_model(args, device, state):
     # What a trainer (sft.py, igpo.py) trains: the model from --model (resuming full fine-tuning: from
     # --out_dir), in the precision policy's dtype, with gradient checkpointing and LoRA if asked for.
-    # Returns (policy, model: what gradients go through, DDP under torchrun; tokenizer, facts, amp dtype).
+    # Returns (policy, model: DDP-wrapped under torchrun, its trained params, tokenizer, facts, amp dtype).
     dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
     start = args.out_dir if state and not args.lora_r else args.model
     policy, tokenizer, facts = load_model(start, args.trust_remote_code, device, dtype, merge=not args.lora_r)
@@ -401,9 +401,10 @@ def setup_model(args, device, state):
     model = policy
     if rank_and_world()[1] > 1:  # gradients are averaged over ranks inside backward()
         model = torch.nn.parallel.DistributedDataParallel(policy, [device] if device.type == "cuda" else None)
-    n_trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    n_trained = sum(p.numel() for p in params)
     print(f"model: {args.model} | {n_trained / 1e6:.2f}M trained | {precision_line(policy, amp_dtype)}")
-    return policy, model, tokenizer, facts, amp_dtype
+    return policy, model, params, tokenizer, facts, amp_dtype
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -471,9 +472,8 @@ def main(argv=None):
 
     # ---- model (`policy` is what gets saved, `model` what gradients go through) and data (the over-length
     # filter needs the model's tokenizer and end tokens)
-    policy, model, tokenizer, facts, amp_dtype = setup_model(args, device, state)
+    policy, model, params, tokenizer, facts, amp_dtype = setup_model(args, device, state)
     rows = build_sft_data(args, tokenizer, facts, args.dataset == "toy")  # [(prompt ids, response ids)]
-    params = [p for p in policy.parameters() if p.requires_grad]
 
     # ---- optimizer: AdamW, linear warmup over W steps, then cosine decay to 10% of the peak at step T
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
