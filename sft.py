@@ -346,7 +346,6 @@ def add_lora(model, r, alpha, targets, resume_dir=None, dropout=0.05):
     # head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464) and neither the
     # paper nor the official code adapts it. On a model loaded with adapters (SFT), it is stacked on them.
     from peft import LoraConfig, PeftModel, get_peft_model
-    targets = targets.split(",") if isinstance(targets, str) else targets  # --lora_targets, or sft.MODELS
     stacked = isinstance(model, PeftModel)
     core = model.get_base_model() if stacked else model
     head = getattr(core, "get_output_embeddings", lambda: None)()
@@ -396,7 +395,7 @@ def setup_model(args, device, state):
     if args.grad_ckpt:
         enable_grad_ckpt(policy)
     if args.lora_r:  # a resumed LoRA run reloads its adapter
-        targets = args.lora_targets or facts.lora_targets
+        targets = args.lora_targets.split(",") if args.lora_targets else facts.lora_targets
         policy = add_lora(policy, args.lora_r, args.lora_alpha, targets, args.out_dir if state else None)
     model = policy
     if rank_and_world()[1] > 1:  # gradients are averaged over ranks inside backward()
