@@ -630,7 +630,6 @@ def restore(state, out_dir, opt, sched, gens):
     sched.load_state_dict(state["sched"])
     rng = state["rng"][rank]
     torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
     for g, saved in zip(gens, rng["gens"]):
         g.set_state(saved)
     path = os.path.join(out_dir, "metrics.jsonl")
@@ -642,10 +641,10 @@ def restore(state, out_dir, opt, sched, gens):
 
 
 def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped):
-    # Save weights + optimizer + every rank's RNG streams (gathered, so a resume continues each one).
+    # Save weights + optimizer + every rank's RNG streams.
     rank, world = rank_and_world()
-    gens = [g.get_state() for g in gens]
-    mine = {"torch": torch.get_rng_state(), "python": random.getstate(), "gens": gens}
+    # torch's global stream (dropout's, on CPU) and the run's generators; Python's `random` is never drawn
+    mine = {"torch": torch.get_rng_state(), "gens": [g.get_state() for g in gens]}
     rng = [mine] * world
     if world > 1:  # every rank's streams, so that a resume continues each one
         torch.distributed.all_gather_object(rng, mine)
