@@ -541,17 +541,16 @@ def init_distributed(device_name="auto"):
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    import torch.distributed as dist
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.get_rank() != 0:
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = rank_and_world()
+    if rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints
-    return dist.get_rank(), dist.get_world_size(), device
+    return rank, world, device
 
 
 def rank_and_world():
