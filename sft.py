@@ -279,10 +279,9 @@ def precision_policy(name, device, frozen_base):
     # trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp of most weights at
     # the learning rates in use, so bf16 weights would mostly not move at all. Weights nothing updates (a
     # frozen LoRA base, evaluation) are stored in bf16, which halves their memory.
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    dtype = torch.bfloat16 if name == "bf16" and frozen_base else torch.float32
-    return dtype, (torch.bfloat16 if name == "bf16" else None)
+    bf16 = name == "bf16" or (name == "auto" and device.type == "cuda")  # auto: bf16 on a GPU, fp32 on CPU
+    dtype = torch.bfloat16 if bf16 and frozen_base else torch.float32
+    return dtype, (torch.bfloat16 if bf16 else None)
 
 
 def precision_line(model, amp_dtype):
@@ -478,8 +477,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     W, T = args.warmup_steps, args.max_steps
     cosine = lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * (s - W) / max(1, T - W)))  # 1 at s = W, 0.1 at T
-    lr_factor = lambda s: (s + 1) / W if s < W else cosine(s)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / W if s < W else cosine(s))
     step, skipped = restore(state, args.out_dir, opt, sched, [gen]) if state else (0, 0)
     bad = 0  # non-finite updates in a row
 
