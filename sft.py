@@ -147,12 +147,11 @@ def build_toy_tokenizer():
 
 
 def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512):
-    # A ~0.2M-parameter bidirectional transformer. ModernBERT with global attention in every layer has
-    # LLaDA's calling contract (model(ids).logits at every position, no causal mask) and loads back through
-    # the transformers Auto classes with no custom code.
+    # A ~0.2M-parameter bidirectional transformer: ModernBERT, which has LLaDA's calling contract
+    # (model(ids).logits at every position, no causal mask) and loads back through the transformers Auto
+    # classes with no custom code. global_attn_every_n_layers=1 and local_attention=max_len: every layer
+    # attends over the whole sequence, as LLaDA's do (ModernBERT's default alternates with a sliding window).
     from transformers import ModernBertConfig, ModernBertForMaskedLM
-    # global_attn_every_n_layers=1 and local_attention=max_len: every layer attends over the whole sequence
-    # in both directions, as LLaDA's do (ModernBERT's default alternates with a sliding window)
     config = ModernBertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=2 * hidden, max_position_embeddings=max_len, global_attn_every_n_layers=1,
@@ -468,8 +467,7 @@ def main(argv=None):
     gen = torch.Generator(device).manual_seed(args.seed + rank)
     state = open_run(args)  # None unless --resume finds a checkpoint
 
-    # ---- model (`policy` is what gets saved, `model` what gradients go through) and data (the over-length
-    # filter needs the model's tokenizer and end tokens)
+    # ---- model (`policy` is saved, `model` takes the gradients), then data (filtered with its tokenizer)
     policy, model, params, tokenizer, facts, amp_dtype = setup_model(args, device, state)
     rows = build_sft_data(args, tokenizer, facts, args.dataset == "toy")  # [(prompt ids, response ids)]
 
