@@ -4,6 +4,7 @@ one function (the clip bounds, the Gumbel draw, the hint chunks, the data order)
 guards; NOTES.md §12 lists rule -> test, and tests/mutants.py breaks each rule's line to show the test fails."""
 import json
 import math
+import os
 import zlib
 
 import pytest
@@ -274,3 +275,12 @@ def test_schedule_steps_once_per_batch_of_rollouts(setup, tmp_path, monkeypatch)
                       "--lr", "1e-3"])
     lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
     assert lrs == pytest.approx([1e-3 * 2 / 5, 1e-3 * 3 / 5])  # after 1 and 2 schedule steps
+
+
+def test_every_mutant_still_applies():
+    """tests/mutants.py breaks each rule by replacing one exact text of a script; a refactor that changes
+    that text would silently retire the mutant, so each text must occur exactly once."""
+    import mutants
+    for rule, path, old, new, _ in mutants.MUTANTS:
+        source = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), path)).read()
+        assert source.count(old) == 1 and old != new, rule
