@@ -546,9 +546,11 @@ def print_example(out_dir):
     cut = lambda text: END_TOKENS.split(text, 1)[0].replace("\n", "⏎")  # up to the first end token
     print(f"a rescued group (step {ex['step']}): {ex['question']}\n"
           f"  all {len(ex['new_rewards'])} samples wrong: rewards all 0, so every advantage is 0 (Eq. (4))\n"
-          f"  hint canvas: {cut(ex['hint_canvases'][i])}\n  inpainted:   {cut(ex['inpainted'][i])}  (right)\n"
+          f"  hint canvas: {cut(ex['hint_canvases'][i])}\n  inpainted:   {cut(ex['inpainted'][i])}  (right: "
+          f"the reward reads only the final \\boxed{{}})\n"
           f"  {ex['replaced']} right inpainted samples swapped in: rewards {ex['new_rewards']}, "
-          f"advantages {ex['advantages']}")
+          f"advantages {ex['advantages']}\n  entropy filter (Eq. (10)): the loss of the first keeps "
+          f"{len(ex['kept_hint_positions'][0])} of its {len(ex['hint_positions'][0])} hint tokens")
 
 
 def summarize(out_dir):

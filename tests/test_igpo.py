@@ -211,6 +211,24 @@ def test_summarize_matches_hand_computation(tmp_path):
     assert s["heldout"] == [0.25, 0.3, 0.4] and s["max_kl"] == 0.05 and s["train_seconds"] == 8.0
 
 
+def test_end_of_run_prints_one_rescue(tmp_path, capsys):
+    """Issue 22.4: the run ends by showing one rescued group from example.json: question, hint canvas with its
+    masked positions, the inpainted answer, rewards and advantages after the swap, the entropy filter's count."""
+    ex = {"step": 3, "question": "Ben has 17 coins. How many coins after 1 day?", "inpainted_correct": [False, True],
+          "hint_canvases": ["17-3=_<|eot_id|>", "___=14\n_<|eot_id|>"], "inpainted": ["x", "17-3=14\n\\boxed{14}<|eot_id|>!"],
+          "replaced": 1, "new_rewards": [1.0, 0.0], "advantages": [0.5, -0.5],
+          "hint_positions": [[3, 4, 5], []], "kept_hint_positions": [[4], []]}
+    (tmp_path / "example.json").write_text(json.dumps(ex))
+    igpo.print_example(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "(step 3): Ben has 17 coins." in out and "all 2 samples wrong" in out
+    assert "hint canvas: ___=14⏎_\n" in out  # the right sample's canvas, cut at the end token
+    assert "inpainted:   17-3=14⏎\\boxed{14}  (right" in out
+    assert "rewards [1.0, 0.0], advantages [0.5, -0.5]" in out and "keeps 1 of its 3 hint tokens" in out
+    igpo.print_example(str(tmp_path / "none"))  # a run with nothing to rescue says so
+    assert "no all-wrong group was rescued" in capsys.readouterr().out
+
+
 def test_checkpoint_keeps_files_written_between_saves(tokenizer, tmp_path):
     """igpo writes eval_before.json before its first checkpoint; the checkpoint's folder swap must keep it."""
     import argparse
