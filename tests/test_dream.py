@@ -12,7 +12,7 @@ import torch
 import eval as evaluation
 import igpo
 import sft
-from test_llada import METAMATH_ROWS, SHORT_ROWS, readme_command
+from test_llada import SHORT_ROWS, chain_data, readme_command
 
 DREAM_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -120,11 +120,7 @@ def test_unknown_model_or_missing_token_is_a_one_line_error(tiny_dream, tmp_path
 def test_readme_dream_chain_sft_igpo_eval(tiny_dream, tmp_path, capsys):
     """The README's Dream commands run as written (model path, data and sizes aside) on the tiny Dream under
     the GPU precision policy: SFT with LoRA, IGPO stacking its adapter on SFT's, evaluation of the result."""
-    traces, metamath, bench = tmp_path / "traces.jsonl", tmp_path / "metamath.jsonl", tmp_path / "math500.jsonl"
-    traces.write_text("".join(json.dumps(r) + "\n" for r in SHORT_ROWS))
-    metamath.write_text("".join(json.dumps(r) + "\n" for r in METAMATH_ROWS))
-    bench.write_text("".join(json.dumps({"problem": r["question"], "answer": r["trace"][-2]}) + "\n"
-                             for r in SHORT_ROWS))
+    traces, metamath, bench = chain_data(tmp_path)
     sft_out, igpo_out = str(tmp_path / "sft_dream"), str(tmp_path / "igpo_dream")
     sft.main(readme_command("sft.py", "Dream", model=tiny_dream, dataset=traces, gen_length=16, grad_accum=2,
                             lr=1e-2, warmup_steps=1, max_steps=2, out_dir=sft_out, precision="bf16"))

@@ -233,15 +233,21 @@ def readme_command(script, which="LLaDA", **changes):
     return argv
 
 
-def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
-    """The README's paper-scale commands (sft.py -> igpo.py -> eval.py with --trust_remote_code --lora_r
-    --grad_ckpt) run as written on the tiny LLaDA, model path, data and sizes aside, under the GPU precision
-    policy; the model eval.py loads at the end is base + SFT adapter + IGPO adapter (issue 13.2)."""
+def chain_data(tmp_path):
+    # The three files the README chains read: concise traces (SFT), MetaMathQA rows (IGPO), a MATH500 file (eval).
     traces, metamath, bench = tmp_path / "traces.jsonl", tmp_path / "metamath.jsonl", tmp_path / "math500.jsonl"
     traces.write_text("".join(json.dumps(r) + "\n" for r in SHORT_ROWS))
     metamath.write_text("".join(json.dumps(r) + "\n" for r in METAMATH_ROWS))
     bench.write_text("".join(json.dumps({"problem": r["question"], "answer": r["trace"][-2]}) + "\n"
                              for r in SHORT_ROWS))
+    return traces, metamath, bench
+
+
+def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
+    """The README's paper-scale commands (sft.py -> igpo.py -> eval.py with --trust_remote_code --lora_r
+    --grad_ckpt) run as written on the tiny LLaDA, model path, data and sizes aside, under the GPU precision
+    policy; the model eval.py loads at the end is base + SFT adapter + IGPO adapter (issue 13.2)."""
+    traces, metamath, bench = chain_data(tmp_path)
     sft_out, igpo_out = str(tmp_path / "sft_llada"), str(tmp_path / "igpo_llada")
     sft.main(readme_command("sft.py", model=tiny_llada, dataset=traces, gen_length=16, grad_accum=2, lr=1e-2,
                             warmup_steps=1, max_steps=2, out_dir=sft_out, precision="bf16"))
