@@ -80,7 +80,7 @@ def get_args(argv=None):
     p.add_argument("--max_steps", type=int, default=60, help="batches of rollouts, mu updates each")
     p.add_argument("--save_every", type=int, default=20, help="steps between checkpoints")
     p.add_argument("--limit", type=int, default=500, help="embedded test questions, before/after (0: none)")
-    p.add_argument("--heldout_every", type=int, default=10, help="steps between held-out checks (0: none)")
+    p.add_argument("--heldout_every", type=int, default=20, help="steps between held-out checks (0: none)")
     args = p.parse_args(argv)
     check_sampler(sampler_of(args))
     if args.num_generations < 2:

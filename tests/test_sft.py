@@ -173,6 +173,24 @@ def test_end_to_end_tiny_run_loads_back(tmp_path):
         sft.main(["--out_dir", str(run), "--toy_size", "64", "--max_steps", "3"])
 
 
+def test_sft_stops_at_the_first_check_at_or_below_the_threshold(tmp_path, monkeypatch):
+    """The stop rule itself (NOTES.md §3 item 20), with the regime check stubbed and checked every 2 steps:
+    no check before STOP_FROM, each check logged, and the run saved and ended at the first check whose
+    all-wrong fraction is at most --stop_all_wrong (equal to it included)."""
+    import eval as evaluation
+    checks = iter([0.9, 0.36, 0.35, 0.1, 0.1])
+    monkeypatch.setattr(sft, "STOP_FROM", 4)
+    monkeypatch.setattr(sft, "STOP_EVERY", 2)
+    monkeypatch.setattr(evaluation, "regime_check", lambda *args: next(checks))
+    run = tmp_path / "run"
+    sft.main(["--out_dir", str(run), "--toy_size", "64", "--max_steps", "20", "--batch_size", "4",
+              "--log_every", "100", "--save_every", "100"])
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    logged = [(row["step"], row["all_wrong"]) for row in rows if "all_wrong" in row]
+    assert logged == [(4, 0.9), (6, 0.36), (8, 0.35)]
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 8  # the checkpoint is the stopped policy
+
+
 def test_default_sft_stops_in_the_regime_igpo_is_for(tmp_path):
     """The embedded default SFT (seed 0, torch's default thread count) stops once about a third of held-out
     problems are all wrong at the rollout temperature (NOTES.md §3 item 20), and hands RL a policy in that
