@@ -233,6 +233,23 @@ def readme_command(script, which="LLaDA", **changes):
     return argv
 
 
+def test_the_papers_settings_in_the_defaults_and_the_readme_commands():
+    """The paper's settings (NOTES.md §3 items 10 and 12; lambda = 1/2 from Eq. (11)): the embedded defaults
+    keep every one that does not depend on scale, and the README's igpo.py commands (LLaDA, Dream) carry all
+    of them, with 64 prompts of G = 8 per optimizer step; its sft.py commands train the paper's LoRA."""
+    kept = dict(num_generations=8, epsilon=0.2, temperature=1.2, max_replace_frac=0.5, entropy_keep=0.2,
+                beta=0.01, eta_low=0.2, eta_high=0.6, weight_decay=0.1, grad_clip=0.2)
+    default = vars(igpo.get_args([]))
+    assert {k: default[k] for k in kept} == kept
+    paper = dict(kept, gen_length=256, block_length=32, diffusion_steps=128, batch_prompts=64, num_iterations=4,
+                 lr=5e-7, warmup_steps=50, chunk_min=5, chunk_max=10, lora_r=128, lora_alpha=64)
+    for which in ("LLaDA", "Dream"):
+        readme = vars(igpo.get_args(readme_command("igpo.py", which)))
+        assert {k: readme[k] for k in paper} == paper and readme["metamath_official"], which
+        readme_sft = vars(sft.get_args(readme_command("sft.py", which)))
+        assert (readme_sft["lora_r"], readme_sft["lora_alpha"], readme_sft["gen_length"]) == (128, 64, 256), which
+
+
 def chain_data(tmp_path):
     # The three files the README chains read: concise traces (SFT), MetaMathQA rows (IGPO), a MATH500 file (eval).
     traces, metamath, bench = tmp_path / "traces.jsonl", tmp_path / "metamath.jsonl", tmp_path / "math500.jsonl"
@@ -253,7 +270,7 @@ def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
                             warmup_steps=1, max_steps=2, out_dir=sft_out, precision="bf16"))
     igpo.main(readme_command("igpo.py", model=sft_out, dataset=metamath, gen_length=32, block_length=16, diffusion_steps=8,
                              num_generations=2, batch_prompts=2, grad_accum=2, num_iterations=2, gen_batch=4,
-                             warmup_steps=1, max_steps=2, out_dir=igpo_out, precision="bf16"))
+                             warmup_steps=1, max_steps=1, out_dir=igpo_out, precision="bf16"))
     import eval as evaluation
     evaluation.main(readme_command("eval.py", model=igpo_out, data=bench, gen_length=32, block_length=16, diffusion_steps=8,
                                    out_dir=tmp_path, precision="bf16"))

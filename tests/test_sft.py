@@ -173,6 +173,17 @@ def test_end_to_end_tiny_run_loads_back(tmp_path):
         sft.main(["--out_dir", str(run), "--toy_size", "64", "--max_steps", "3"])
 
 
+def test_prompt_format(tokenizer):
+    """NOTES.md §3 item 23: one user turn of the chat template with the generation prompt; real data puts the
+    format instruction (which asks for a box) before the question, the embedded task uses the bare question."""
+    turn = "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>" \
+           "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    instruction = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n" \
+                  "Put the final answer in \\boxed{}.\n\n"
+    assert sft.make_prompt(tokenizer, "What is 2+2?", False) == turn.format(instruction + "What is 2+2?")
+    assert sft.make_prompt(tokenizer, "Ann has 3 pens.", True) == turn.format("Ann has 3 pens.")
+
+
 def test_sft_stops_at_the_first_check_at_or_below_the_threshold(tmp_path, monkeypatch):
     """The stop rule itself (NOTES.md §3 item 20), with the regime check stubbed and checked every 2 steps:
     no check before STOP_FROM, each check logged, and the run saved and ended at the first check whose
