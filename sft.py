@@ -25,6 +25,7 @@
 # - traces longer than the generation length are dropped with a printed count, never truncated: a truncated
 #   trace would teach the model to stop mid-reasoning.
 import argparse
+import atexit
 import json
 import math
 import os
@@ -543,6 +544,10 @@ def init_distributed(device_name="auto"):
             torch.cuda.set_device(device)
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # leave the group at exit (a rank that exits with it open can abort in gloo's teardown), unless
+            # the caller already left it
+            dist = torch.distributed
+            atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     rank, world = rank_and_world()
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints
