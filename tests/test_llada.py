@@ -267,7 +267,7 @@ def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
     traces, metamath, bench = chain_data(tmp_path)
     sft_out, igpo_out = str(tmp_path / "sft_llada"), str(tmp_path / "igpo_llada")
     sft.main(readme_command("sft.py", model=tiny_llada, dataset=traces, gen_length=16, grad_accum=2, lr=1e-2,
-                            warmup_steps=1, max_steps=2, out_dir=sft_out, precision="bf16"))
+                            warmup_steps=1, max_steps=1, out_dir=sft_out, precision="bf16"))
     igpo.main(readme_command("igpo.py", model=sft_out, dataset=metamath, gen_length=32, block_length=16, diffusion_steps=8,
                              num_generations=2, batch_prompts=2, grad_accum=2, num_iterations=2, gen_batch=4,
                              warmup_steps=1, max_steps=1, out_dir=igpo_out, precision="bf16"))
