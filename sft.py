@@ -544,8 +544,7 @@ def init_distributed(device_name="auto"):
             torch.cuda.set_device(device)
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            # leave the group at exit (a rank that exits with it open can abort in gloo's teardown), unless
-            # the caller already left it
+            # leave the group at exit, unless left already: a rank exiting with it open can abort in gloo
             dist = torch.distributed
             atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     rank, world = rank_and_world()
