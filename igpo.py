@@ -173,6 +173,11 @@ def rollout(model, prompts, sampler, facts, gen, hints=None):
     # One completion (N, L) for each of the N prompts (token-id lists); hints (N, L) for inpainting. Rows go
     # through the sampler sampler.batch at a time (its logits, rows x block x vocab, bound its memory), and
     # only prompts of equal length together: no model ever sees a pad token.
+    # How a masked diffusion LM samples (eval.generate, NOTES.md §4): the completion starts as L mask tokens
+    # and is filled block by block, left to right. At each denoising step the model predicts every masked
+    # position of the block at once, a token is drawn at each (temperature T), and only the most confident
+    # draws are kept; the rest stay masked for a later step. Hint tokens are in place from the start and are
+    # never masked again: that is all inpainting is.
     device = next(model.parameters()).device
     out = torch.empty(len(prompts), sampler.gen_length, dtype=torch.long, device=device)  # (N, L)
     for rows in equal_length_batches([len(q) for q in prompts], sampler.batch or len(prompts)):

@@ -36,6 +36,7 @@ import time
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 # Special tokens, spelled as in LLaDA-8B-Instruct so that one code path serves both models.
 EOS, BOS, MASK, EOT = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot_id|>"
@@ -152,14 +153,12 @@ def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512):
     # (model(ids).logits at every position, no causal mask) and loads back through the transformers Auto
     # classes with no custom code. global_attn_every_n_layers=1 and local_attention=max_len: every layer
     # attends over the whole sequence, as LLaDA's do (ModernBERT's default alternates with a sliding window).
+    # Of the special ids only the pad id reaches the model (its embedding row starts at zero).
     from transformers import ModernBertConfig, ModernBertForMaskedLM
     config = ModernBertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=2 * hidden, max_position_embeddings=max_len, global_attn_every_n_layers=1,
-        local_attention=max_len, reference_compile=False, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        cls_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.eos_token_id,
-    )
+        local_attention=max_len, reference_compile=False, pad_token_id=tokenizer.pad_token_id)
     return ModernBertForMaskedLM(config)
 
 
@@ -542,10 +541,9 @@ def init_distributed(device_name="auto"):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             # leave the group at exit, unless left already: a rank exiting with it open can abort in gloo
-            dist = torch.distributed
             atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     rank, world = rank_and_world()
     if rank != 0:
@@ -554,7 +552,6 @@ def init_distributed(device_name="auto"):
 
 
 def rank_and_world():
-    dist = torch.distributed
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -586,10 +583,6 @@ def save_checkpoint(out_dir, model, tokenizer, args, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(out_dir):
-    return torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)  # no pickled code, ever
-
-
 def log_metrics(out_dir, row):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
@@ -598,7 +591,8 @@ def log_metrics(out_dir, row):
 
 def open_run(args):
     # The saved state when --resume finds a checkpoint in --out_dir, else None (a fresh run). Rank 0 first
-    # recovers from a save that was interrupted mid-swap, and refuses to clobber another run.
+    # recovers from a save that was interrupted mid-swap and refuses to clobber another run; then it drops the
+    # metric lines written after the checkpoint (or, in a fresh run, all of them): the run writes them again.
     rank, world = rank_and_world()
     out_dir, old, tmp = args.out_dir, args.out_dir + ".old", args.out_dir + ".tmp"
     if rank == 0:
@@ -606,20 +600,21 @@ def open_run(args):
             os.rename(old, out_dir)  # killed between save_checkpoint's two renames: the old one is intact
         for d in (old, tmp):  # killed before deleting .old: out_dir holds the new one; .tmp: half written
             shutil.rmtree(d, ignore_errors=True)
-        has_run = os.path.exists(os.path.join(out_dir, "args.json"))
-        if has_run and not (args.resume or args.overwrite):
+        if os.path.exists(os.path.join(out_dir, "args.json")) and not (args.resume or args.overwrite):
             fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
         if args.overwrite and not args.resume:
             shutil.rmtree(out_dir, ignore_errors=True)
-        elif not has_run:  # a run killed before its first checkpoint: its metric lines would be logged twice
-            for name in ("metrics.jsonl", "example.json"):
-                if os.path.exists(os.path.join(out_dir, name)):
-                    os.remove(os.path.join(out_dir, name))
     if world > 1:  # the other ranks wait until rank 0 has the folder ready
-        torch.distributed.barrier()
-    if args.resume and os.path.exists(os.path.join(out_dir, "state.pt")):
-        return load_state(out_dir)
-    return None
+        dist.barrier()
+    saved = os.path.join(out_dir, "state.pt")
+    state = torch.load(saved, weights_only=True) if args.resume and os.path.exists(saved) else None  # no code
+    metrics, example = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "example.json")
+    if rank == 0 and os.path.exists(metrics):
+        lines = [l for l in open(metrics) if l.strip() and state and json.loads(l)["step"] <= state["step"]]
+        open(metrics, "w").writelines(lines)
+    if rank == 0 and not state and os.path.exists(example):  # a dead run's rescue: this run writes its own
+        os.remove(example)
+    return state
 
 
 def restore(state, out_dir, opt, sched, gens):
@@ -631,10 +626,6 @@ def restore(state, out_dir, opt, sched, gens):
     torch.set_rng_state(rng["torch"])
     for g, saved in zip(gens, rng["gens"]):
         g.set_state(saved)
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if rank == 0 and os.path.exists(path):  # metric lines written after the checkpoint will be written again
-        lines = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= state["step"]]
-        open(path, "w").writelines(lines)
     print(f"resumed {out_dir} at step {state['step']}")
     return state["step"], state["skipped"]
 
@@ -646,22 +637,21 @@ def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped):
     mine = {"torch": torch.get_rng_state(), "gens": [g.get_state() for g in gens]}
     rng = [mine] * world
     if world > 1:  # every rank's streams, so that a resume continues each one
-        torch.distributed.all_gather_object(rng, mine)
+        dist.all_gather_object(rng, mine)
     state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng, "step": step,
              "skipped": skipped}
     if rank == 0:
         save_checkpoint(args.out_dir, model, tokenizer, args, state)
     if world > 1:  # no rank runs ahead of a save that may still fail
-        torch.distributed.barrier()
+        dist.barrier()
 
 
-def count_bad(bad_in_a_row, finite):
+def count_bad(bad, finite):
     # Non-finite updates in a row, after this one; more than MAX_BAD_UPDATES stop the run.
-    bad_in_a_row = 0 if finite else bad_in_a_row + 1
-    if bad_in_a_row > MAX_BAD_UPDATES:  # the last good checkpoint is kept on disk
-        fail(f"non-finite loss or gradient in {bad_in_a_row} updates in a row; "
-             f"stopping (the last good checkpoint is kept)")
-    return bad_in_a_row
+    bad = 0 if finite else bad + 1
+    if bad > MAX_BAD_UPDATES:  # the last good checkpoint stays on disk
+        fail(f"non-finite loss or gradient in {bad} updates in a row; stopped, the last checkpoint is kept")
+    return bad
 
 
 def log_line(row, keys):

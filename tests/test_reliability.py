@@ -61,6 +61,11 @@ def weights(run):
     return load_file(os.path.join(run, "model.safetensors"))
 
 
+def saved_state(run):
+    """The resume state of a checkpoint (optimizer, schedule, RNG streams, step)."""
+    return torch.load(os.path.join(run, "state.pt"), weights_only=True)
+
+
 def metric_rows(run):
     """metrics.jsonl without the wall-clock field."""
     rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
@@ -224,7 +229,7 @@ def test_interrupted_save_keeps_a_complete_checkpoint(tokenizer, tmp_path, monke
     assert [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))] == [{"step": 1}]
     # and the next save goes through normally
     sft.save_checkpoint(out, v3, tokenizer, args, {"step": 3})
-    assert sft.load_state(out)["step"] == 3 and not os.path.exists(out + ".old")
+    assert saved_state(out)["step"] == 3 and not os.path.exists(out + ".old")
 
 
 def test_taken_out_dir_refused_then_overwritten(tmp_path, tokenizer):
@@ -240,7 +245,7 @@ def test_taken_out_dir_refused_then_overwritten(tmp_path, tokenizer):
     assert files_digest(out) == before
     sft.main(["--out_dir", out, "--overwrite", "--toy_size", "64", "--batch_size", "4", "--max_steps", "2",
               "--log_every", "1"])
-    assert sft.load_state(out)["step"] == 2 and [r["step"] for r in metric_rows(out)] == [1, 2]
+    assert saved_state(out)["step"] == 2 and [r["step"] for r in metric_rows(out)] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,7 +299,7 @@ def test_persistent_nonfinite_stops_run_and_keeps_checkpoint(igpo_setup, tmp_pat
         igpo.main(args + ["--out_dir", str(out), "--num_iterations", "2", "--max_steps", "3"])
     msg = str(e.value.code)
     assert msg.startswith("error:") and "non-finite" in msg and "\n" not in msg
-    assert sft.load_state(out)["step"] == 1 and [r["step"] for r in metric_rows(out)] == [1]
+    assert saved_state(out)["step"] == 1 and [r["step"] for r in metric_rows(out)] == [1]
     assert all(torch.isfinite(v).all() for v in weights(out).values())
 
 
@@ -343,7 +348,7 @@ def test_torch_load_is_used_and_checkpoint_is_safetensors(tokenizer, tmp_path):
                         {"step": 1, "rng": [{"torch": torch.get_rng_state()}]})
     names = os.listdir(out)
     assert "model.safetensors" in names and not any(n.endswith((".bin", ".pkl")) for n in names)
-    assert sft.load_state(out)["step"] == 1  # the resume state loads under weights_only=True
+    assert sft.open_run(sft.get_args(["--out_dir", out, "--resume"]))["step"] == 1  # loads with weights_only
 
 
 def test_trust_remote_code_off_unless_flag(tmp_path, tokenizer, monkeypatch):
