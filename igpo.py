@@ -242,6 +242,7 @@ def replace_wrong(completions, reward, groups, inpainted, correct, hints, lam, m
         # lambda only caps K/G)
         K = min(len(ok), math.floor(lam * G))
         for slot, j in enumerate(ok[:K]):  # all G originals are wrong: which K are replaced is immaterial
+            # src: inpainted sample j of the g-th inpainted group; dst: slot 0, 1, .., K-1 of batch group b
             src, dst = g * G + j, b * G + slot
             completions[dst], reward[b, slot] = inpainted[src], 1.0
             # the injected tokens: candidates for Eq. (10). A hint after the row's end token was overwritten
