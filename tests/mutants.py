@@ -209,6 +209,10 @@ MUTANTS = [
      "content = question if toy else REASONING_PROMPT + question",
      "content = question if toy else question + REASONING_PROMPT",
      ["test_sft.py::test_prompt_format"]),
+    ("Precision: bf16 computes, trained weights stay fp32 (NOTES §7)", "sft.py",
+     "dtype = torch.bfloat16 if bf16 and frozen_base else torch.float32",
+     "dtype = torch.bfloat16 if bf16 else torch.float32",
+     ["test_llada.py::test_bf16_policy_moves_weights_like_fp32"]),
 ]
 
 

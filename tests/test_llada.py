@@ -187,7 +187,7 @@ def sft_weights(tiny_llada, tmp_path, precision, extra=()):
     data.write_text("".join(json.dumps(r) + "\n" for r in SHORT_ROWS))
     out = tmp_path / f"sft_{precision}"
     sft.main(["--model", tiny_llada, "--trust_remote_code", "--dataset", str(data), "--gen_length", "16",
-              "--batch_size", "2", "--max_steps", "3", "--lr", "1e-4", "--warmup_steps", "1", "--weight_decay", "0",
+              "--batch_size", "1", "--max_steps", "3", "--lr", "1e-4", "--warmup_steps", "1", "--weight_decay", "0",
               "--precision", precision, "--out_dir", str(out), "--device", "cpu", "--log_every", "1", *extra])
     from safetensors.torch import load_file
     return load_file(str(out / "model.safetensors")), out
