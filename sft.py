@@ -33,7 +33,7 @@ import random
 import shutil
 import sys
 import time
-from typing import NamedTuple
+from collections import namedtuple
 
 import torch
 import torch.distributed as dist
@@ -248,12 +248,10 @@ MODELS = {  # config.model_type -> (mask token, end tokens, logits shifted?, def
 }
 
 
-class Facts(NamedTuple):  # a loaded model's entry of MODELS, with ids: what the sampler and the losses read
-    mask_id: int
-    end_ids: tuple  # (end of turn, padding)
-    shifted: bool  # True: the logits at position i - 1 predict token i
-    lora_targets: tuple
-    n_tokens: int  # ids the tokenizer can decode: the sampler never draws an id at or beyond it
+# A loaded model's entry of MODELS, with ids: what the sampler and the losses read. end_ids: (end of turn,
+# padding); shifted: True when the logits at position i - 1 predict token i; n_tokens: the ids the tokenizer
+# can decode (the sampler never draws an id at or beyond it).
+Facts = namedtuple("Facts", ["mask_id", "end_ids", "shifted", "lora_targets", "n_tokens"])
 
 
 def model_facts(config, tokenizer):
