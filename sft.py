@@ -142,10 +142,9 @@ def build_toy_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(words, behavior="isolated")
     tok.decoder = decoders.Fuse()  # tokens are glued back as they are: decode(encode(text)) == text
     tok.add_special_tokens(SPECIAL_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
-                                        mask_token=MASK, unk_token=UNK, clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = LLADA_CHAT_TEMPLATE
-    return tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                   mask_token=MASK, unk_token=UNK, clean_up_tokenization_spaces=False,
+                                   chat_template=LLADA_CHAT_TEMPLATE)
 
 
 def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512):
@@ -155,11 +154,10 @@ def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512):
     # attends over the whole sequence, as LLaDA's do (ModernBERT's default alternates with a sliding window).
     # Of the special ids only the pad id reaches the model (its embedding row starts at zero).
     from transformers import ModernBertConfig, ModernBertForMaskedLM
-    config = ModernBertConfig(
+    return ModernBertForMaskedLM(ModernBertConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=2 * hidden, max_position_embeddings=max_len, global_attn_every_n_layers=1,
-        local_attention=max_len, reference_compile=False, pad_token_id=tokenizer.pad_token_id)
-    return ModernBertForMaskedLM(config)
+        local_attention=max_len, reference_compile=False, pad_token_id=tokenizer.pad_token_id))
 
 
 def toy_problem(rng, max_days=TOY_MAX_DAYS):
