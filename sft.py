@@ -39,9 +39,8 @@ import torch
 import torch.distributed as dist
 
 # Special tokens, spelled as in LLaDA-8B-Instruct so that one code path serves both models.
-EOS, BOS, MASK, EOT = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot_id|>"
-HEADER_START, HEADER_END, UNK = "<|start_header_id|>", "<|end_header_id|>", "<|unk|>"
-SPECIAL_TOKENS = [EOS, BOS, MASK, HEADER_START, HEADER_END, EOT, UNK]
+EOS, BOS, MASK, EOT, UNK = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot_id|>", "<|unk|>"
+SPECIAL_TOKENS = [EOS, BOS, MASK, "<|start_header_id|>", "<|end_header_id|>", EOT, UNK]  # ids 0..6, in order
 LLADA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
     "{{ m['content'] }}<|eot_id|>{% endfor %}"
