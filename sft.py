@@ -338,7 +338,7 @@ def add_lora(model, r, alpha, targets, resume_dir=None, dropout=0.05):
     # The trainable LoRA adapter ("default") on the Linear layers named in `targets`, never on the vocabulary
     # head: LLaDA's head is also named `ff_out` (model.transformer.ff_out, 4096 x 126,464) and neither the
     # paper nor the official code adapts it. On a model loaded with adapters (SFT), it is stacked on them.
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
     stacked = isinstance(model, PeftModel)
     core = model.get_base_model() if stacked else model
     head = getattr(core, "get_output_embeddings", lambda: None)()
@@ -360,10 +360,8 @@ def add_lora(model, r, alpha, targets, resume_dir=None, dropout=0.05):
         model.set_requires_grad(frozen, False)
     else:
         model = get_peft_model(model, config)
-    if resume_dir:  # a resumed LoRA run: its saved adapter weights
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-        set_peft_model_state_dict(model, load_file(os.path.join(resume_dir, "adapter_model.safetensors")))
+    if resume_dir:  # a resumed LoRA run: its saved adapter weights (adapter_model.safetensors)
+        set_peft_model_state_dict(model, load_peft_weights(resume_dir, device="cpu"))
     return model
 
 
