@@ -475,47 +475,46 @@ def main(argv=None):
     # ---- training loop
     from tqdm import tqdm
     model.train()
-    bar = tqdm(total=args.max_steps, initial=step, desc="sft", disable=None if rank == 0 else True)
-    t0 = time.time()
-    while step < args.max_steps:
-        total = 0.0
-        for micro in range(args.grad_accum):
-            k = (step * args.grad_accum + micro) * world + rank  # each rank reads its own micro-batches
-            batch = batch_at(rows, args.batch_size, k, args.seed)
-            # Eq. (2) per micro-batch; dividing by grad_accum makes the summed gradient that of the full batch
-            with autocast(device, amp_dtype):
-                loss = sft_loss(model, batch, facts, gen) / args.grad_accum
-            loss.backward()
-            total += loss.item()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the norm before clipping
-        finite = bool(torch.isfinite(gnorm)) and math.isfinite(total)
-        if finite:  # a non-finite update is skipped and counted; too many in a row stop the run
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        skipped, bad = skipped + (not finite), count_bad(bad, finite)
-        sched.step()  # the schedule follows steps taken, skipped or not, so resume needs only `step`
-        step += 1
-        bar.update(1)
-        # ---- the regime check (the embedded default, NOTES.md §3 item 20): SFT stops once RL would meet
-        # enough all-wrong groups for IGPO to act on, wherever this machine's floating point put the S-curve
-        row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4),
-               "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": round(time.time() - t0, 1)}
-        stop = bool(args.stop_all_wrong) and step >= STOP_FROM and step % STOP_EVERY == 0
-        if stop:
-            from eval import regime_check  # eval.py imports this file: imported where it is used
-            row["all_wrong"] = regime_check(policy, tokenizer, facts, args.gen_length)
-            stop = row["all_wrong"] <= args.stop_all_wrong
-        # ---- everything below is logging and checkpoints
-        if rank == 0 and (step % args.log_every == 0 or step == args.max_steps or "all_wrong" in row):
-            log_metrics(args.out_dir, row)
-            bar.write(log_line(row, row))
-        if step % args.save_every == 0 or step == args.max_steps or stop:
-            checkpoint(args, policy, tokenizer, opt, sched, [gen], step, skipped)
-        if stop:
-            print(f"stopped at step {step}: {100 * row['all_wrong']:.1f}% of held-out problems all wrong at "
-                  f"T = 1.2, G = 8 (<= {100 * args.stop_all_wrong:.0f}%)")
-            break
-    bar.close()
+    with tqdm(total=args.max_steps, initial=step, desc="sft", disable=None if rank == 0 else True) as bar:
+        t0 = time.time()
+        while step < args.max_steps:
+            total = 0.0
+            for micro in range(args.grad_accum):
+                k = (step * args.grad_accum + micro) * world + rank  # each rank reads its own micro-batches
+                batch = batch_at(rows, args.batch_size, k, args.seed)
+                # Eq. (2) per micro-batch, divided by grad_accum: the summed gradient is the full batch's
+                with autocast(device, amp_dtype):
+                    loss = sft_loss(model, batch, facts, gen) / args.grad_accum
+                loss.backward()
+                total += loss.item()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the norm before clipping
+            finite = bool(torch.isfinite(gnorm)) and math.isfinite(total)
+            if finite:  # a non-finite update is skipped and counted; too many in a row stop the run
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            skipped, bad = skipped + (not finite), count_bad(bad, finite)
+            sched.step()  # the schedule follows steps taken, skipped or not, so resume needs only `step`
+            step += 1
+            bar.update(1)
+            # ---- the regime check (the embedded default; NOTES.md §3 item 20): SFT stops once RL would meet
+            # enough all-wrong groups for IGPO to act on, wherever this machine's rounding put the S-curve
+            row = {"step": step, "loss": round(total, 5), "grad_norm": round(gnorm.item(), 4),
+                   "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": round(time.time() - t0, 1)}
+            stop = bool(args.stop_all_wrong) and step >= STOP_FROM and step % STOP_EVERY == 0
+            if stop:
+                from eval import regime_check  # eval.py imports this file: imported where it is used
+                row["all_wrong"] = regime_check(policy, tokenizer, facts, args.gen_length)
+                stop = row["all_wrong"] <= args.stop_all_wrong
+            # ---- everything below is logging and checkpoints
+            if rank == 0 and (step % args.log_every == 0 or step == args.max_steps or "all_wrong" in row):
+                log_metrics(args.out_dir, row)
+                bar.write(log_line(row, row))
+            if step % args.save_every == 0 or step == args.max_steps or stop:
+                checkpoint(args, policy, tokenizer, opt, sched, [gen], step, skipped)
+            if stop:
+                print(f"stopped at step {step}: {100 * row['all_wrong']:.1f}% of held-out problems all wrong "
+                      f"at T = 1.2, G = 8 (<= {100 * args.stop_all_wrong:.0f}%)")
+                break
     print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")  # rank 0 only: the others print to /dev/null
 
 
