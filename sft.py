@@ -168,19 +168,17 @@ def toy_problem(rng, max_days=TOY_MAX_DAYS):
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     n, k = rng.randint(1, max_days), rng.randint(1, TOY_MAX_RULE)
     if rng.random() < 0.5:  # grows: every value stays <= TOY_MAX_VALUE
-        x, sign, rule = rng.randint(1, TOY_MAX_VALUE - n * k), "+", f"gets {k} more"
+        x, sign, rule, change = rng.randint(1, TOY_MAX_VALUE - n * k), "+", f"gets {k} more", k
     else:  # shrinks: every value stays >= 1
-        x, sign, rule = rng.randint(n * k + 1, TOY_MAX_VALUE), "-", f"gives away {k}"
+        x, sign, rule, change = rng.randint(n * k + 1, TOY_MAX_VALUE), "-", f"gives away {k}", -k
     question = f"{name} has {x} {item}. Each day {name} {rule}. How many {item} after {n} days?"
-    concise, verbose = [], []
-    for day in range(1, n + 1):
-        y = x + k if sign == "+" else x - k
-        concise.append(f"{x}{sign}{k}={y}")
-        verbose.append(f"Day {day}: {name} {rule}, so {x} {sign} {k} = {y} {item}.")
-        x = y
-    boxed = f"\\boxed{{{x}}}"
+    xs = [x + change * day for day in range(n + 1)]  # the amount at the start, then at the end of each day
+    concise = [f"{xs[day - 1]}{sign}{k}={xs[day]}" for day in range(1, n + 1)]
+    verbose = [f"Day {day}: {name} {rule}, so {xs[day - 1]} {sign} {k} = {xs[day]} {item}."
+               for day in range(1, n + 1)]
+    boxed = f"\\boxed{{{xs[n]}}}"
     return {"question": question, "trace": "\n".join(concise) + f"\n{boxed}",
-            "verbose": " ".join(verbose) + f" The answer is {boxed}.", "answer": str(x), "days": n}
+            "verbose": " ".join(verbose) + f" The answer is {boxed}.", "answer": str(xs[n]), "days": n}
 
 
 def toy_dataset(split, n, seed=0, max_days=TOY_MAX_DAYS):
