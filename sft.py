@@ -159,41 +159,37 @@ def build_toy_model(tokenizer, hidden=64, layers=4, heads=4, max_len=512):
         local_attention=max_len, reference_compile=False, pad_token_id=tokenizer.pad_token_id))
 
 
-def toy_problem(rng, max_days=TOY_MAX_DAYS):
-    # One word problem: a start amount and one rule applied every day for n days (1 <= n <= max_days).
-    # Each trace line needs only the line before it and the rule, which sits at a fixed place in the
-    # question, so nothing has to be searched for in the prompt; n is the difficulty (one more line, one
-    # more chance to slip). Returns the question, a concise trace (one "a+k=b" line per day), a verbose one
-    # (~3.5x longer), the answer and n.
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    n, k = rng.randint(1, max_days), rng.randint(1, TOY_MAX_RULE)
-    if rng.random() < 0.5:  # grows: every value stays <= TOY_MAX_VALUE
-        x, sign, rule, change = rng.randint(1, TOY_MAX_VALUE - n * k), "+", f"gets {k} more", k
-    else:  # shrinks: every value stays >= 1
-        x, sign, rule, change = rng.randint(n * k + 1, TOY_MAX_VALUE), "-", f"gives away {k}", -k
-    question = f"{name} has {x} {item}. Each day {name} {rule}. How many {item} after {n} days?"
-    xs = [x + change * day for day in range(n + 1)]  # the amount at the start, then at the end of each day
-    concise = [f"{xs[day - 1]}{sign}{k}={xs[day]}" for day in range(1, n + 1)]
-    verbose = [f"Day {day}: {name} {rule}, so {xs[day - 1]} {sign} {k} = {xs[day]} {item}."
-               for day in range(1, n + 1)]
-    boxed = f"\\boxed{{{xs[n]}}}"
-    return {"question": question, "trace": "\n".join(concise) + f"\n{boxed}",
-            "verbose": " ".join(verbose) + f" The answer is {boxed}.", "answer": str(xs[n]), "days": n}
-
-
-def toy_dataset(split, n, seed=0, max_days=TOY_MAX_DAYS):
-    # n problems of one split, as a datasets.Dataset. Train and test are disjoint by construction: a problem
-    # belongs to the test split iff a hash of its question text is 0 mod 10, so no question is in both.
+def toy_dataset(split, size, seed=0, max_days=TOY_MAX_DAYS):
+    # `size` word problems of one split, as a datasets.Dataset. A problem: a start amount and one rule applied
+    # every day for n days (1 <= n <= max_days). Each trace line needs only the line before it and the rule,
+    # which sits at a fixed place in the question, so nothing has to be searched for in the prompt; n is the
+    # difficulty (one more line, one more chance to slip). A row holds the question, a concise trace (one
+    # "a+k=b" line per day), a verbose one (~3.5x longer), the answer and n.
+    # Train and test are disjoint by construction: a problem belongs to the test split iff a hash of its
+    # question text is 0 mod 10, so no question is in both.
     # seed names the random stream (an int for SFT, "rl-<seed>" for igpo.py's prompts).
     import zlib
     from datasets import Dataset
     rng, rows = random.Random(f"{split}-{seed}"), {}  # question -> row: each question once
-    while len(rows) < n:
-        row = toy_problem(rng, max_days)
+    while len(rows) < size:
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        n, k = rng.randint(1, max_days), rng.randint(1, TOY_MAX_RULE)
+        if rng.random() < 0.5:  # grows: every value stays <= TOY_MAX_VALUE
+            x, sign, rule, change = rng.randint(1, TOY_MAX_VALUE - n * k), "+", f"gets {k} more", k
+        else:  # shrinks: every value stays >= 1
+            x, sign, rule, change = rng.randint(n * k + 1, TOY_MAX_VALUE), "-", f"gives away {k}", -k
+        question = f"{name} has {x} {item}. Each day {name} {rule}. How many {item} after {n} days?"
+        xs = [x + change * day for day in range(n + 1)]  # the amount at the start, then after each day
+        concise = [f"{xs[day - 1]}{sign}{k}={xs[day]}" for day in range(1, n + 1)]
+        verbose = [f"Day {day}: {name} {rule}, so {xs[day - 1]} {sign} {k} = {xs[day]} {item}."
+                   for day in range(1, n + 1)]
+        boxed = f"\\boxed{{{xs[n]}}}"
         # crc32, not hash(): Python salts str hashes per process, and the split must be the same every run
-        in_test = zlib.crc32(row["question"].encode()) % 10 == 0
-        if in_test == (split == "test") and row["question"] not in rows:
-            rows[row["question"]] = row
+        in_test = zlib.crc32(question.encode()) % 10 == 0
+        if in_test == (split == "test") and question not in rows:
+            rows[question] = {"question": question, "trace": "\n".join(concise) + f"\n{boxed}",
+                              "verbose": " ".join(verbose) + f" The answer is {boxed}.", "answer": str(xs[n]),
+                              "days": n}
     return Dataset.from_list(list(rows.values()))
 
 
