@@ -77,10 +77,9 @@ def get_args(argv=None):
     p.add_argument("--save_every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--log_every", type=int, default=200, help="steps between metric lines")
     args = p.parse_args(argv)
-    toy = args.dataset == "toy"
     if args.stop_all_wrong is None:  # the embedded default stops in the regime IGPO is for; real data never
-        args.stop_all_wrong = 0.35 if toy else 0.0
-    if args.stop_all_wrong and not toy:
+        args.stop_all_wrong = 0.35 if args.dataset == "toy" else 0.0
+    if args.stop_all_wrong and args.dataset != "toy":
         fail("--stop_all_wrong needs the embedded task (its held-out problems and grader)")
     return args
 
