@@ -206,9 +206,7 @@ def encode_response(tokenizer, trace, gen_length, end_ids):
     # Eq. (2) length alignment: trace + end of turn, padded to exactly gen_length tokens with the padding
     # token (end_ids = (end of turn, padding), from the model's facts). None when the trace does not fit.
     ids = tokenizer(trace, add_special_tokens=False).input_ids + [end_ids[0]]
-    if len(ids) > gen_length:
-        return None
-    return ids + [end_ids[-1]] * (gen_length - len(ids))
+    return ids + [end_ids[-1]] * (gen_length - len(ids)) if len(ids) <= gen_length else None
 
 
 def equal_length_batches(lengths, size):
