@@ -602,10 +602,9 @@ def open_run(args):
 
 def restore(state, out_dir, opt, sched, gens):
     # Optimizer, schedule and every RNG stream as saved; returns (step, skipped).
-    rank = rank_and_world()[0]
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
-    rng = state["rng"][rank]
+    rng = state["rng"][rank_and_world()[0]]  # this rank's streams
     torch.set_rng_state(rng["torch"])
     for g, saved in zip(gens, rng["gens"]):
         g.set_state(saved)
