@@ -379,9 +379,9 @@ def setup_model(args, device, state):
     if args.lora_r:  # a resumed LoRA run reloads its adapter
         targets = args.lora_targets.split(",") if args.lora_targets else facts.lora_targets
         policy = add_lora(policy, args.lora_r, args.lora_alpha, targets, args.out_dir if state else None)
-    model = policy
-    if rank_and_world()[1] > 1:  # gradients are averaged over ranks inside backward()
-        model = torch.nn.parallel.DistributedDataParallel(policy, [device] if device.type == "cuda" else None)
+    # under torchrun, DDP averages the gradients over ranks inside backward(); device_ids is left to default
+    # (None): the module's one device, where every input already is (torch's documented single-device use)
+    model = torch.nn.parallel.DistributedDataParallel(policy) if rank_and_world()[1] > 1 else policy
     params = [p for p in policy.parameters() if p.requires_grad]
     n_trained = sum(p.numel() for p in params)
     print(f"model: {args.model} | {n_trained / 1e6:.2f}M trained | {precision_line(policy, amp_dtype)}")
