@@ -179,16 +179,15 @@ def toy_dataset(split, size, seed=0, max_days=TOY_MAX_DAYS):
             x, sign, rule, change = rng.randint(n * k + 1, TOY_MAX_VALUE), "-", f"gives away {k}", -k
         question = f"{name} has {x} {item}. Each day {name} {rule}. How many {item} after {n} days?"
         xs = [x + change * day for day in range(n + 1)]  # the amount at the start, then after each day
-        concise = [f"{xs[day - 1]}{sign}{k}={xs[day]}" for day in range(1, n + 1)]
-        verbose = [f"Day {day}: {name} {rule}, so {xs[day - 1]} {sign} {k} = {xs[day]} {item}."
-                   for day in range(1, n + 1)]
+        concise = "\n".join(f"{xs[day - 1]}{sign}{k}={xs[day]}" for day in range(1, n + 1))
+        verbose = " ".join(f"Day {day}: {name} {rule}, so {xs[day - 1]} {sign} {k} = {xs[day]} {item}."
+                           for day in range(1, n + 1))
         boxed = f"\\boxed{{{xs[n]}}}"
         # crc32, not hash(): Python salts str hashes per process, and the split must be the same every run
         in_test = zlib.crc32(question.encode()) % 10 == 0
         if in_test == (split == "test") and question not in rows:
-            rows[question] = {"question": question, "trace": "\n".join(concise) + f"\n{boxed}",
-                              "verbose": " ".join(verbose) + f" The answer is {boxed}.", "answer": str(xs[n]),
-                              "days": n}
+            rows[question] = {"question": question, "trace": f"{concise}\n{boxed}",
+                              "verbose": f"{verbose} The answer is {boxed}.", "answer": str(xs[n]), "days": n}
     return Dataset.from_list(list(rows.values()))
 
 
