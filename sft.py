@@ -397,15 +397,14 @@ def sft_loss(model, rows, facts, gen):
     # keep the prompt clean, and score the masked tokens with 1/p importance weights, normalised by the
     # response length L and averaged over the batch:
     #     loss = (1/B) sum_b (1/L) sum_{i masked} -log f(x0_i | x_t) / p_b
-    device = gen.device
     B, L = len(rows), len(rows[0][1])
-    t = torch.rand(B, 1, device=device, generator=gen)
+    t = torch.rand(B, 1, device=gen.device, generator=gen)  # every tensor lives on the generator's device
     p = (1 - LOG_EPS) * t + LOG_EPS  # (B, 1)
-    masked = torch.rand(B, L, device=device, generator=gen) < p  # (B, L): response positions only
+    masked = torch.rand(B, L, device=gen.device, generator=gen) < p  # (B, L): response positions only
     total = 0.0
     for group in equal_length_batches([len(q) for q, _ in rows], B):  # no padding enters the model
         P = len(rows[group[0]][0])
-        x0 = torch.tensor([rows[i][0] + rows[i][1] for i in group], device=device)  # (b, P + L)
+        x0 = torch.tensor([rows[i][0] + rows[i][1] for i in group], device=gen.device)  # (b, P + L)
         m = masked[group]  # (b, L)
         xt = x0.clone()
         xt[:, P:] = torch.where(m, facts.mask_id, x0[:, P:])  # x_t of Eq. (1), restricted to the response
