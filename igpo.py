@@ -363,6 +363,9 @@ def main(argv=None):
     if not os.path.isdir(args.model) and os.path.exists(args.model):
         fail(f"--model {args.model} is not a checkpoint folder")
     state = sft.open_run(args)  # None unless --resume finds a checkpoint
+    example = os.path.join(args.out_dir, "example.json")  # the run's first rescue, once written
+    if rank == 0 and not state and os.path.exists(example):  # a dead run's (killed before its first save)
+        os.remove(example)
 
     # ---- data: (question, trace, answer) rows; the task picks the grader: numbers for the embedded task,
     # LaTeX-aware (math-verify) for real data
@@ -497,7 +500,7 @@ def main(argv=None):
             sft.log_metrics(args.out_dir, row)
             bar.update(1)
             bar.write(sft.log_line(row, LOGGED + ["heldout"] * ("heldout" in row)))
-            if rescued and not os.path.exists(os.path.join(args.out_dir, "example.json")):
+            if rescued and not os.path.exists(example):
                 rescue.update(reward=reward, adv=adv, completions=completions, hint_mask=hint_mask,
                               loss_mask=loss_mask)
                 save_example(args.out_dir, tokenizer, step, batch, rescue)

@@ -81,6 +81,8 @@ def get_args(argv=None):
         args.stop_all_wrong = 0.35 if args.dataset == "toy" else 0.0
     if args.stop_all_wrong and args.dataset != "toy":
         fail("--stop_all_wrong needs the embedded task (its held-out problems and grader)")
+    if args.lora_r and args.model == "toy":  # an adapter saved over a random model could not be loaded back
+        fail("--lora_r needs a saved base model (a folder or hub id); the embedded model is built at random")
     return args
 
 
@@ -307,7 +309,7 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None, merge=Fa
             if stage in getattr(m, "lora_dropout", {}):
                 m.lora_dropout[stage] = torch.nn.Identity()
         if merge:
-            model = model.merge_and_unload()
+            model = model.merge_and_unload().requires_grad_()  # PEFT froze the base weights: all train again
         model.name_or_path = name  # an adapter trained on this model names this folder as its base
         return model, tokenizer, facts
     if not os.path.isdir(name) and (name.count("/") != 1 or name.startswith((".", "/", "~"))):
@@ -589,12 +591,10 @@ def open_run(args):
         dist.barrier()
     saved = os.path.join(out_dir, "state.pt")
     state = torch.load(saved, weights_only=True) if args.resume and os.path.exists(saved) else None  # no code
-    metrics, example = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "example.json")
+    metrics = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0 and os.path.exists(metrics):
         lines = [l for l in open(metrics) if l.strip() and state and json.loads(l)["step"] <= state["step"]]
         open(metrics, "w").writelines(lines)
-    if rank == 0 and not state and os.path.exists(example):  # a dead run's rescue: this run writes its own
-        os.remove(example)
     return state
 
 

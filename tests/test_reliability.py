@@ -251,6 +251,17 @@ def test_taken_out_dir_refused_then_overwritten(tmp_path, tokenizer):
 # ---------------------------------------------------------------------------------------------------------
 # 3. Determinism on CPU.
 
+def test_igpo_fresh_run_replaces_a_dead_runs_example(igpo_setup, igpo_reference, tmp_path, one_thread, monkeypatch):
+    """A run killed before its first checkpoint may leave example.json (the first rescue) behind; a fresh run in
+    that folder shows its own first rescue, not the dead run's."""
+    root, args = igpo_setup
+    monkeypatch.setattr(igpo, "ANSWER_START", re.compile(r"(?!)"))  # as REVEAL_ANSWER, like the reference run
+    os.makedirs(tmp_path / "B")
+    (tmp_path / "B" / "example.json").write_text(json.dumps({"step": 3, "question": "a dead run's"}))
+    igpo.main(args + ["--out_dir", str(tmp_path / "B")])
+    assert json.load(open(tmp_path / "B" / "example.json")) == json.load(open(igpo_reference / "example.json"))
+
+
 def test_igpo_same_seed_same_metrics(igpo_setup, igpo_reference, tmp_path, one_thread, monkeypatch):
     root, args = igpo_setup
     monkeypatch.setattr(igpo, "ANSWER_START", re.compile(r"(?!)"))  # as REVEAL_ANSWER, like the reference run

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import sft
 
@@ -147,6 +148,8 @@ def test_local_jsonl_with_renamed_columns_and_length_filter(tokenizer, facts, tm
     (["--dataset", "missing.jsonl"], "dataset file not found: missing.jsonl"),
     (["--dataset", "{tmp}/bad.jsonl", "--trace_col", "solution"], "has no column 'solution'"),
     (["--gen_length", "8"], "no trace fits --gen_length 8"),
+    # the embedded model is built at random: an adapter over it would name no base it could be loaded onto
+    (["--lora_r", "4"], "--lora_r needs a saved base model"),
 ])
 def test_bad_input_one_line_error(tmp_path, flags, message):
     # In process: sft.fail raises SystemExit with one line, which Python prints to stderr with exit code 1.
@@ -157,6 +160,19 @@ def test_bad_input_one_line_error(tmp_path, flags, message):
     assert isinstance(e.value.code, str) and e.value.code.startswith("error: ")
     assert message in e.value.code and len(e.value.code.splitlines()) == 1, e.value.code
     assert not (tmp_path / "o" / "model.safetensors").exists()  # nothing half-written
+
+
+def test_full_fine_tuning_from_a_lora_checkpoint_trains_every_weight(tmp_path):
+    """sft.py --model <a LoRA checkpoint> without --lora_r folds the adapter in and trains all weights of the
+    merged model (PEFT leaves the base weights frozen after merging)."""
+    small = ["--toy_size", "64", "--batch_size", "4", "--max_steps", "1", "--log_every", "1"]
+    sft.main(small + ["--out_dir", str(tmp_path / "base")])
+    sft.main(small + ["--model", str(tmp_path / "base"), "--lora_r", "4", "--out_dir", str(tmp_path / "lora")])
+    sft.main(small + ["--model", str(tmp_path / "lora"), "--out_dir", str(tmp_path / "full")])
+    merged = sft.load_model(str(tmp_path / "lora"), merge=True)[0].state_dict()
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert merged.keys() >= full.keys() and len(full) > 10
+    assert all(not torch.equal(full[k], merged[k]) for k in full if k.endswith("Wqkv.weight"))
 
 
 def test_end_to_end_tiny_run_loads_back(tmp_path):
