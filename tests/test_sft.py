@@ -96,7 +96,7 @@ def test_sft_loss_matches_hand_computation():
     B, P, L, V, mask_id = 3, 4, 6, 11, 10
     ids = torch.randint(0, 10, (B, P + L))
     rows = [(r[:P].tolist(), r[P:].tolist()) for r in ids]
-    facts = sft.Facts(mask_id, (1, 2), False, V, ())
+    facts = sft.Facts(mask_id=mask_id, end_ids=(1, 2), shifted=False, lora_targets=(), n_tokens=V)
     model = UniformModel(V)
     loss = sft.sft_loss(model, rows, facts, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)  # replay the same draws by hand
