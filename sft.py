@@ -81,8 +81,6 @@ def get_args(argv=None):
         args.stop_all_wrong = 0.35 if args.dataset == "toy" else 0.0
     if args.stop_all_wrong and args.dataset != "toy":
         fail("--stop_all_wrong needs the embedded task (its held-out problems and grader)")
-    if args.lora_r and args.model == "toy":  # an adapter saved over a random model could not be loaded back
-        fail("--lora_r needs a saved base model (a folder or hub id); the embedded model is built at random")
     return args
 
 
@@ -372,6 +370,8 @@ def setup_model(args, device, state):
     # What a trainer (sft.py, igpo.py) trains: the model from --model (resuming full fine-tuning: from
     # --out_dir), in the precision policy's dtype, with gradient checkpointing and LoRA if asked for.
     # Returns (policy, model: DDP-wrapped under torchrun, its trained params, tokenizer, facts, amp dtype).
+    if args.lora_r and args.model == "toy":  # an adapter saved over a random model could not be loaded back
+        fail("--lora_r needs a saved base model (a folder or hub id); the embedded model is built at random")
     dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=args.lora_r > 0)
     start = args.out_dir if state and not args.lora_r else args.model
     policy, tokenizer, facts = load_model(start, args.trust_remote_code, device, dtype, merge=not args.lora_r)

@@ -268,6 +268,15 @@ def test_settings_that_cannot_mean_anything_are_one_line_errors(argv, message):
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_lora_on_the_random_embedded_model_is_refused(tmp_path):
+    """The embedded model is built at random: an adapter over it would name no base it could be loaded onto."""
+    with pytest.raises(SystemExit) as e:
+        igpo.main(["--model", "toy", "--lora_r", "4", "--out_dir", str(tmp_path / "o"), "--limit", "0",
+                   "--max_steps", "1"])
+    assert str(e.value).startswith("error: ") and "--lora_r needs a saved base model" in str(e.value)
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("script,flag", [("igpo", "--init"), ("igpo", "--steps"), ("igpo", "--eval_limit"),
                                          ("eval", "--batch_size"), ("eval", "--grade"), ("sft", "--rewrite_model")])
 def test_removed_flags_are_argparse_errors(script, flag, capsys):
