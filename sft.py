@@ -590,7 +590,8 @@ def open_run(args):
     if world > 1:  # the other ranks wait until rank 0 has the folder ready
         dist.barrier()
     saved = os.path.join(out_dir, "state.pt")
-    state = torch.load(saved, weights_only=True) if args.resume and os.path.exists(saved) else None  # no code
+    # weights_only: the state file is read as tensors and plain values, never as pickled code
+    state = torch.load(saved, weights_only=True) if args.resume and os.path.exists(saved) else None
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0 and os.path.exists(metrics):
         lines = [l for l in open(metrics) if l.strip() and state and json.loads(l)["step"] <= state["step"]]
