@@ -559,7 +559,11 @@ def main(argv=None):
         fail("no model given and neither out/igpo nor out/sft exists; run `python sft.py` first")
     rank, world, device = init_distributed(args.device)  # under torchrun, questions are split over ranks
     items = load_task(args.task, args.data, args.limit)
-    dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=True)  # nothing is trained
+    # Evaluated as trained: a full fine-tuning checkpoint of these scripts (args.json, no LoRA) keeps its
+    # fp32 weights, which bf16 storage would round (NOTES.md §7); frozen ones (hub model, LoRA base) are bf16
+    saved = os.path.join(model_path, "args.json")
+    full = os.path.exists(saved) and not json.load(open(saved)).get("lora_r")
+    dtype, amp_dtype = precision_policy(args.precision, device, frozen_base=not full)
     model, tokenizer, facts = load_model(model_path, args.trust_remote_code, device, dtype)
     print(f"evaluating {model_path} on {args.task}: {len(items)} questions x {args.num_samples} samples, "
           f"L={gen_length} block={block_length} steps={steps} T={args.temperature} | "

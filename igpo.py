@@ -118,6 +118,9 @@ def sampler_of(args):
 # Where a trace starts stating its final answer. MetaMathQA states it twice: GSM_AnsAug ends "#### 72\nThe
 # answer is: 72", MATH_AnsAug has "$\\boxed{5}$. The answer is: 5"; so the cut is at the FIRST marker.
 ANSWER_START = re.compile(r"####|\\boxed|The answer is|<answer>")
+# Room left for the answer: hints never reach into the last ANSWER_ROOM of the canvas (the official code keeps
+# 30 of 256 positions free), so an inpainted sample of a trace as long as L can still state its \boxed{}
+ANSWER_ROOM = 30 / 256
 METAMATH_TYPES = ("GSM_AnsAug", "MATH_AnsAug")  # the official code's selection (--metamath_official)
 
 
@@ -142,13 +145,13 @@ def metamath_official(ds, qcol):
     return sorted(first.values())
 
 
-def load_rl_data(args, world):
+def load_rl_data(args):
     # [(question, trace, gold answer)]; rows whose answer cannot be found are dropped (counted).
     if args.dataset == "toy":  # enough distinct problems that a default run never repeats one
         # a random stream of its own ("rl-<seed>"), not SFT's ("<seed>"), as the paper's RL data (MetaMathQA)
         # differs from its SFT data; both draw from one pool, so ~1 in 5 prompts is an SFT problem by chance
         # (NOTES.md §3 item 18)
-        n = max(1000, args.max_steps * args.batch_prompts * world)
+        n = max(1000, args.max_steps * args.batch_prompts)
         ds = sft.toy_dataset("train", n, seed=f"rl-{args.seed}")
         questions, traces, answers = ds["question"], ds["trace"], ds["answer"]
     else:
@@ -188,9 +191,12 @@ def rollout(model, prompts, sampler, facts, gen, hints=None):
 
 
 def hintable_trace_ids(tokenizer, trace, gen_length):
-    # Token ids of y* that may be revealed: those before the first final-answer statement, at most L.
+    # Token ids of y* that may be revealed: those before the first final-answer statement, and none in the
+    # canvas's last ceil(ANSWER_ROOM * L) positions (at L = 256: the last 30).
     m = ANSWER_START.search(trace)  # Eq. (7): the answer itself is never a hint (NOTES.md §3 item 3)
-    return tokenizer(trace[:m.start()] if m else trace, add_special_tokens=False).input_ids[:gen_length]
+    room = math.ceil(ANSWER_ROOM * gen_length)
+    ids = tokenizer(trace[:m.start()] if m else trace, add_special_tokens=False).input_ids
+    return ids[:gen_length - room]
 
 
 def trace_chunks(n, chunk_min, chunk_max, gen):
@@ -354,6 +360,9 @@ def main(argv=None):
     args = get_args(argv)
     # ---- device and RNG streams: rollouts draw from `gen`, hints (eta, chunks, which ones) from `hint_gen`
     rank, world, device = sft.init_distributed(args.device)  # world > 1 under torchrun
+    # --batch_prompts and --grad_accum count the whole step: each rank rolls out and trains an equal share
+    accum = sft.split_over_ranks(args.grad_accum, world, "--grad_accum")  # this rank's micro-batches
+    B = args.batch_prompts // args.grad_accum * accum  # this rank's prompts per step
     torch.manual_seed(args.seed)
     gen = torch.Generator(device).manual_seed(args.seed + 1000 * rank)
     hint_gen = torch.Generator().manual_seed(args.seed + 1000 * rank + 1)
@@ -371,7 +380,7 @@ def main(argv=None):
     # LaTeX-aware (math-verify) for real data
     toy = args.dataset == "toy"
     task = "toy" if toy else "math500"
-    data = load_rl_data(args, world)
+    data = load_rl_data(args)
     G = args.num_generations
     sampler = sampler_of(args)
 
@@ -406,14 +415,14 @@ def main(argv=None):
     bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None if rank == 0 else True)
     while step < args.max_steps:
         t0 = time.time()
-        # [(question, trace y*, gold answer)] * B: under torchrun each rank rolls out its own B prompts
-        batch = sft.batch_at(data, args.batch_prompts, step * world + rank, args.seed)
+        # [(question, trace y*, gold answer)] * B: the step's --batch_prompts prompts, of which each rank
+        # under torchrun rolls out its own equal share (B = batch_prompts / world; DDP averages the gradients)
+        batch = sft.batch_at(data, args.batch_prompts, step, args.seed)[rank * B:(rank + 1) * B]
         questions, traces, answers = zip(*batch)
-        B = len(batch)
         prompts = [tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids
                    for q in questions]  # B token-id lists, unpadded
         rep = lambda rows: [r for r in rows for _ in range(G)]  # B -> B*G: row b*G + i, sample i of prompt b
-        mb = B // args.grad_accum  # prompts per micro-batch; each is (its prompt rows, its sample rows)
+        mb = args.batch_prompts // args.grad_accum  # prompts per micro-batch: (prompt rows, sample rows)
         micro = [(slice(a, a + mb), slice(a * G, (a + mb) * G)) for a in range(0, B, mb)]
 
         # ================================ the IGPO step (NOTES.md §5) ================================
@@ -469,9 +478,10 @@ def main(argv=None):
                     logp = token_logps(model, prompts[p], completions[s], facts)  # (mb*G, L)
                 loss, kl, clip_frac = grpo_loss(logp, logp_old[s], logp_ref[s], adv[s], loss_mask[s],
                                                 args.epsilon, args.beta)
-                # each micro-batch's loss / grad_accum: the gradients add up to the full batch's
-                (loss / args.grad_accum).backward()
-                stats += torch.tensor([loss.item(), kl.item(), clip_frac.item()]) / args.grad_accum
+                # each micro-batch's loss / this rank's count: the gradients add up to the rank's batch, and
+                # DDP's average over ranks makes it the whole batch's
+                (loss / len(micro)).backward()
+                stats += torch.tensor([loss.item(), kl.item(), clip_frac.item()]) / len(micro)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the norm before clipping
             finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(stats).all())
             if finite:  # a non-finite update is skipped and counted; too many in a row stop the run

@@ -449,6 +449,7 @@ def main(argv=None):
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
     torch.manual_seed(args.seed)
     gen = torch.Generator(device).manual_seed(args.seed + rank)
+    accum = split_over_ranks(args.grad_accum, world, "--grad_accum")  # this rank's micro-batches per step
     state = open_run(args)  # None unless --resume finds a checkpoint
 
     # ---- model (`policy` is saved, `model` takes the gradients), then data (filtered with its tokenizer)
@@ -470,12 +471,13 @@ def main(argv=None):
         t0 = time.time()
         while step < args.max_steps:
             total = 0.0
-            for micro in range(args.grad_accum):
-                k = (step * args.grad_accum + micro) * world + rank  # each rank reads its own micro-batches
+            for micro in range(accum):
+                k = step * args.grad_accum + micro * world + rank  # the step's micro-batches, dealt out
                 batch = batch_at(rows, args.batch_size, k, args.seed)
-                # Eq. (2) per micro-batch, divided by grad_accum: the summed gradient is the full batch's
+                # Eq. (2) per micro-batch, divided by this rank's count; DDP averages over the ranks, so the
+                # gradient is the whole step's (batch_size x grad_accum sequences, whatever the world size)
                 with autocast(device, amp_dtype):
-                    loss = sft_loss(model, batch, facts, gen) / args.grad_accum
+                    loss = sft_loss(model, batch, facts, gen) / accum
                 loss.backward()
                 total += loss.item()
             gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the norm before clipping
@@ -538,6 +540,14 @@ def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def split_over_ranks(n, world, flag):
+    # A flag counts the whole step (README's commands run the same algorithm on 1 GPU or 8): each rank takes
+    # n / world of it. Spreading B prompts over N GPUs keeps the paper's batch; N x B would multiply it.
+    if n % world:
+        fail(f"{flag} ({n}) must be a multiple of the number of processes ({world}): each takes a share")
+    return n // world
+
+
 def save_checkpoint(out_dir, model, tokenizer, args, state):
     # Write the whole checkpoint to out_dir.tmp, then swap it in with two renames, so an interrupted save
     # never damages the last good checkpoint. The folder loads with load_model() / the Auto classes.
@@ -590,8 +600,11 @@ def open_run(args):
     if world > 1:  # the other ranks wait until rank 0 has the folder ready
         dist.barrier()
     saved = os.path.join(out_dir, "state.pt")
-    # weights_only: the state file is read as tensors and plain values, never as pickled code
-    state = torch.load(saved, weights_only=True) if args.resume and os.path.exists(saved) else None
+    # weights_only: the state file is read as tensors and plain values, never as pickled code. map_location:
+    # rank 0 saved it from its GPU, and without it every rank would rebuild those tensors on GPU 0; on the CPU
+    # the optimizer's load_state_dict moves each moment to its parameter's device
+    resume = args.resume and os.path.exists(saved)
+    state = torch.load(saved, map_location="cpu", weights_only=True) if resume else None
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0 and os.path.exists(metrics):
         lines = [l for l in open(metrics) if l.strip() and state and json.loads(l)["step"] <= state["step"]]
@@ -601,10 +614,12 @@ def open_run(args):
 
 def restore(state, out_dir, opt, sched, gens):
     # Optimizer, schedule and every RNG stream as saved; returns (step, skipped).
-    opt.load_state_dict(state["opt"])
+    opt.load_state_dict(state.pop("opt"))  # popped: the run keeps no second copy of the moments
     sched.load_state_dict(state["sched"])
     rng = state["rng"][rank_and_world()[0]]  # this rank's streams
     torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None:  # LoRA dropout on a GPU draws from the device's own stream
+        torch.cuda.set_rng_state(rng["cuda"])
     for g, saved in zip(gens, rng["gens"]):
         g.set_state(saved)
     print(f"resumed {out_dir} at step {state['step']}")
@@ -614,8 +629,10 @@ def restore(state, out_dir, opt, sched, gens):
 def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped):
     # Save weights + optimizer + every rank's RNG streams.
     rank, world = rank_and_world()
-    # torch's global stream (dropout's, on CPU) and the run's generators; Python's `random` is never drawn
-    mine = {"torch": torch.get_rng_state(), "gens": [g.get_state() for g in gens]}
+    # torch's global streams (dropout's: the CPU's, and the GPU's where the run's generators live) and the
+    # run's generators; Python's `random` is never drawn
+    cuda = torch.cuda.get_rng_state() if gens[0].device.type == "cuda" else None
+    mine = {"torch": torch.get_rng_state(), "cuda": cuda, "gens": [g.get_state() for g in gens]}
     rng = [mine] * world
     if world > 1:  # every rank's streams, so that a resume continues each one
         dist.all_gather_object(rng, mine)

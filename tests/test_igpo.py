@@ -247,12 +247,12 @@ def test_rl_prompts_are_not_the_sft_problems():
     # so every RL prompt was a problem SFT had trained on. What overlap remains is chance: a 20,000-problem SFT set
     # covers about a fifth of the training problems there are (measured: 18.5% for seed 0).
     args = igpo.get_args(["--seed", "0"])
-    rl_questions = [q for q, _, _ in igpo.load_rl_data(args, world=1)]
+    rl_questions = [q for q, _, _ in igpo.load_rl_data(args)]
     sft_questions = set(sft.toy_dataset("train", 20000, seed=0)["question"])
     assert len(rl_questions) == 1000
     assert sum(q in sft_questions for q in rl_questions) / len(rl_questions) < 0.3
     # and RL's stream follows --seed, as SFT's does
-    other = [q for q, _, _ in igpo.load_rl_data(igpo.get_args(["--seed", "1"]), world=1)]
+    other = [q for q, _, _ in igpo.load_rl_data(igpo.get_args(["--seed", "1"]))]
     assert other != rl_questions
 
 

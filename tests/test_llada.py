@@ -98,6 +98,29 @@ def test_hints_never_reveal_the_answer_of_metamath_rows(tiny_llada):
         assert not evaluation.grade(hintable + "<|eot_id|>", gold, "math500")
 
 
+def test_inpainting_a_long_trace_leaves_room_for_the_answer(tiny_llada):
+    """Issue 31.3: the hintable ids were cut at L, so a trace of L tokens or more could be revealed up to the
+    canvas's last position and an inpainted sample had no room left for its \\boxed{}. Hints now stop
+    ceil(30/256 * L) positions before the end (the official code keeps 30 of 256 free), and reach up to there."""
+    _, tok, facts = sft.load_model(tiny_llada, trust_remote_code=True)
+    steps = "".join(f"Step {k}: we add {k} apples to the {k * k} we had, which gives {k * k + k} apples.\n"
+                    for k in range(1, 12))  # a long MATH_AnsAug-shaped response, one token per character
+    trace = steps + "So the total is $\\boxed{132}$.\nThe answer is: 132"
+    assert len(tok(steps, add_special_tokens=False).input_ids) > 256
+    for L, room in [(256, 30), (48, 6), (20, 3)]:  # ceil: 5.625 -> 6 and 2.34 -> 3, never fewer
+        args = argparse.Namespace(gen_length=L, num_generations=4, eta_low=1.0, eta_high=1.0, chunk_min=5,
+                                  chunk_max=10)
+        hints = igpo.hint_canvases(tok, [trace], args, facts.mask_id, torch.Generator().manual_seed(0))
+        hinted = hints != facts.mask_id  # (G, L); eta = 1 reveals every hintable chunk
+        assert not hinted[:, L - room:].any()  # the answer's room stays free of hints ...
+        assert hinted[:, :L - room].all()  # ... and everything before it is revealed: no position more
+        assert tok.decode(hints[0, :L - room]) == steps[:L - room]
+    short = "Step 1: 3 + 4 = 7.\nThe answer is: 7"  # a short trace is hinted whole, as before
+    hints = igpo.hint_canvases(tok, [short], argparse.Namespace(gen_length=256, num_generations=1, eta_low=1.0,
+                               eta_high=1.0, chunk_min=5, chunk_max=10), facts.mask_id, torch.Generator())
+    assert tok.decode(hints[0][hints[0] != facts.mask_id]) == "Step 1: 3 + 4 = 7.\n"
+
+
 def test_metamath_official_selection(tmp_path):
     from datasets import Dataset
     ds = Dataset.from_list(METAMATH_ROWS)
@@ -212,6 +235,30 @@ def test_bf16_policy_moves_weights_like_fp32(tiny_llada, tmp_path, capsys):
     # resume restores the same precision: the continued run still saves fp32 weights
     wres, _ = sft_weights(tiny_llada, tmp_path, "bf16", ["--resume", "--max_steps", "4"])
     assert wres[name].dtype == torch.float32 and not torch.equal(wres[name], wbf[name])
+
+
+def test_full_fine_tuning_checkpoint_is_evaluated_with_its_fp32_weights(tiny_llada, tmp_path, capsys):
+    """Issue 31.4: eval.py loaded every checkpoint in bf16 under the GPU policy, so a full fine-tuning run's
+    fp32 weights were rounded before evaluation. They are evaluated as trained now: fp32 weights, bf16 compute,
+    the very tokens the trainer's policy writes; a frozen model (no args.json: a hub model) stays bf16."""
+    import eval as evaluation
+    _, out = sft_weights(tiny_llada, tmp_path, "bf16")
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"problem": r["question"], "answer": "7"}) + "\n" for r in SHORT_ROWS))
+    flags = ["--trust_remote_code", "--task", "math500", "--data", str(data), "--gen_length", "16", "--block_length",
+             "8", "--diffusion_steps", "8", "--precision", "bf16", "--device", "cpu"]
+    capsys.readouterr()
+    evaluation.main(["--model", str(out), "--out_dir", str(tmp_path / "e"), *flags])
+    assert "precision: weights float32, compute bfloat16 autocast" in capsys.readouterr().out
+    policy, tok, facts = sft.load_model(str(out), trust_remote_code=True, dtype=torch.float32)  # as trained
+    items = evaluation.load_task("math500", str(data))
+    sampler = evaluation.Sampler(16, 8, 8, 0.0, True, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        records, _ = evaluation.evaluate(policy, tok, facts, items, "math500", sampler)
+    saved = json.load(open(tmp_path / "e" / "eval_math500.json"))["generations"]
+    assert [r["generations"] for r in saved] == [r["generations"] for r in records]
+    evaluation.main(["--model", tiny_llada, "--out_dir", str(tmp_path / "hub"), *flags])
+    assert "precision: weights bfloat16, compute bfloat16 autocast" in capsys.readouterr().out
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,6 +5,7 @@ import copy
 import importlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -335,11 +336,57 @@ def tiny_ckpt(tokenizer, tmp_path_factory):
     return path
 
 
-def test_torchrun_igpo_two_processes(tiny_ckpt, tmp_path):
-    out = tmp_path / "igpo"
-    torchrun("igpo.py", "--model", tiny_ckpt, "--out_dir", out, "--max_steps", 2, "--batch_prompts", 2,
-             "--num_generations", 4, "--gen_length", 16, "--block_length", 8, "--diffusion_steps", 8, "--limit", 0,
-             "--device", "cpu")
+# Runs igpo.main and writes, per rank and step, the questions that rank rolled out (igpo.make_prompt is called
+# once per rollout prompt; evaluation prompts go through eval's own binding of it).
+SPY_IGPO = """
+import json, os, sys
+import igpo
+real, log = igpo.make_prompt, os.path.join({log!r}, "rank" + os.environ.get("RANK", "0") + ".jsonl")
+def spy(tokenizer, question, toy):
+    with open(log, "a") as f:
+        f.write(json.dumps(question) + "\\n")
+    return real(tokenizer, question, toy)
+igpo.make_prompt = spy
+igpo.main(sys.argv[1:])
+"""
+
+
+def rolled_out(log_dir, rank, per_step):
+    """The questions one rank rolled out, one list per step."""
+    qs = [json.loads(line) for line in open(log_dir / f"rank{rank}.jsonl")]
+    return [qs[k:k + per_step] for k in range(0, len(qs), per_step)]
+
+
+TWO_PROCESS_FLAGS = ["--max_steps", 2, "--batch_prompts", 4, "--grad_accum", 2, "--num_generations", 4,
+                     "--gen_length", 16, "--block_length", 8, "--diffusion_steps", 8, "--limit", 0, "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_ckpt, tmp_path_factory):
+    """The same 2-step IGPO run under torchrun with 2 processes and in one process, each logging the questions
+    it rolled out: (folder of the 2-process run, questions per step alone, questions per rank per step)."""
+    root = tmp_path_factory.mktemp("two_process")
+    flags = ["--model", tiny_ckpt, *TWO_PROCESS_FLAGS]
+    for name in ("two", "one"):
+        (root / name).mkdir()
+        (root / f"spy_{name}.py").write_text(SPY_IGPO.format(log=str(root / name)))
+    torchrun(str(root / "spy_two.py"), *flags, "--out_dir", root / "igpo")
+    r = subprocess.run([sys.executable, str(root / "spy_one.py"), *map(str, flags), "--out_dir", str(root / "igpo1")],
+                       cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root / "igpo", rolled_out(root / "one", 0, 4), [rolled_out(root / "two", rank, 2) for rank in (0, 1)]
+
+
+def test_torchrun_igpo_two_processes(two_process_run):
+    # --batch_prompts and --grad_accum count the whole step: 2 processes split the 4 prompts of a step 2 + 2,
+    # disjoint, and together they roll out exactly the prompts one process rolls out alone (not 2 x 4 prompts)
+    out, one, ranks = two_process_run
+    assert len(one) == 2 and all(len(steps) == 2 for steps in ranks)
+    for step in range(2):
+        mine, theirs = ranks[0][step], ranks[1][step]
+        assert not set(mine) & set(theirs)  # no prompt rolled out twice in a step
+        assert mine + theirs == one[step]  # rank r takes the r-th share of the step's batch
+    assert one[0] != one[1]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]  # held-out row at step 0, one per step, by rank 0 only
     assert set(rows[0]) == {"step", "heldout"}
@@ -347,6 +394,74 @@ def test_torchrun_igpo_two_processes(tiny_ckpt, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["step"] == 2 and len(state["rng"]) == 2  # both ranks' RNG streams saved for a resume
+
+
+def test_torchrun_resume_loads_the_saved_state_onto_the_cpu(two_process_run, tiny_ckpt, tmp_path):
+    # On GPUs rank 0 saves state.pt from cuda:0. Loaded without a map location, every rank would rebuild those
+    # tensors on GPU 0 (on a CPU machine: refuse to load them at all). Retag this run's state as cuda:0 tensors,
+    # then resume it with 2 processes: each must load it onto the CPU and continue.
+    from torch import serialization
+    out = tmp_path / "igpo"
+    shutil.copytree(two_process_run[0], out)
+    state = torch.load(out / "state.pt", weights_only=True)
+    tag = (0, lambda storage: "cuda:0", lambda obj, location: None)  # asked first: every storage is cuda:0's
+    serialization._package_registry.insert(0, tag)
+    try:
+        torch.save(state, out / "state.pt")
+    finally:
+        serialization._package_registry.remove(tag)
+    with pytest.raises(RuntimeError, match="CUDA"):  # the file now names a GPU
+        torch.load(out / "state.pt", weights_only=True)
+    flags = [str(f) for f in TWO_PROCESS_FLAGS]
+    flags[flags.index("--max_steps") + 1] = "3"
+    r = torchrun("igpo.py", "--model", tiny_ckpt, *flags, "--out_dir", out, "--resume")
+    assert "resumed" in r.stdout
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+# Runs sft.main and writes, per rank, the index k of every micro-batch it trained on (sft.batch_at(rows, size, k)).
+SPY_SFT = """
+import os, sys
+import sft
+real, log = sft.batch_at, os.path.join({log!r}, "rank" + os.environ.get("RANK", "0") + ".txt")
+def spy(rows, size, k, seed):
+    with open(log, "a") as f:
+        f.write(str(k) + "\\n")
+    return real(rows, size, k, seed)
+sft.batch_at = spy
+sft.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_sft_splits_each_steps_micro_batches(tmp_path):
+    # --grad_accum counts the step's micro-batches: 2 processes take 2 + 2 of the 4, disjoint, the same 4 that
+    # one process trains on (not 2 x 4)
+    flags = ["--toy_size", 64, "--batch_size", 4, "--grad_accum", 4, "--max_steps", 2, "--stop_all_wrong", 0,
+             "--device", "cpu"]
+    for name in ("two", "one"):
+        (tmp_path / name).mkdir()
+        (tmp_path / f"spy_{name}.py").write_text(SPY_SFT.format(log=str(tmp_path / name)))
+    torchrun(str(tmp_path / "spy_two.py"), *flags, "--out_dir", tmp_path / "sft2")
+    r = subprocess.run([sys.executable, str(tmp_path / "spy_one.py"), *map(str, flags), "--out_dir",
+                        str(tmp_path / "sft1")], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ks = {name: [[int(k) for k in open(tmp_path / name / f"rank{rank}.txt")] for rank in ranks]
+          for name, ranks in (("one", [0]), ("two", [0, 1]))}
+    assert ks["one"] == [list(range(8))]  # 2 steps x 4 micro-batches
+    mine, theirs = ks["two"]
+    assert len(mine) == len(theirs) == 4 and not set(mine) & set(theirs)
+    for step in range(2):  # each step: the ranks' micro-batches are the step's, and only the step's
+        assert sorted(mine[2 * step:2 * step + 2] + theirs[2 * step:2 * step + 2]) == list(range(4 * step, 4 * step + 4))
+
+
+def test_torchrun_needs_the_step_split_evenly(tiny_ckpt, tmp_path):
+    # a step whose micro-batches cannot be shared equally is refused with one line, before any folder is touched
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "igpo.py", "--model", str(tiny_ckpt), "--batch_prompts", "4", "--grad_accum", "1", "--device", "cpu",
+           "--out_dir", str(tmp_path / "igpo")]
+    r = subprocess.run(cmd, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and not (tmp_path / "igpo").exists()
+    assert "error: --grad_accum (1) must be a multiple of the number of processes (2)" in r.stderr
 
 
 def test_torchrun_eval_matches_single_process(tiny_ckpt, tmp_path):
