@@ -262,7 +262,7 @@ def precision_policy(name, device, frozen_base):
     # (dtype the weights are loaded in, autocast dtype or None). bf16 computes under autocast but keeps every
     # trained weight in fp32: AdamW moves a weight by ~lr per step, below half a bf16 ulp of most weights at
     # the learning rates in use, so bf16 weights would mostly not move at all. Weights nothing updates (a
-    # frozen LoRA base, evaluation) are stored in bf16, which halves their memory.
+    # frozen LoRA base, a hub model evaluated) are stored in bf16: half the memory.
     bf16 = name == "bf16" or (name == "auto" and device.type == "cuda")  # auto: bf16 on a GPU, fp32 on CPU
     dtype = torch.bfloat16 if bf16 and frozen_base else torch.float32
     return dtype, (torch.bfloat16 if bf16 else None)

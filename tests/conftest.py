@@ -17,6 +17,12 @@ import sft  # noqa: E402
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
 
 
+def pytest_configure(config):
+    # `pytest -m "not slow" tests` is the everyday run (under 3 minutes on 2 cores); the full suite, which CI
+    # runs, adds these: the default SFT to its stop rule, SIGKILL resumes, torchrun, the README chains
+    config.addinivalue_line("markers", "slow: a long end-to-end run, left out of the everyday command")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return sft.build_toy_tokenizer()

@@ -117,6 +117,7 @@ def test_unknown_model_or_missing_token_is_a_one_line_error(tiny_dream, tmp_path
     assert "no token <|mdm_mask|>" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_readme_dream_chain_sft_igpo_eval(tiny_dream, tmp_path, capsys):
     """The README's Dream commands run as written (model path, data and sizes aside) on the tiny Dream under
     the GPU precision policy: SFT with LoRA, IGPO stacking its adapter on SFT's, evaluation of the result."""

@@ -307,6 +307,7 @@ def chain_data(tmp_path):
     return traces, metamath, bench
 
 
+@pytest.mark.slow
 def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
     """The README's paper-scale commands (sft.py -> igpo.py -> eval.py with --trust_remote_code --lora_r
     --grad_ckpt) run as written on the tiny LLaDA, model path, data and sizes aside, under the GPU precision

@@ -134,6 +134,7 @@ def igpo_reference(igpo_setup):
 # ---------------------------------------------------------------------------------------------------------
 # 1. Resume after SIGKILL is exact.
 
+@pytest.mark.slow
 def test_sft_resume_after_sigkill_is_exact(tmp_path, one_thread):
     sft.main(SFT_ARGS + ["--out_dir", str(tmp_path / "A")])
     run_killed_then_resumed("sft", SFT_ARGS, tmp_path / "B", kill_step=3)  # checkpoint at 2, killed after 3
@@ -141,6 +142,7 @@ def test_sft_resume_after_sigkill_is_exact(tmp_path, one_thread):
     assert [r["step"] for r in metric_rows(tmp_path / "B")] == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_igpo_resume_after_sigkill_is_exact(igpo_setup, igpo_reference, tmp_path):
     root, args = igpo_setup
     assert sum(r["replaced"] for r in metric_rows(igpo_reference)) > 0  # the rescue path really ran

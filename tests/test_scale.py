@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import torch
@@ -288,6 +289,7 @@ def ddp_worker(rank, world, port, init, batch, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_gradient_equals_full_batch(tokenizer, facts, tmp_path):
     G, L = 2, 8
     model = tiny_model(tokenizer)
@@ -377,6 +379,7 @@ def two_process_run(tiny_ckpt, tmp_path_factory):
     return root / "igpo", rolled_out(root / "one", 0, 4), [rolled_out(root / "two", rank, 2) for rank in (0, 1)]
 
 
+@pytest.mark.slow
 def test_torchrun_igpo_two_processes(two_process_run):
     # --batch_prompts and --grad_accum count the whole step: 2 processes split the 4 prompts of a step 2 + 2,
     # disjoint, and together they roll out exactly the prompts one process rolls out alone (not 2 x 4 prompts)
@@ -396,6 +399,7 @@ def test_torchrun_igpo_two_processes(two_process_run):
     assert state["step"] == 2 and len(state["rng"]) == 2  # both ranks' RNG streams saved for a resume
 
 
+@pytest.mark.slow
 def test_torchrun_resume_loads_the_saved_state_onto_the_cpu(two_process_run, tiny_ckpt, tmp_path):
     # On GPUs rank 0 saves state.pt from cuda:0. Loaded without a map location, every rank would rebuild those
     # tensors on GPU 0 (on a CPU machine: refuse to load them at all). Retag this run's state as cuda:0 tensors,
@@ -433,6 +437,7 @@ sft.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_torchrun_sft_splits_each_steps_micro_batches(tmp_path):
     # --grad_accum counts the step's micro-batches: 2 processes take 2 + 2 of the 4, disjoint, the same 4 that
     # one process trains on (not 2 x 4)
@@ -454,6 +459,7 @@ def test_torchrun_sft_splits_each_steps_micro_batches(tmp_path):
         assert sorted(mine[2 * step:2 * step + 2] + theirs[2 * step:2 * step + 2]) == list(range(4 * step, 4 * step + 4))
 
 
+@pytest.mark.slow
 def test_torchrun_needs_the_step_split_evenly(tiny_ckpt, tmp_path):
     # a step whose micro-batches cannot be shared equally is refused with one line, before any folder is touched
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -464,6 +470,7 @@ def test_torchrun_needs_the_step_split_evenly(tiny_ckpt, tmp_path):
     assert "error: --grad_accum (1) must be a multiple of the number of processes (2)" in r.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_eval_matches_single_process(tiny_ckpt, tmp_path):
     # gen_batch 1: each question is sampled alone in both runs, so any difference comes from the sharding
     # and gathering of questions over ranks, not from float noise of different left padding
@@ -477,3 +484,116 @@ def test_torchrun_eval_matches_single_process(tiny_ckpt, tmp_path):
     for key in ["question", "generations", "correct"]:
         assert [r[key] for r in two["generations"]] == [r[key] for r in one["generations"]], key
     assert two["metrics"] == one["metrics"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. The batch rule of torchrun, fast: the process group faked inside one process. Each "rank" runs main() with
+#    torch.distributed's collectives replaced by their one-process meaning; the rank's gradient is recorded
+#    where the optimizer steps (no clip), and the average over ranks, which DDP would form inside backward(),
+#    must be the one-process gradient of the whole batch. Rollouts and SFT noise are made functions of the
+#    rows themselves, so that what a rank draws is the only difference.
+
+def fake_rank(monkeypatch, rank, world):
+    monkeypatch.setattr(sft, "init_distributed", lambda device="auto": (rank, world, torch.device("cpu")))
+    monkeypatch.setattr(sft, "rank_and_world", lambda: (rank, world))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module: module)  # averaged below
+    monkeypatch.setattr(sft, "checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(sft.dist, "barrier", lambda: None)
+    monkeypatch.setattr(igpo, "mean_over_ranks", lambda means, counts, world, device: (means, counts))
+
+
+def gradients_at_the_step(monkeypatch):
+    """The gradient each optimizer step applies, {name-less index: tensor}, in call order."""
+    seen, step = [], torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    return seen
+
+
+def rollout_of_the_prompts(model, prompts, sampler, facts, gen, hints=None):
+    """A stand-in rollout whose i-th sample of a prompt is a function of the prompt and i only (not of the rank's
+    generator)."""
+    rows = []
+    for j, p in enumerate(prompts):
+        i = prompts[:j].count(p)  # which sample of this prompt
+        rows.append(torch.randint(7, 200, (sampler.gen_length,), generator=torch.Generator().manual_seed(sum(p) + i)))
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def rl_rows(tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranks")
+    tiny_model(tokenizer).save_pretrained(root / "init")
+    tokenizer.save_pretrained(root / "init")
+    ds = sft.toy_dataset("train", 8, seed="ranks")
+    with open(root / "rows.jsonl", "w") as f:
+        f.writelines(json.dumps({"question": r["question"], "trace": r["trace"]}) + "\n" for r in ds)
+    return root
+
+
+def test_each_rank_trains_its_share_and_the_average_is_the_whole_batch(rl_rows, tmp_path, monkeypatch):
+    flags = ["--model", str(rl_rows / "init"), "--dataset", str(rl_rows / "rows.jsonl"), "--batch_prompts", "4",
+             "--grad_accum", "4", "--num_generations", "4", "--gen_length", "16", "--block_length", "8",
+             "--diffusion_steps", "8", "--max_steps", "1", "--num_iterations", "1", "--no_inpaint", "--limit", "0",
+             "--grad_clip", "1e9", "--lr", "0"]
+    monkeypatch.setattr(igpo, "rollout", rollout_of_the_prompts)
+    monkeypatch.setattr(igpo, "grade", lambda text, gold, task: zlib.crc32(text.encode()) % 2 == 0)
+    runs = {}
+    for rank, world in [(0, 1), (0, 2), (1, 2)]:
+        with monkeypatch.context() as m:
+            if world > 1:
+                fake_rank(m, rank, world)
+            grads, prompts = gradients_at_the_step(m), []
+            m.setattr(igpo, "make_prompt", lambda tok, q, toy, real=igpo.make_prompt: prompts.append(q) or real(tok, q, toy))
+            igpo.main(flags + ["--out_dir", str(tmp_path / f"r{rank}w{world}")])
+        runs[rank, world] = prompts, grads[0]
+    whole, (mine, theirs) = runs[0, 1], (runs[0, 2], runs[1, 2])
+    assert len(mine[0]) == len(theirs[0]) == 2 and mine[0] + theirs[0] == whole[0]  # each rank: its 2 of the 4
+    assert any(g.abs().sum() > 0 for g in whole[1])
+    for g, a, b in zip(whole[1], mine[1], theirs[1]):  # what DDP's average of the two ranks would apply
+        assert torch.allclose((a + b) / 2, g, rtol=1e-4, atol=1e-7)
+
+
+def test_each_sft_rank_trains_its_micro_batches_and_the_average_is_the_whole_step(tmp_path, monkeypatch):
+    flags = ["--toy_size", "64", "--batch_size", "2", "--grad_accum", "4", "--max_steps", "1", "--stop_all_wrong", "0",
+             "--grad_clip", "1e9", "--lr", "0", "--device", "cpu"]
+    real_loss = sft.sft_loss  # its noise made a function of the micro-batch, not of the rank's generator
+    monkeypatch.setattr(sft, "sft_loss", lambda model, rows, facts, gen: real_loss(
+        model, rows, facts, torch.Generator().manual_seed(sum(map(sum, (r[0] + r[1] for r in rows))))))
+    runs = {}
+    for rank, world in [(0, 1), (0, 2), (1, 2)]:
+        with monkeypatch.context() as m:
+            if world > 1:
+                fake_rank(m, rank, world)
+            grads, ks = gradients_at_the_step(m), []
+            m.setattr(sft, "batch_at", lambda rows, size, k, seed, real=sft.batch_at: ks.append(k) or real(rows, size, k, seed))
+            sft.main(flags + ["--out_dir", str(tmp_path / f"r{rank}w{world}")])
+        runs[rank, world] = ks, grads[0]
+    whole, (mine, theirs) = runs[0, 1], (runs[0, 2], runs[1, 2])
+    assert whole[0] == [0, 1, 2, 3] and sorted(mine[0] + theirs[0]) == whole[0] and len(mine[0]) == 2
+    for g, a, b in zip(whole[1], mine[1], theirs[1]):
+        assert torch.allclose((a + b) / 2, g, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. tests/gpu_check.py, the one command that checks the GPU path: it skips cleanly without CUDA, and its checks
+#    run on the CPU at toy sizes, so that the script cannot rot between the GPU sessions that run it.
+
+def test_gpu_check_skips_cleanly_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: gpu_check.py would run, not skip")
+    r = subprocess.run([sys.executable, "tests/gpu_check.py"], cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and "skipped" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_checks_on_the_cpu():
+    r = subprocess.run([sys.executable, "tests/gpu_check.py", "--device", "cpu"], cwd=ROOT, env=SUBPROCESS_ENV,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "gpu_check: 3 of 3 checks passed" in r.stdout
+    assert "killed after step 2 and resumed: weights identical True" in r.stdout

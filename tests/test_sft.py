@@ -218,6 +218,7 @@ def test_sft_stops_at_the_first_check_at_or_below_the_threshold(tmp_path, monkey
     assert torch.load(run / "state.pt", weights_only=True)["step"] == 8  # the checkpoint is the stopped policy
 
 
+@pytest.mark.slow
 def test_default_sft_stops_in_the_regime_igpo_is_for(tmp_path):
     """The embedded default SFT (seed 0, torch's default thread count) stops once about a third of held-out
     problems are all wrong at the rollout temperature (NOTES.md §3 item 20), and hands RL a policy in that
