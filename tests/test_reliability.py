@@ -250,6 +250,26 @@ def test_taken_out_dir_refused_then_overwritten(tmp_path, tokenizer):
     assert saved_state(out)["step"] == 2 and [r["step"] for r in metric_rows(out)] == [1, 2]
 
 
+def test_resume_loads_a_gpu_written_state_onto_the_cpu(tmp_path, tokenizer):
+    """Rank 0 of a GPU run saves state.pt from cuda:0. Loaded without a map location, every rank would rebuild
+    its tensors on GPU 0 (and a CPU machine could not load it at all): open_run must put them on the CPU, from
+    where the optimizer's load_state_dict moves each moment next to its parameter."""
+    from torch import serialization
+    out = str(tmp_path / "run")
+    state = {"opt": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []}, "step": 4}
+    sft.save_checkpoint(out, tiny_model(tokenizer), tokenizer, sft.get_args(["--out_dir", out]), None)
+    tag = (0, lambda storage: "cuda:0", lambda obj, location: None)  # asked first: every storage is cuda:0's
+    serialization._package_registry.insert(0, tag)
+    try:
+        torch.save(state, os.path.join(out, "state.pt"))
+    finally:
+        serialization._package_registry.remove(tag)
+    with pytest.raises(RuntimeError, match="CUDA"):  # the file names a GPU
+        torch.load(os.path.join(out, "state.pt"), weights_only=True)
+    loaded = sft.open_run(sft.get_args(["--out_dir", out, "--resume"]))
+    assert loaded["step"] == 4 and loaded["opt"]["state"][0]["exp_avg"].device.type == "cpu"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. Determinism on CPU.
 
