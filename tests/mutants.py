@@ -3,6 +3,7 @@
     python tests/mutants.py                 # every mutant (about half an hour on 2 cores)
     python tests/mutants.py Eq.6 Eq.10      # only the rules whose name starts with one of these
     python tests/mutants.py --table         # print NOTES.md §12's table (rule -> test) without running
+    python tests/mutants.py --everyday      # each mutant against the everyday command's tests (-m "not slow")
 
 Not collected by pytest. Each mutant replaces one line (or a few characters) of sft.py, eval.py or igpo.py in a
 temporary copy of the repository, runs the tests said to guard the rule, and counts it "caught" when at least
@@ -246,7 +247,7 @@ def stale(selected):
     return [m for m in selected if open(os.path.join(ROOT, m[1])).read().count(m[2]) != 1 or m[2] == m[3]]
 
 
-def run(selected):
+def run(selected, marks=()):
     results = []
     for rule, path, old, new, tests in selected:
         with tempfile.TemporaryDirectory() as tmp:
@@ -258,10 +259,12 @@ def run(selected):
                 continue
             open(os.path.join(copy, path), "w").write(src.replace(old, new))
             t = time.time()
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *marks,
                                 *[os.path.join("tests", name) for name in tests]], cwd=copy, capture_output=True,
                                text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-            verdict = "caught" if r.returncode != 0 else "MISSED"
+            # a failed test (or a module that no longer imports) catches it; 5, nothing collected (every listed
+            # test is slow and deselected), does not
+            verdict = "caught" if r.returncode not in (0, 5) else "MISSED"
             results.append((rule, f"{verdict} ({time.time() - t:.0f} s)", tests))
         print(f"{results[-1][1]:>24}  {rule}", flush=True)
     return results
@@ -272,11 +275,14 @@ if __name__ == "__main__":
         for rule, path, _, _, tests in MUTANTS:
             print(f"| {rule} | `{path}` | {', '.join(f'`{t}`' for t in tests)} |")
         sys.exit(0)
-    prefixes = sys.argv[1:]
+    # --everyday: the listed tests as the README's everyday command runs them (-m "not slow"): a mutant that only
+    # a slow test catches is then MISSED, since the everyday command (which runs every fast test) would not see it
+    marks = ["-m", "not slow"] if "--everyday" in sys.argv else []
+    prefixes = [a for a in sys.argv[1:] if a != "--everyday"]
     chosen = [m for m in MUTANTS if not prefixes or any(m[0].startswith(p) for p in prefixes)]
     for rule, path, old, _, _ in stale(chosen):  # reported before anything runs, and counted as missed
         print(f"STALE: {rule}: the text below is not in {path} exactly once; update MUTANTS\n    {old!r}")
-    results = run(chosen)
+    results = run(chosen, marks)
     missed = [r for r in results if not r[1].startswith("caught")]
     print(f"{len(results) - len(missed)} of {len(results)} mutants caught")
     sys.exit(1 if missed else 0)
