@@ -270,6 +270,36 @@ def test_resume_loads_a_gpu_written_state_onto_the_cpu(tmp_path, tokenizer):
     assert loaded["step"] == 4 and loaded["opt"]["state"][0]["exp_avg"].device.type == "cpu"
 
 
+def test_checkpoint_saves_and_restores_the_cuda_generator(tmp_path, tokenizer, monkeypatch):
+    """LoRA dropout on a GPU draws from the CUDA device's generator, so a resumed GPU run is exact only if the
+    checkpoint holds that generator's state too. No GPU here: the run's generator is made to report a CUDA
+    device, and torch.cuda's get/set of the state are replaced by a recorder of what is saved and restored."""
+    class OnGpu:  # the run's generator as a GPU run has it (torch.Generator("cuda")), state kept on the CPU
+        device = torch.device("cuda", 0)
+
+        def __init__(self):
+            self.state = torch.Generator().manual_seed(1).get_state()
+
+        def get_state(self):
+            return self.state
+
+        def set_state(self, state):
+            self.state = state
+
+    device_state, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": device_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    args = sft.get_args(["--out_dir", str(tmp_path / "run")])
+    model = tiny_model(tokenizer)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sft.checkpoint(args, model, tokenizer, opt, sched, [OnGpu()], 3, 0)
+    state = sft.open_run(sft.get_args(["--out_dir", str(tmp_path / "run"), "--resume"]))
+    assert torch.equal(state["rng"][0]["cuda"], device_state)  # saved with the run's other streams
+    sft.restore(state, args.out_dir, opt, sched, [OnGpu()])
+    assert len(restored) == 1 and torch.equal(restored[0], device_state)  # and put back on resume
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. Determinism on CPU.
 
