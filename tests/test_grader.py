@@ -39,7 +39,9 @@ def test_strip_special_removes_every_pipe_token_and_keeps_text():
     ("\\boxed{9} then \\boxed{ }", "9"),                                   # empty box ignored
     ("<answer> 42 </answer>", "42"),                                       # no box: answer tags
     ("<answer>\\boxed{7}</answer> <answer>8</answer>", "7"),               # a box beats the tags
+    ("<answer>3</answer> then <answer>42</answer>", "42"),                 # no box: the last answer tags
     ("blah\n#### 1,000\n", "1,000"),                                       # GSM8K reference style
+    ("#### 3\nno, #### 5\n", "5"),                                          # the last '####'
     ("\\boxed{1<|mdm_mask|>8}", "18"),                                     # special tokens dropped first
     ("no answer in here, only 12 and 13", None),                          # no last-number fallback
     ("", None),

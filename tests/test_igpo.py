@@ -49,6 +49,64 @@ def test_make_hints_chunks_eta_and_positions(tokenizer):
             assert abs(len(shown) - eta * len(trace)) <= 6 + 0.5 * 6
 
 
+def hint_args(**kw):
+    """The flags hint_canvases reads, the paper's eta range by default."""
+    return types.SimpleNamespace(**{"gen_length": 64, "num_generations": 8, "eta_low": 0.2, "eta_high": 0.6,
+                                    "chunk_min": 1, "chunk_max": 1, **kw})
+
+
+def test_eta_is_drawn_uniformly_for_each_canvas(tokenizer):
+    """Eq. (7): every inpainted canvas draws its own eta ~ U[eta_low, eta_high]. With one-token chunks a canvas
+    reveals exactly round(eta n) of its trace's n tokens, so the revealed fractions of 400 canvases show the
+    distribution of eta: its range, both ends of it reached, its mean (eta_low + eta_high) / 2 and spread
+    (eta_high - eta_low) / sqrt(12), a quarter of the canvases in each quarter of the range; and the G canvases
+    of one trace differ from each other (eta per canvas, not per trace or per group)."""
+    mask_id, args = tokenizer.mask_token_id, hint_args()
+    trace = "".join(f"{a}+1={a + 1}\n" for a in range(10, 17))
+    n = len(igpo.hintable_trace_ids(tokenizer, trace, args.gen_length))
+    assert n == 42
+    hints = igpo.hint_canvases(tokenizer, [trace] * 50, args, mask_id, torch.Generator().manual_seed(0))
+    frac = (hints != mask_id).sum(1).double() / n  # (400,)
+    lo, hi, half_token = 0.2, 0.6, 0.5 / n
+    assert frac.min() >= lo - half_token and frac.max() <= hi + half_token  # inside the range ...
+    assert frac.min() < lo + 0.03 and frac.max() > hi - 0.03  # ... and both of its ends reached
+    assert frac.mean().item() == pytest.approx((lo + hi) / 2, abs=0.02)  # 3 standard errors
+    assert frac.std().item() == pytest.approx((hi - lo) / math.sqrt(12), abs=0.015)
+    quarters = torch.histc(frac.clamp(lo, hi), bins=4, min=lo, max=hi)  # 100 expected in each, sd ~8.7
+    assert ((quarters > 70) & (quarters < 130)).all(), quarters
+    per_trace = frac.view(50, args.num_generations)
+    assert (per_trace.max(1).values > per_trace.min(1).values).all()  # one trace, G different etas
+    # the sample-matched control: eta_low = eta_high = 0 reveals nothing
+    none = igpo.hint_canvases(tokenizer, [trace] * 2, hint_args(eta_low=0.0, eta_high=0.0), mask_id,
+                              torch.Generator().manual_seed(0))
+    assert (none == mask_id).all()
+
+
+def round_half_even(x):
+    """The nearest integer to x, the even one at a tie (what Python's round does), written out."""
+    f = math.floor(x)
+    return f + int(x - f > 0.5 or (x - f == 0.5 and f % 2 == 1))
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_revealed_chunk_count_is_eta_times_chunks_rounded_half_to_even(size):
+    """Eq. (7), NOTES.md §3 item 22: round(eta * #chunks) whole chunks are revealed, ties to the even count (a
+    one-chunk trace at eta = 0.5 gets none, three chunks at eta = 0.5 get two). Every eta on a grid that holds
+    each tie j / (2n), for n = 1..12 chunks; chunks of one fixed size cut the trace at size, 2 size, ..., so the
+    revealed positions must be whole chunks and their number is the count (with size 3, a count of tokens
+    instead of chunks shows)."""
+    mask_id, g = 99, torch.Generator().manual_seed(0)
+    for n in range(1, 13):
+        trace_ids = list(range(10, 10 + size * n))
+        etas = sorted({j / (2 * n) for j in range(2 * n + 1)} | {k / 40 for k in range(41)})
+        for eta in etas:
+            h = igpo.make_hints(trace_ids, size * n, eta, size, size, mask_id, g)
+            shown = (h != mask_id).view(n, size)
+            assert (shown.all(1) | ~shown.any(1)).all()  # whole chunks only
+            assert torch.equal(h[h != mask_id], torch.tensor(trace_ids)[h != mask_id])  # at their own positions
+            assert int(shown.all(1).sum()) == round_half_even(eta * n), (n, eta)
+
+
 def test_hints_never_contain_the_answer(tokenizer):
     trace = "12+30=42\n42-5=37\n\\boxed{37}"
     ids = igpo.hintable_trace_ids(tokenizer, trace, 64)
@@ -56,6 +114,12 @@ def test_hints_never_contain_the_answer(tokenizer):
     metamath = "Ann gets 4 more, so 3+4=7.\nThe answer is: 7"
     assert tokenizer.decode(igpo.hintable_trace_ids(tokenizer, metamath, 64)) == "Ann gets 4 more, so 3+4=7.\n"
     assert igpo.answer_from_trace(metamath) == "7" and igpo.answer_from_trace(trace) == "37"
+    # the cut is at the FIRST marker of any kind: GSM_AnsAug states its answer twice, the reasoning format puts
+    # it in <answer> tags (the toy tokenizer reads '<' as <|unk|>: ids are compared, not text)
+    ids_of = lambda text: tokenizer(text, add_special_tokens=False).input_ids
+    for head, tail in [("So 3+4=7.\n", "#### 7\nThe answer is: 7"), ("3+4=7\n", "<answer>\n7\n</answer>"),
+                       ("3+4=7 is ", "\\boxed{7}.\nThe answer is: 7")]:
+        assert igpo.hintable_trace_ids(tokenizer, head + tail, 64) == ids_of(head)
 
 
 def fake_batch(answers, B):
@@ -98,12 +162,56 @@ def test_replacement_rule_and_own_trace(tokenizer, n_correct, expected_K):
     assert (adv[0].abs().sum() > 0) == (expected_K > 0)  # a rescued group now has a learning signal
 
 
+@pytest.mark.parametrize("lam,n_correct", [(0.5, 5), (0.5, 2), (0.45, 8), (0.3, 8), (0.1, 8)])
+def test_replacement_marks_exactly_the_injected_hints(lam, n_correct):
+    """Eq. (8) on groups whose right inpainted samples are scattered (not the first ones): in each all-wrong
+    group, K = min(#right, floor(lambda G)) rows are replaced (0.45 * 8 = 3.6 -> 3, 0.1 * 8 -> 0), each by a
+    right inpainted sample of the group's own canvases, used once; a row's reward is 1 exactly where it was
+    replaced; hint_mask marks, in a replaced row, exactly the positions where its sample's canvas held a hint,
+    and nothing in any other row. Every row of every tensor is distinct, so each replaced row names its source."""
+    G, L, mask_id, B = 8, 12, 99, 3
+    g = torch.Generator().manual_seed(int(lam * 100) + n_correct)
+    groups = [2, 0]  # not in batch order: inpainted group g belongs to batch group groups[g]
+    completions = torch.randint(100, 200, (B * G, L), generator=g)  # the wrong originals
+    hints = torch.where(torch.rand(2 * G, L, generator=g) < 0.4, torch.randint(200, 300, (2 * G, L), generator=g),
+                        mask_id)
+    inpainted = torch.where(hints == mask_id, torch.randint(300, 400, (2 * G, L), generator=g), hints)
+    correct = torch.zeros(2, G, dtype=torch.bool)
+    for row in correct:
+        row[torch.randperm(G, generator=g)[:n_correct]] = True
+    assert correct[:, :n_correct].all(1).tolist() != [True, True] or n_correct == G  # scattered
+    reward = torch.zeros(B, G)
+    reward[1, [2, 5]] = 1.0  # group 1 has right samples: not inpainted, left alone
+    new, new_reward, hint_mask, Ks = igpo.replace_wrong(completions, reward, groups, inpainted, correct, hints, lam,
+                                                        mask_id)
+    K = min(n_correct, math.floor(lam * G))
+    assert Ks == [K, K]
+    for b in range(B):
+        sources = []
+        for r in range(b * G, (b + 1) * G):
+            if torch.equal(new[r], completions[r]):  # kept
+                assert new_reward[b, r - b * G] == reward[b, r - b * G] and not hint_mask[r].any()
+                continue
+            src = [j for j in range(2 * G) if torch.equal(new[r], inpainted[j])]
+            assert len(src) == 1
+            src = src[0]
+            assert b in groups and src // G == groups.index(b) and correct[src // G, src % G]  # own group, right
+            assert new_reward[b, r - b * G] == 1.0
+            assert torch.equal(hint_mask[r], hints[src] != mask_id)  # exactly the injected hint tokens
+            sources.append(src)
+        assert len(sources) == len(set(sources)) == (K if b in groups else 0)
+    assert new_reward.sum() == 2 + 2 * K
+
+
 def test_estimator_equals_per_sample_hand_computation(tokenizer, facts):
     model = tiny_model(tokenizer)
     G, L, mask_id = 3, 10, tokenizer.mask_token_id
+    # prompts 0 and 2 share a length and one forward pass: the results must come back in prompt order
     seqs = [tokenizer(sft.make_prompt(tokenizer, q, True), add_special_tokens=False).input_ids
-            for q in ["Ann has 3 pens. How many?", "Jo has 41 eggs. Sells 9. How many eggs now?"]]
-    completions = torch.randint(7, 100, (2 * G, L))
+            for q in ["Ann has 3 pens. How many?", "Jo has 41 eggs. Sells 9. How many eggs now?",
+                      "Max has 5 eggs. How many?"]]
+    assert len(seqs[0]) == len(seqs[2]) != len(seqs[1])
+    completions = torch.randint(7, 100, (3 * G, L))
     with torch.no_grad():
         logp, entropy = igpo.token_logps(model, seqs, completions, facts, with_entropy=True)
         for b, s in enumerate(seqs):  # each sample alone, unpadded, the obvious way
@@ -123,6 +231,9 @@ def test_entropy_filter_keeps_top_tau_hints():
         keep = igpo.entropy_filter(entropy, hint, tau)
         assert keep.nonzero()[:, 1].tolist() == expected  # floor(tau * 7), at least one, highest entropy
     assert not igpo.entropy_filter(entropy, torch.zeros_like(hint), 0.2).any()  # no hints: nothing kept
+    # per row: each row's own n and its own ranking (a second row with 10 hints and the entropies reversed)
+    two = igpo.entropy_filter(torch.cat([entropy, entropy.flip(1)]), torch.cat([hint, torch.ones_like(hint)]), 0.3)
+    assert two[0].nonzero().flatten().tolist() == [1, 6] and two[1].nonzero().flatten().tolist() == [0, 3, 8]
 
 
 def test_surrogate_equals_hand_computation():

@@ -352,6 +352,13 @@ def test_nonfinite_update_is_skipped_and_counted(igpo_setup, tmp_path, monkeypat
     igpo.main(short + ["--out_dir", str(tmp_path / "ok")])
     assert [r["skipped"] for r in metric_rows(tmp_path / "ok")] == [0]
     assert any(not torch.equal(init[k], v) for k, v in weights(tmp_path / "ok").items())
+    # a skipped update leaves nothing behind: with mu = 2 and the first update's loss NaN, the second update's
+    # gradient is its own (finite), so it is taken and only one update is counted as skipped
+    monkeypatch.setattr(igpo, "grpo_loss", nan_loss({1}))
+    igpo.main(args + ["--max_steps", "1", "--num_iterations", "2", "--out_dir", str(tmp_path / "mu2")])
+    (row,) = metric_rows(tmp_path / "mu2")
+    assert row["skipped"] == 1 and math.isfinite(row["grad_norm"]) and math.isfinite(row["loss"])
+    assert any(not torch.equal(init[k], v) for k, v in weights(tmp_path / "mu2").items())
 
 
 def test_persistent_nonfinite_stops_run_and_keeps_checkpoint(igpo_setup, tmp_path, monkeypatch):

@@ -63,7 +63,9 @@ def hashed_grader(text, gold, task):
 def test_step_inpaints_only_all_wrong_groups_replaces_floor_lambda_g_and_filters_hints(setup, tmp_path,
                                                                                         monkeypatch):
     root, args, answers = setup
-    own_right = {answers[0]: {0}, answers[2]: {3, 5}}  # prompts 1 and 3 get no right sample
+    # prompt 0 gets one right sample, prompt 2 all G right (its advantages are zero too, but it is not a prompt
+    # the policy cannot solve: no inpainting), prompts 1 and 3 none
+    own_right = {answers[0]: {0}, answers[2]: set(range(G))}
     n_calls = []
 
     def grader(text, gold, task):  # the step grades its B*G own samples first, in row order, then inpainted ones
@@ -112,33 +114,44 @@ def test_loss_mask_counts_only_hints_before_the_end():
     """Eq. (10) with a row whose end token comes early: hints after it are not in the loss and do not count
     towards floor(tau n) (with them counted, two hints would be kept instead of one)."""
     end_ids = (5, 0)
-    completions = torch.tensor([[9, 9, 9, 9, 9, 5, 0, 0, 0, 0]])
-    hint_mask = torch.tensor([[0, 1, 1, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)
-    entropy = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4, 0.0, 0.9, 0.9, 0.9, 0.9]])
+    # row 2: its end (padding, id 0) at position 3, a hint before it, and self-generated tokens after it, which
+    # are not read either (as a sampler without early exit leaves them)
+    completions = torch.tensor([[9, 9, 9, 9, 9, 5, 0, 0, 0, 0], [9, 9, 9, 0, 9, 9, 9, 9, 9, 9]])
+    hint_mask = torch.tensor([[0, 1, 1, 1, 1, 0, 1, 1, 1, 1], [0, 1, 0, 0, 0, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    entropy = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4, 0.0, 0.9, 0.9, 0.9, 0.9], [0.5] * 10])
     mask = igpo.loss_tokens(completions, hint_mask, entropy, end_ids, 0.25)
-    assert mask.tolist() == [[True, False, False, False, True, True, False, False, False, False]]
+    assert mask.tolist() == [[True, False, False, False, True, True, False, False, False, False],
+                             [True, True, True, True, False, False, False, False, False, False]]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Eq. (6): the ratio is taken against pi_old, and the reference of the KL term is the start model.
 
 def test_mu_updates_take_the_ratio_against_pi_old(setup, tmp_path, monkeypatch):
+    """pi_old is the policy at the start of each batch of rollouts, fixed for its mu updates: neither the
+    current policy nor the KL reference (which is the start model: in the first step the two agree, so two
+    steps are run)."""
     root, args, _ = setup
     monkeypatch.setattr(igpo, "grade", hashed_grader)
     losses = []
     spy(monkeypatch, "grpo_loss", losses)
-    igpo.main(args + ["--out_dir", str(tmp_path / "run"), "--num_iterations", "3", "--lr", "1e-2"])
-    (logp1, old1), (logp2, old2), (logp3, old3) = [(a[0].detach(), a[1]) for a, _, _ in losses]
-    assert torch.equal(logp1, old1)  # the first update starts at ratio 1 (full fine-tuning: no dropout)
-    assert torch.equal(old2, old1) and torch.equal(old3, old1)  # pi_old is fixed for the batch's mu updates
-    assert not torch.allclose(logp2, old2) and not torch.allclose(logp3, logp2)  # the policy moved
+    igpo.main(args + ["--out_dir", str(tmp_path / "run"), "--num_iterations", "3", "--lr", "1e-2", "--max_steps", "2"])
+    calls = [(a[0].detach(), a[1], a[2]) for a, _, _ in losses]
+    assert len(calls) == 6
+    for first in (0, 3):  # each step's first update starts at ratio 1 (full fine-tuning: no dropout) ...
+        (logp1, old1, _), (logp2, old2, _), (logp3, old3, _) = calls[first:first + 3]
+        assert torch.equal(logp1, old1)
+        assert torch.equal(old2, old1) and torch.equal(old3, old1)  # ... and pi_old is fixed for the mu updates
+        assert not torch.allclose(logp2, old2) and not torch.allclose(logp3, logp2)  # while the policy moves
+    logp4, old4, ref4 = calls[3]
+    assert not torch.allclose(old4, ref4, atol=1e-3)  # step 2: pi_old is the moved policy, not pi_ref
 
 
 @pytest.mark.parametrize("lora", ["no", "yes", "on an SFT adapter"])
 def test_kl_reference_is_the_start_model(setup, tokenizer, tmp_path, monkeypatch, lora):
     """pi_ref: the start model, frozen; under LoRA the policy with its trained adapter switched off, and when
-    RL starts from an SFT adapter, that adapter stays on (pi_ref is the SFT model). In the second step the
-    policy has moved, pi_ref must not have."""
+    RL starts from an SFT adapter, that adapter stays on (pi_ref is the SFT model). In the second step, taken
+    after a resume from the first one's checkpoint, the policy has moved, pi_ref must not have."""
     root, args, _ = setup
     start = str(root / "init")
     if lora == "on an SFT adapter":  # an SFT stage saved as sft.py saves it, with a nonzero update
@@ -154,8 +167,9 @@ def test_kl_reference_is_the_start_model(setup, tokenizer, tmp_path, monkeypatch
     estimates = []
     spy(monkeypatch, "estimate", estimates)
     extra = ["--lora_r", "4", "--lr", "5e-2"] if lora != "no" else ["--lr", "1e-2"]
-    igpo.main(args + ["--model", start, "--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--beta", "0.1",
-                      *extra])
+    run = args + ["--model", start, "--out_dir", str(tmp_path / "run"), "--beta", "0.1", *extra]
+    igpo.main(run + ["--max_steps", "1"])
+    igpo.main(run + ["--max_steps", "2", "--resume"])  # pi_ref is still the start model after a resume
     old, ref = estimates[2], estimates[3]  # step 2: pi_old (with entropies), then pi_ref
     model, _, facts = sft.load_model(start)
     (_, prompts, completions, _, micro), _, logp_ref = ref[0], None, ref[2]
@@ -178,6 +192,38 @@ def test_grad_accum_gives_the_full_batch_gradient(setup, tmp_path, monkeypatch):
         norms.append(json.loads(open(out / "metrics.jsonl").readline())["grad_norm"])
     assert norms[0] > 0 and norms[1] == pytest.approx(norms[0], rel=1e-4) and norms[2] == pytest.approx(norms[0],
                                                                                                          rel=1e-4)
+
+
+def test_rl_update_is_clipped_to_grad_clip(setup, tmp_path, monkeypatch):
+    """The RL step's gradient clip: the update the optimizer applies is the step's whole gradient (both
+    micro-batches), scaled to norm --grad_clip when its norm is larger and untouched when it is smaller. The
+    gradient is read inside AdamW.step, when the update is made; the logged grad_norm is the raw one (before
+    clipping) in both runs, which see the same rollouts."""
+    root, args, _ = setup
+    monkeypatch.setattr(igpo, "grade", hashed_grader)
+    at_step = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        at_step.append(torch.cat([p.grad.double().flatten() for group in self.param_groups for p in group["params"]
+                                  if p.grad is not None]))
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    runs = {}
+    for name in ("free", "clipped"):
+        clip = 1e6 if name == "free" else runs["free"][0].norm().item() / 4  # a quarter of the raw norm
+        out = tmp_path / name
+        at_step.clear()
+        igpo.main(args + ["--out_dir", str(out), "--grad_accum", "2", "--num_iterations", "1", "--grad_clip",
+                          repr(clip)])
+        (grad,) = at_step
+        runs[name] = (grad, json.loads(open(out / "metrics.jsonl").readline())["grad_norm"], clip)
+    raw, logged, _ = runs["free"]
+    assert raw.norm() > 0 and logged == pytest.approx(raw.norm().item(), rel=1e-4)  # untouched below the clip
+    grad, logged, clip = runs["clipped"]
+    assert logged == pytest.approx(raw.norm().item(), rel=1e-4)  # the same raw gradient, logged before clipping
+    assert grad.norm().item() == pytest.approx(clip, rel=1e-4)  # the update's norm is the clip ...
+    assert torch.allclose(grad, raw * (clip / raw.norm()), rtol=1e-3, atol=1e-9)  # ... in the raw direction
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,7 +267,10 @@ def test_temperature_draws_follow_softmax_over_t():
 
 
 def test_sampler_never_draws_the_mask_or_an_undecodable_id(tokenizer, facts):
-    class Favours(torch.nn.Module):  # a model whose favourite tokens are the mask and an id past the tokenizer
+    """The head has 3 rows more than the tokenizer has ids (as Dream's): the model favours the mask, then the
+    first id the tokenizer cannot decode (facts.n_tokens), then the last one, then the last id it can decode;
+    only that last decodable id may be drawn, greedy or at a temperature."""
+    class Favours(torch.nn.Module):
         def __init__(self, V):
             super().__init__()
             self.V, self.config = V, type("C", (), {"vocab_size": V})()
@@ -232,15 +281,18 @@ def test_sampler_never_draws_the_mask_or_an_undecodable_id(tokenizer, facts):
         def forward(self, x):
             logits = torch.zeros(*x.shape, self.V)
             logits[..., facts.mask_id] = 50.0
+            logits[..., facts.n_tokens] = 45.0
             logits[..., self.V - 1] = 40.0
+            logits[..., facts.n_tokens - 1] = 35.0
             return type("O", (), {"logits": logits})()
 
+    assert facts.n_tokens == len(tokenizer)
     model = Favours(len(tokenizer) + 3)
     prompt = torch.tensor([[7, 8, 9]] * 2)
     for T in (0.0, 1.0):
         out = evaluation.generate(model, prompt, evaluation.Sampler(8, 4, 4, T, False), facts,
                                   generator=torch.Generator().manual_seed(0))
-        assert not (out == facts.mask_id).any() and (out < len(tokenizer)).all()
+        assert (out[:, 3:] == facts.n_tokens - 1).all()
 
 
 # ---------------------------------------------------------------------------------------------------------
