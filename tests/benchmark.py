@@ -118,7 +118,10 @@ def main():
     ap.add_argument("--pipeline", action="store_true", help="also time the default `python igpo.py` from scratch")
     ap.add_argument("--out", default="out/benchmark.json")
     ap.add_argument("--ckpt", default="out/sft", help="SFT checkpoint for the early-exit comparison")
+    ap.add_argument("--levers_only", action="store_true", help="only --confidence_threshold and --kv_cache")
     args = ap.parse_args()
+    if args.levers_only:
+        return report(args.out, speed_levers(args.ckpt, args.quick))
     torch.manual_seed(0)
     tok = sft.build_toy_tokenizer()
     mask_id = tok.mask_token_id
@@ -216,12 +219,8 @@ def main():
     if os.path.exists(LLADA_GSM8K):
         res["early_exit_paper_shape_llada_gsm8k"] = early_exit_paper_shape(llada_gsm8k_ends(n))
 
-    # ---- the sampler's two levers (NOTES.md §3 item 25): one IGPO step, then the paper's rollout shape
-    if os.path.isdir(args.ckpt):
-        res["speed_levers_igpo_step"] = speed_levers_igpo_step(args.ckpt, quick=args.quick)
-    rows = 1 if args.quick else 4
-    res["speed_levers_paper_shape_llada"] = speed_levers_paper_shape("llada", LLADA_LEVERS, rows)
-    res["speed_levers_paper_shape_dream"] = speed_levers_paper_shape("dream", DREAM_LEVERS, rows)
+    # ---- the sampler's two levers (NOTES.md §3 item 25)
+    res.update(speed_levers(args.ckpt, args.quick))
 
     # ---- the default pipeline, from scratch
     if args.pipeline:
@@ -232,8 +231,13 @@ def main():
     else:
         res["pipeline_seconds"] = None
 
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+    report(args.out, res)
+
+
+def report(path, res):
+    """Write res to path (JSON) and print it, one line per entry."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(res, f, indent=1)
     for k, v in res.items():
         print(f"{k:38s} {v if not isinstance(v, float) else round(v, 4)}")
@@ -411,6 +415,42 @@ def speed_levers_igpo_step(ckpt, taus=(0.5, 0.7, 0.9), quick=False):
         if tau not in res or seconds < res[tau]["rollout_seconds"]:
             res[tau] = {**{k: round(v, 4) for k, v in work.items()}, "rollout_seconds": round(seconds, 2)}
     return {f"tau {tau}": r for tau, r in res.items()}
+
+
+def speed_levers(ckpt, quick):
+    """--confidence_threshold and --kv_cache (NOTES.md §3 item 25, §8): eval.py's sampler and one IGPO step on
+    the SFT checkpoint ckpt (threshold only: the embedded model refuses the cache), then the paper's rollout
+    shape on a tiny LLaDA (threshold only: its hub code refuses a cache) and a tiny Dream (both)."""
+    res = {}
+    if os.path.isdir(ckpt):
+        res["speed_levers_eval"] = speed_levers_eval(ckpt, n=16 if quick else 200)
+        res["speed_levers_igpo_step"] = speed_levers_igpo_step(ckpt, quick=quick)
+    else:
+        print(f"no checkpoint at {ckpt}: the levers on the embedded task not measured (pass --ckpt)")
+    rows = 1 if quick else 2
+    res["speed_levers_paper_shape_llada"] = speed_levers_paper_shape("llada", LLADA_LEVERS, rows)
+    res["speed_levers_paper_shape_dream"] = speed_levers_paper_shape("dream", DREAM_LEVERS, rows)
+    return res
+
+
+def speed_levers_eval(ckpt, taus=(0.5, 0.7, 0.9), n=200):
+    """Row-forwards per answer of eval.py's sampler (embedded defaults: L = 48, block 8, 24 steps, early exit on)
+    on the first n test questions from an SFT checkpoint, greedy and at T = 1.2, for the exact sampler and each
+    threshold."""
+    model, tok, facts = sft.load_model(ckpt)
+    model.eval()
+    work = count_rows(model)
+    prompts = torch.tensor([tok(sft.make_prompt(tok, q, True), add_special_tokens=False).input_ids
+                            for q, _ in ev.load_task("toy", limit=n)])  # every embedded prompt has one length
+    res = {}
+    for temperature in (0.0, 1.2):
+        for tau in (0.0, *taus):
+            work[:] = [0, 0]
+            sampler = ev.Sampler(48, 8, 24, temperature, True, 0, tau)
+            with torch.no_grad():
+                ev.generate(model, prompts, sampler, facts, generator=torch.Generator().manual_seed(0))
+            res[f"T {temperature} tau {tau}"] = work[0] / n
+    return res
 
 
 def speed_levers_paper_shape(which, levers, rows=4, P=200, L=256, Lb=32, steps=128, temperature=1.2):
