@@ -18,7 +18,9 @@
 # Eq. (k) refers to the equations of NOTES.md §2. Deviations from the paper, with reasons, are NOTES.md §3;
 # the ones in this file: Gumbel-max written as argmax(l + T g) (item 6), the mask token and ids the tokenizer
 # cannot decode are never sampled (item 5), logits only where they are read (item 7), no padding ever enters
-# the model (item 16), early exit (item 17).
+# the model (item 16), early exit (item 17), and two opt-in approximations, off by default (item 25):
+#   python eval.py --confidence_threshold 0.9       # commit every masked position at least 0.9 confident
+#   python eval.py --model out/igpo_dream --trust_remote_code --kv_cache ...  # Dream: prefix keys/values kept
 import argparse
 import ctypes
 import json
