@@ -18,7 +18,9 @@
 # Eq. (k) refers to the equations of NOTES.md §2. Deviations from the paper, with reasons, are NOTES.md §3;
 # the ones in this file: Gumbel-max written as argmax(l + T g) (item 6), the mask token and ids the tokenizer
 # cannot decode are never sampled (item 5), logits only where they are read (item 7), no padding ever enters
-# the model (item 16), early exit (item 17).
+# the model (item 16), early exit (item 17), and two opt-in approximations, off by default (item 25):
+#   python eval.py --confidence_threshold 0.9       # commit every masked position at least 0.9 confident
+#   python eval.py --model out/igpo_dream --trust_remote_code --kv_cache ...  # Dream: prefix keys/values kept
 import argparse
 import ctypes
 import json
@@ -56,11 +58,20 @@ def get_args(argv=None):
     p.add_argument("--gen_batch", type=int, default=64, help="sequences per generate() call (memory)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
                    help="finished rows leave the sampler's batch (same tokens)")
+    speed_flags(p)
     # ---- run
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired accuracy difference B - A of two "
                    "results JSONs on their shared questions; a,b,c averages several files (seeds) per side")
     p.add_argument("--show", action="store_true", help="print the first canvas after every denoising step")
     return p.parse_args(argv)
+
+
+def speed_flags(p):
+    # The sampler's two opt-in approximations, for igpo.py and eval.py alike (NOTES.md §3 item 25, §8).
+    p.add_argument("--confidence_threshold", type=float, default=0.0, help="tau: each step commits every "
+                   "masked position at least this confident, and at least one (0: the paper's exact sampler)")
+    p.add_argument("--kv_cache", action="store_true", help="keys/values of the prompt and finished blocks "
+                   "computed once per block (models whose sft.MODELS entry allows it: Dream)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -74,6 +85,8 @@ class Sampler(NamedTuple):  # the sampler's settings, which always travel togeth
     temperature: float  # of the Gumbel noise; 0 is greedy
     early_exit: bool = True  # rows whose answer has ended leave the batch (same tokens, NOTES.md §3 item 17)
     batch: int = 0  # rows per generate() call, a memory knob (0: all at once)
+    confidence_threshold: float = 0.0  # tau > 0: commit by confidence, not by count (NOTES.md §3 item 25)
+    kv_cache: bool = False  # reuse the prefix's keys and values within a block (NOTES.md §3 item 25)
 
 
 def check_sampler(sampler):
@@ -84,6 +97,8 @@ def check_sampler(sampler):
         fail(f"steps ({steps}) must be a positive multiple of the number of blocks ({L // Lb})")
     if sampler.temperature < 0:
         fail(f"temperature must be >= 0 (got {sampler.temperature}); 0 is greedy")
+    if not 0 <= sampler.confidence_threshold <= 1:
+        fail(f"confidence_threshold must be in [0, 1] (got {sampler.confidence_threshold}); 0 is exact")
 
 
 def num_transfer_tokens(mask_index, steps):
@@ -102,21 +117,40 @@ def completion_mask(completions, end_ids):
     return ~after_end
 
 
-def logits_at(model, x, start, end, shifted=False):
+def logits_at(model, x, start, end, shifted=False, cache=None):
     # model(x).logits[:, start:end], without computing the rest. The vocabulary projection is applied position
     # by position, so feeding it only the hidden states we will read gives the same numbers; at LLaDA's 126k
     # vocabulary that projection's output is the largest tensor of the forward pass. A forward pre-hook on the
     # output embedding slices its input; a model without get_output_embeddings() is sliced afterwards.
     # shifted (Dream): the logits at position i - 1 predict token i, so the window moves one to the left.
+    # cache (--kv_cache): the keys and values of the positions before x, to which the forward appends x's own.
     start, end = start - shifted, end - shifted
+    kwargs = {} if cache is None else {"past_key_values": cache, "use_cache": True}
     head = getattr(model, "module", model).get_output_embeddings()
     if head is None:
-        return model(x).logits[:, start:end]
+        return model(x, **kwargs).logits[:, start:end]
     handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, start:end],) + tuple(args[1:]))
     try:
-        return model(x).logits
+        return model(x, **kwargs).logits
     finally:
         handle.remove()
+
+
+def block_logits(model, x, rows, s, e, facts, cache=None):
+    # The logits (R, Lb, V) of the block s:e for the R rows `rows` of the canvas x. Exact (no cache): one
+    # forward over the whole canvas. With a cache (--kv_cache, NOTES.md §3 item 25) a block's first forward is
+    # still the whole canvas, and leaves every position's keys and values in the cache; it is cut back to the
+    # prefix, the positions before s - shifted (Dream reads token s off position s - 1, so that one is fed).
+    # Later steps feed the canvas from there on, at its own positions, against the prefix as it was at the
+    # block's first step: the approximation, as with bidirectional attention the prefix sees the block change
+    c = cache.get_seq_length() if cache is not None else 0  # canvas positions whose keys and values are held
+    if c:  # rows only leave the batch within a block (k never grows): the cache keeps the ones that stay
+        cache.batch_select_indices(torch.isin(cache.rows, rows).nonzero().flatten())
+    logits = logits_at(model, x[rows, c:], s - c, e - c, facts.shifted, cache)
+    if cache is not None:
+        cache.crop(s - facts.shifted)  # the forward appended the fed positions: back to the prefix
+        cache.rows = rows  # the canvas rows the cache holds, in order
+    return logits
 
 
 def logits_size(model):
@@ -185,8 +219,14 @@ def generate(model, prompt_ids, sampler, facts, hints=None, generator=None, show
     # hints (B, L) for inpainting: a token id where the answer is fixed in advance, the mask elsewhere.
     # Returns (B, P + L). `show` (a tokenizer) prints the first canvas after every step.
     check_sampler(sampler)
+    if sampler.kv_cache:
+        if not facts.kv_cache:  # sft.MODELS says which models can (NOTES.md §3 item 25)
+            fail("--kv_cache needs a model that can reuse a prefix's keys and values (in sft.MODELS: Dream); "
+                 "LLaDA's hub code refuses any cache, the embedded model has none")
+        from transformers import DynamicCache
     B, P = prompt_ids.shape
     L, Lb, mask_id = sampler.gen_length, sampler.block_length, facts.mask_id
+    tau = sampler.confidence_threshold  # 0: the exact schedule
     x = torch.full((B, P + L), mask_id, dtype=torch.long, device=prompt_ids.device)  # (B, P + L)
     x[:, :P] = prompt_ids
     if hints is not None:  # inpainting enters here: the canvas starts with the hint tokens in place
@@ -200,16 +240,25 @@ def generate(model, prompt_ids, sampler, facts, hints=None, generator=None, show
         # the schedule counts mask tokens only: hint tokens are never scheduled and never change (Eq. (7);
         # after a row's first end token, early exit pads the tail below, hints there included)
         n_transfer = num_transfer_tokens(x[:, s:e] == mask_id, steps)  # (B, steps)
-        for i in range(steps):
-            rows = rows_to_run(x, n_transfer[:, i], P, s, end_ids)  # (R,)
+        cache = DynamicCache() if sampler.kv_cache else None  # filled by the block's first forward
+        # tau > 0 commits at least one token a step, so Lb steps end any block; the count stays fixed (steps
+        # with nothing left to commit draw their noise and skip the forward) so that early exit stays exact
+        for i in range(Lb if tau else steps):
+            # the tokens each row commits: the schedule's count, or with tau one at least while the block
+            # holds a mask (the final count needs this step's confidences)
+            k = (x[:, s:e] == mask_id).any(1).long() if tau else n_transfer[:, i]  # (B,)
+            rows = rows_to_run(x, k, P, s, end_ids)  # (R,)
             if len(rows):
-                logits = logits_at(model, x[rows], s, e, facts.shifted)  # (R, Lb, V): only this block changes
+                logits = block_logits(model, x, rows, s, e, facts, cache)  # (R, Lb, V): this block only
             else:
                 logits = torch.empty(0, Lb, V, device=x.device)  # nothing to commit: no forward pass
             logits[..., mask_id] = NEG_INF  # never "unmask" a position into the mask token
             logits[..., facts.n_tokens:] = NEG_INF  # nor into an id the tokenizer cannot decode
             x0, confidence = sample_tokens(logits, rows, B, sampler.temperature, generator)
-            x[rows, s:e] = commit(x[rows, s:e], x0, confidence, n_transfer[rows, i], mask_id)
+            block, k = x[rows, s:e], k[rows]  # (R, Lb), (R,)
+            if tau:  # Fast-dLLM's parallel decoding: each masked position at least tau confident, >= 1
+                k = ((block == mask_id) & (confidence >= tau)).sum(1).clamp(min=1)
+            x[rows, s:e] = commit(block, x0, confidence, k, mask_id)
             if show is not None:
                 hint_row = None if hints is None else hints[0]
                 print_canvas(show, x[0, P:], hint_row, mask_id, f"block {b} step {i}")
@@ -233,7 +282,7 @@ def print_canvas(tokenizer, answer_ids, hints, mask_id, title):
 
 _SPECIAL = re.compile(r"<\|[^<>|]{0,64}\|>")  # <|eot_id|>, <|mdm_mask|>, <|start_header_id|>, ...
 # a completion ends at the first end token of any model in sft.MODELS (<|eot_id|>, <|im_end|>, <|endoftext|>)
-END_TOKENS = re.compile("|".join(sorted({re.escape(t) for _, ends, _, _ in MODELS.values() for t in ends})))
+END_TOKENS = re.compile("|".join(sorted({re.escape(t) for _, ends, *_ in MODELS.values() for t in ends})))
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOX_BARE = re.compile(r"\\boxed +([^\s${}][^$\n]*)")  # "\boxed 5$" (no braces)
 _NUM = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # 1,000 / 18.00 / .5
@@ -551,7 +600,8 @@ def main(argv=None):
     gen_length = args.gen_length or task.gen_length
     block_length = args.block_length or min(task.block_length, gen_length)
     steps = args.diffusion_steps or gen_length // 2
-    sampler = Sampler(gen_length, block_length, steps, args.temperature, args.early_exit, args.gen_batch)
+    sampler = Sampler(gen_length, block_length, steps, args.temperature, args.early_exit, args.gen_batch,
+                      args.confidence_threshold, args.kv_cache)
     out = os.path.join(args.out_dir, f"eval_{args.task}.json")
     check_sampler(sampler)
     model_path = args.model or next((p for p in ("out/igpo", "out/sft") if os.path.isdir(p)), None)

@@ -37,7 +37,7 @@ import torch
 
 import sft
 from eval import (END_TOKENS, Sampler, check_sampler, completion_mask, evaluate, extract_answer, generate,
-                  grade, load_rows, load_task, logits_at, write_json)
+                  grade, load_rows, load_task, logits_at, speed_flags, write_json)
 from sft import equal_length_batches, fail, load_model, make_prompt
 
 
@@ -59,6 +59,7 @@ def get_args(argv=None):
     p.add_argument("--gen_batch", type=int, default=0, help="sequences per sampler call; 0: all (memory)")
     p.add_argument("--early_exit", action=argparse.BooleanOptionalAction, default=True,
                    help="finished rows leave the sampler's batch (same tokens)")
+    speed_flags(p)  # --confidence_threshold, --kv_cache: opt-in approximations (NOTES.md §3 item 25)
     # ---- inpainting (Eq. (7), (8), (10))
     p.add_argument("--no_inpaint", action="store_true", help="plain GRPO: leave all-wrong groups alone")
     p.add_argument("--eta_low", type=float, default=0.2, help="eta ~ U[eta_low, eta_high] (paper: 0.2)")
@@ -98,7 +99,7 @@ def get_args(argv=None):
 def sampler_of(args):
     # The rollout sampler's settings (eval.Sampler) from the flags.
     return Sampler(args.gen_length, args.block_length, args.diffusion_steps, args.temperature,
-                   args.early_exit, args.gen_batch)
+                   args.early_exit, args.gen_batch, args.confidence_threshold, args.kv_cache)
 
 
 # ----------------------------------------------------------------------------------------------------------

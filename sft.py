@@ -223,22 +223,27 @@ def equal_length_batches(lengths, size):
 # What differs between masked diffusion LMs, in one place (NOTES.md §11, "Porting to another model").
 # A model is looked up by its config's model_type; one the table does not know is refused, never guessed.
 
-MODELS = {  # config.model_type -> (mask token, end tokens, logits shifted?, default LoRA targets)
-    # the end tokens: (end of turn, the padding after it); an answer ends at the first of either
-    "modernbert": (MASK, (EOT, EOS), False, ("Wqkv", "Wo", "Wi")),  # the embedded model
+MODELS = {  # config.model_type -> (mask token, end tokens, logits shifted?, default LoRA targets, cache?)
+    # the end tokens: (end of turn, the padding after it); an answer ends at the first of either. cache: the
+    # forward can run part of a canvas against the keys and values of what precedes it, with bidirectional
+    # attention (--kv_cache): Dream can; LLaDA's hub code asserts that no cache is passed (and its cache path
+    # would attend causally); the embedded ModernBERT takes none
+    "modernbert": (MASK, (EOT, EOS), False, ("Wqkv", "Wo", "Wi"), False),  # the embedded model
     # LLaDA's seven block projections are q_proj k_proj v_proj attn_out ff_proj up_proj ff_out; the official
     # IGPO config lists q/k/v/o/gate/up/down_proj, of which these four exist in LLaDA (NOTES.md §3 item 19)
-    "llada": (MASK, (EOT, EOS), False, ("q_proj", "k_proj", "v_proj", "up_proj")),
+    "llada": (MASK, (EOT, EOS), False, ("q_proj", "k_proj", "v_proj", "up_proj"), False),
     # Dream predicts token i from the logits at position i - 1 (it started as an autoregressive model)
     "Dream": ("<|mask|>", ("<|im_end|>", EOS), True,
-              ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+              ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), True),
 }
 
 
 # A loaded model's entry of MODELS, with ids: what the sampler and the losses read. end_ids: (end of turn,
 # padding); shifted: True when the logits at position i - 1 predict token i; n_tokens: the ids the tokenizer
-# can decode (the sampler never draws an id at or beyond it).
-Facts = namedtuple("Facts", ["mask_id", "end_ids", "shifted", "lora_targets", "n_tokens"])
+# can decode (the sampler never draws an id at or beyond it); kv_cache: the sampler may reuse a prefix's keys
+# and values (--kv_cache).
+Facts = namedtuple("Facts", ["mask_id", "end_ids", "shifted", "lora_targets", "n_tokens", "kv_cache"],
+                   defaults=[False])
 
 
 def model_facts(config, tokenizer):
@@ -247,12 +252,12 @@ def model_facts(config, tokenizer):
     if kind not in MODELS:
         fail(f"model_type '{kind}' is not in sft.MODELS: its mask token, end tokens, logit shift and LoRA "
              f"targets are unknown (add an entry, NOTES.md §11)")
-    mask, ends, shifted, targets = MODELS[kind]
+    mask, ends, shifted, targets, kv_cache = MODELS[kind]
     vocab = tokenizer.get_vocab()
     for token in (mask, *ends):
         if token not in vocab:
             fail(f"tokenizer of this {kind} model has no token {token}: not the model sft.MODELS describes")
-    return Facts(vocab[mask], tuple(vocab[t] for t in ends), shifted, targets, len(tokenizer))
+    return Facts(vocab[mask], tuple(vocab[t] for t in ends), shifted, targets, len(tokenizer), kv_cache)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,6 +326,9 @@ def load_model(name, trust_remote_code=False, device="cpu", dtype=None, merge=Fa
         # the advice about the flag is on the message's second line, which the one-line error would drop
         hint = "; pass --trust_remote_code to allow it" if "trust_remote_code=True" in str(e) else ""
         fail(f"could not load model '{name}': {str(e).splitlines()[0][:300]}{hint}")
+    # Dream's config asks every forward to build a KV cache that nothing reads (memory: NOTES.md §7); only
+    # the sampler's --kv_cache builds one, and asks for it by argument
+    model.config.use_cache = False
     return model.to(device), tokenizer, model_facts(config, tokenizer)
 
 

@@ -20,6 +20,9 @@ What it measures (NOTES.md "Performance" holds the numbers):
   out/sft) with it off and on: row-forwards per rollout, rollout seconds, and whether everything the step
   reads is identical; then the sampler alone at the paper's shape (L = 256, block 32, 128 steps) with a model
   whose answers end at a known position (mid-answer, and where LLaDA-8B-Instruct's GSM8K answers end);
+- the sampler's two levers, --confidence_threshold and --kv_cache: one IGPO step on --ckpt with each threshold
+  (forwards and positions fed per rollout, seconds), then the sampler at the paper's rollout shape on a tiny
+  random LLaDA (threshold only: its hub code refuses a cache) and Dream (both, and together);
 - optionally (--pipeline) the wall time of the default `python igpo.py` pipeline from scratch.
 Peak memory on CPU: torch has no CPU high-water mark, so peak_bytes() replays the allocation and free events
 that torch's profiler records (profile_memory=True) and takes the maximum of live tensor bytes.
@@ -115,7 +118,10 @@ def main():
     ap.add_argument("--pipeline", action="store_true", help="also time the default `python igpo.py` from scratch")
     ap.add_argument("--out", default="out/benchmark.json")
     ap.add_argument("--ckpt", default="out/sft", help="SFT checkpoint for the early-exit comparison")
+    ap.add_argument("--levers_only", action="store_true", help="only --confidence_threshold and --kv_cache")
     args = ap.parse_args()
+    if args.levers_only:
+        return report(args.out, speed_levers(args.ckpt, args.quick))
     torch.manual_seed(0)
     tok = sft.build_toy_tokenizer()
     mask_id = tok.mask_token_id
@@ -213,6 +219,9 @@ def main():
     if os.path.exists(LLADA_GSM8K):
         res["early_exit_paper_shape_llada_gsm8k"] = early_exit_paper_shape(llada_gsm8k_ends(n))
 
+    # ---- the sampler's two levers (NOTES.md §3 item 25)
+    res.update(speed_levers(args.ckpt, args.quick))
+
     # ---- the default pipeline, from scratch
     if args.pipeline:
         t = time.time()
@@ -222,8 +231,13 @@ def main():
     else:
         res["pipeline_seconds"] = None
 
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+    report(args.out, res)
+
+
+def report(path, res):
+    """Write res to path (JSON) and print it, one line per entry."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(res, f, indent=1)
     for k, v in res.items():
         print(f"{k:38s} {v if not isinstance(v, float) else round(v, 4)}")
@@ -238,15 +252,22 @@ def wide_model(tok):
 
 
 def count_rows(model):
-    """A list whose [0] counts the rows of every forward call of model (a sequence forward pass each)."""
-    rows = [0]
-    model.register_forward_pre_hook(lambda module, a: rows.__setitem__(0, rows[0] + a[0].shape[0]))
-    return rows
+    """A list whose [0] counts the rows of every forward call of model (a sequence forward pass each) and [1]
+    the positions they feed (with --kv_cache, only those after the cached prefix)."""
+    work = [0, 0]
+
+    def hook(module, a):
+        work[0] += a[0].shape[0]
+        work[1] += a[0].numel()
+
+    model.register_forward_pre_hook(hook)
+    return work
 
 
 def igpo_step(model, tok, args, batch):
     """One IGPO step as igpo.py runs it, timed by phase. Returns (phase seconds, what the step reads: tokens,
-    rewards, hint and loss masks, the loss, the rollout generator's state, and row-forwards per rollout)."""
+    rewards, hint and loss masks, the loss, the rollout generator's state; and the rollouts' work: row-forwards
+    and positions fed per rollout, the step's own reward, all-wrong groups before and after the rescue)."""
     mask_id, G, rows = tok.mask_token_id, args.num_generations, count_rows(model)
     facts = sft.model_facts(model.config, tok)
     end_ids = torch.tensor(facts.end_ids)
@@ -265,6 +286,7 @@ def igpo_step(model, tok, args, batch):
     times["grading"] = time.perf_counter() - t
     t = time.perf_counter()
     all_wrong = (reward.sum(1) == 0).nonzero().flatten().tolist()
+    own_reward = reward.mean().item()
     hint_mask = torch.zeros_like(comp, dtype=torch.bool)
     if all_wrong:
         hints = igpo.hint_canvases(tok, [batch[b][1] for b in all_wrong], args, mask_id, hint_gen)
@@ -275,7 +297,10 @@ def igpo_step(model, tok, args, batch):
         comp, reward, hint_mask, _ = igpo.replace_wrong(comp, reward, all_wrong, inpainted, correct, hints,
                                                         args.max_replace_frac, mask_id)
     times["inpainting_rollouts_and_grading"] = time.perf_counter() - t
-    n_rollouts, rollout_rows = len(comp) + G * len(all_wrong), rows[0]
+    n_rollouts = len(comp) + G * len(all_wrong)
+    work = {"forwards_per_rollout": rows[0] / n_rollouts, "fed_per_rollout": rows[1] / n_rollouts,
+            "reward": own_reward, "all_wrong": len(all_wrong) / len(batch),
+            "all_wrong_after": (reward.sum(1) == 0).float().mean().item()}
     t = time.perf_counter()
     with torch.no_grad():
         logp_old, ent = igpo.token_logps(model, prompts, comp, facts, with_entropy=True)
@@ -296,7 +321,7 @@ def igpo_step(model, tok, args, batch):
     times["updates"] = time.perf_counter() - t
     reads = {"tokens": comp.masked_fill(~valid, -1), "reward": reward, "loss_mask": loss_mask, "loss": loss.detach(),
              "hint_mask": hint_mask & valid, "generator": gen.get_state()}
-    return times, reads, rollout_rows / n_rollouts
+    return times, reads, work
 
 
 def igpo_step_phases(tok, quick):
@@ -325,7 +350,8 @@ def early_exit_igpo_step(ckpt, quick):
     for on in (False, True, False, True):  # twice each, alternating; the faster of the two is kept
         args.early_exit = on
         model, tok, _ = sft.load_model(ckpt)
-        times, reads, per_rollout = igpo_step(model, tok, args, batch)
+        times, reads, work = igpo_step(model, tok, args, batch)
+        per_rollout = work["forwards_per_rollout"]
         seconds = times["rollouts"] + times["inpainting_rollouts_and_grading"]
         if on not in runs or seconds < runs[on][0]:
             runs[on] = (seconds, reads, per_rollout, sum(times.values()))
@@ -362,6 +388,94 @@ def early_exit_paper_shape(ends, L=256, Lb=32, steps=128, temperature=1.2):
             "seconds": {"off": round(res[False][3], 2), "on": round(res[True][3], 2)},
             "forward_ratio": res[True][2] / res[False][2], "time_ratio": res[True][3] / res[False][3],
             "identical": torch.equal(res[False][0], res[True][0]) and torch.equal(res[False][1], res[True][1])}
+
+
+# (confidence_threshold, kv_cache) of each measured setting; LLaDA's hub code refuses the cache (sft.MODELS)
+LLADA_LEVERS = {"exact": (0.0, False), "tau 0.9": (0.9, False), "tau 0.7": (0.7, False), "tau 0.5": (0.5, False)}
+DREAM_LEVERS = {"exact": (0.0, False), "tau 0.9": (0.9, False), "tau 0.7": (0.7, False), "kv_cache": (0.0, True),
+                "tau 0.9 + kv_cache": (0.9, True)}
+
+
+def speed_levers_igpo_step(ckpt, taus=(0.5, 0.7, 0.9), quick=False):
+    """The sampler's two levers (NOTES.md §3 item 25) in one IGPO step (default flags, early exit on) from an SFT
+    checkpoint, for the exact sampler and each threshold: row-forwards and positions fed per rollout, the rollout
+    phases' seconds (the faster of two runs), the step's own reward and its all-wrong groups before and after the
+    rescue (one step of 8 prompts: noisy; NOTES.md §8 has whole runs). The embedded model refuses the cache."""
+    args = igpo.get_args(["--limit", "0"])
+    if quick:
+        args.batch_prompts = 2
+    ds = sft.toy_dataset("train", args.batch_prompts, seed=3)
+    batch = list(zip(ds["question"], ds["trace"], ds["answer"]))
+    res = {}
+    for tau in (0.0, *taus) * 2:  # twice each, in turn; the faster run is kept
+        args.confidence_threshold = tau
+        model, tok, _ = sft.load_model(ckpt)
+        times, _, work = igpo_step(model, tok, args, batch)
+        seconds = times["rollouts"] + times["inpainting_rollouts_and_grading"]
+        if tau not in res or seconds < res[tau]["rollout_seconds"]:
+            res[tau] = {**{k: round(v, 4) for k, v in work.items()}, "rollout_seconds": round(seconds, 2)}
+    return {f"tau {tau}": r for tau, r in res.items()}
+
+
+def speed_levers(ckpt, quick):
+    """--confidence_threshold and --kv_cache (NOTES.md §3 item 25, §8): eval.py's sampler and one IGPO step on
+    the SFT checkpoint ckpt (threshold only: the embedded model refuses the cache), then the paper's rollout
+    shape on a tiny LLaDA (threshold only: its hub code refuses a cache) and a tiny Dream (both)."""
+    res = {}
+    if os.path.isdir(ckpt):
+        res["speed_levers_eval"] = speed_levers_eval(ckpt, n=16 if quick else 200)
+        res["speed_levers_igpo_step"] = speed_levers_igpo_step(ckpt, quick=quick)
+    else:
+        print(f"no checkpoint at {ckpt}: the levers on the embedded task not measured (pass --ckpt)")
+    rows = 1 if quick else 2
+    res["speed_levers_paper_shape_llada"] = speed_levers_paper_shape("llada", LLADA_LEVERS, rows)
+    res["speed_levers_paper_shape_dream"] = speed_levers_paper_shape("dream", DREAM_LEVERS, rows)
+    return res
+
+
+def speed_levers_eval(ckpt, taus=(0.5, 0.7, 0.9), n=200):
+    """Row-forwards per answer of eval.py's sampler (embedded defaults: L = 48, block 8, 24 steps, early exit on)
+    on the first n test questions from an SFT checkpoint, greedy and at T = 1.2, for the exact sampler and each
+    threshold."""
+    model, tok, facts = sft.load_model(ckpt)
+    model.eval()
+    work = count_rows(model)
+    prompts = torch.tensor([tok(sft.make_prompt(tok, q, True), add_special_tokens=False).input_ids
+                            for q, _ in ev.load_task("toy", limit=n)])  # every embedded prompt has one length
+    res = {}
+    for temperature in (0.0, 1.2):
+        for tau in (0.0, *taus):
+            work[:] = [0, 0]
+            sampler = ev.Sampler(48, 8, 24, temperature, True, 0, tau)
+            with torch.no_grad():
+                ev.generate(model, prompts, sampler, facts, generator=torch.Generator().manual_seed(0))
+            res[f"T {temperature} tau {tau}"] = work[0] / n
+    return res
+
+
+def speed_levers_paper_shape(which, levers, rows=4, P=200, L=256, Lb=32, steps=128, temperature=1.2):
+    """The sampler at the paper's rollout shape (L = 256, block 32, 128 steps, prompts of P tokens, T = 1.2, early
+    exit on) on a tiny random LLaDA or Dream built from its own code (conftest.build_tiny_*; real vocabulary):
+    row-forwards, positions fed and seconds per rollout for each (threshold, cache) of `levers`. The positions
+    fed by the cache are the model's shape only; the threshold's forwards follow these random weights'
+    confidences, not a trained model's."""
+    import tempfile
+    from conftest import build_tiny_dream, build_tiny_llada
+    build = {"llada": build_tiny_llada, "dream": build_tiny_dream}[which]
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _, facts = sft.load_model(build(os.path.join(tmp, which)), trust_remote_code=True)
+    model.eval()
+    work = count_rows(model)
+    prompts = torch.randint(0, 90, (rows, P), generator=torch.Generator().manual_seed(0))  # character ids
+    res = {}
+    for name, (tau, cache) in levers.items():
+        work[:] = [0, 0]
+        sampler = ev.Sampler(L, Lb, steps, temperature, True, 0, tau, cache)
+        t = time.perf_counter()
+        ev.generate(model, prompts, sampler, facts, generator=torch.Generator().manual_seed(0))
+        res[name] = {"forwards_per_rollout": work[0] / rows, "fed_per_rollout": work[1] / rows,
+                     "seconds_per_rollout": round((time.perf_counter() - t) / rows, 2)}
+    return res
 
 
 def llada_gsm8k_ends(n):

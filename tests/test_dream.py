@@ -26,7 +26,7 @@ def test_facts_of_dream_come_from_the_table(tiny_dream):
     assert type(model).__name__ == "DreamModel"
     assert facts.mask_id == tok.convert_tokens_to_ids("<|mask|>") == 151666
     assert facts.end_ids == (151645, 151643)  # <|im_end|> ends the turn, <|endoftext|> pads after it
-    assert facts.shifted and set(facts.lora_targets) == DREAM_PROJECTIONS
+    assert facts.shifted and set(facts.lora_targets) == DREAM_PROJECTIONS and facts.kv_cache
     # the head has 152,064 rows but the tokenizer decodes 151,667 ids: the sampler never draws the others
     assert model.get_output_embeddings().weight.shape[0] == 152064 and facts.n_tokens == len(tok) == 151667
 
@@ -147,3 +147,98 @@ def test_full_fine_tuning_of_dream_saves_and_loads_back(tiny_dream, tmp_path):
               "--batch_size", "2", "--max_steps", "1", "--out_dir", str(out), "--device", "cpu"])
     model, _, facts = sft.load_model(str(out), trust_remote_code=True)
     assert type(model).__name__ == "DreamModel" and facts.shifted
+
+
+# ---------------------------------------------------------------- --kv_cache (NOTES.md §3 item 25)
+
+def recorded_forwards(model, monkeypatch):
+    """Every forward of model: (the token ids it is fed, how many positions its cache already holds). The fed
+    tokens take the positions from there on (Dream's cache_position), so this is what the model sees where."""
+    calls, real_forward = [], model.forward
+
+    def recording_forward(x, **kw):
+        cache = kw.get("past_key_values")
+        calls.append((x.clone(), cache.get_seq_length() if cache is not None else 0))
+        return real_forward(x, **kw)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    return calls
+
+
+def test_kv_cache_feeds_the_exact_canvas_at_its_positions(tiny_dream, monkeypatch):
+    """A block's first forward is the whole canvas, as without the cache; each later step feeds the canvas from
+    the block's start minus one (Dream's shift) on, at its own positions, and the prefix the cache holds plus
+    what is fed is exactly the canvas the exact sampler feeds at that step (first block: nothing finished)."""
+    model, tok, facts = sft.load_model(tiny_dream, trust_remote_code=True)
+    model.eval()
+    x = torch.tensor(dream_prompts(tok, ["What is 2+3?", "What is 4+5?"]))
+    P, L, Lb, steps = x.shape[1], 16, 8, 8
+    runs = []
+    for kv_cache in (False, True):
+        calls = recorded_forwards(model, monkeypatch)
+        sampler = evaluation.Sampler(L, Lb, steps, 0.0, False, 0, 0.0, kv_cache)
+        runs.append((evaluation.generate(model, x, sampler, facts), calls))
+        monkeypatch.undo()
+    (_, exact), (_, cached) = runs
+    assert [held for _, held in exact] == [0] * steps and len(cached) == steps
+    per_block = steps // (L // Lb)
+    for i, (fed, held) in enumerate(cached):
+        start = P + (i // per_block) * Lb
+        assert held == (0 if i % per_block == 0 else start - 1) and fed.shape[1] == P + L - held
+    assert torch.equal(cached[0][0], exact[0][0])  # the first forward is the exact one
+    assert torch.equal(torch.cat([cached[0][0][:, :P - 1], cached[1][0]], 1), exact[1][0])
+    # one step per block: every forward is a block's first, so the cache changes no token
+    one_step = evaluation.Sampler(L, Lb, L // Lb, 0.0, False, 0, 0.0, True)
+    assert torch.equal(evaluation.generate(model, x, one_step, facts),
+                       evaluation.generate(model, x, one_step._replace(kv_cache=False), facts))
+
+
+def test_kv_cache_on_dream_with_hints_early_exit_and_threshold(tiny_dream, monkeypatch):
+    """The cached sampler end to end: hints stay, nothing stays masked, a row whose end token is hinted leaves,
+    rows leave a block's batch mid-block (the cache keeps the rows that stay), and each row's tokens are the ones
+    it gets alone: the cache never mixes up rows."""
+    model, tok, facts = sft.load_model(tiny_dream, trust_remote_code=True)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 90, (3, 9), generator=g)  # three prompts of one length, different tokens
+    L, Lb, steps, mask_id = 24, 8, 12, facts.mask_id
+    hints = torch.full((3, L), mask_id)
+    hints[0, 3] = facts.end_ids[0]  # row 0 ends in block 0 and leaves
+    hints[1, 8:14] = torch.randint(0, 90, (6,), generator=g)  # row 1 has 2 masks in block 1: done after 2 steps
+    hints[2, 17:19] = torch.randint(0, 90, (2,), generator=g)
+    for tau in (0.0, 0.2):
+        sampler = evaluation.Sampler(L, Lb, steps, 0.0, True, 0, tau, True)
+        calls = recorded_forwards(model, monkeypatch)
+        out = evaluation.generate(model, x, sampler, facts, hints)[:, -L:]
+        monkeypatch.undo()
+        keep = evaluation.completion_mask(out, torch.tensor(facts.end_ids))
+        hinted = (hints != mask_id) & keep
+        assert torch.equal(out[hinted], hints[hinted]) and not (out == mask_id).any()
+        assert not keep[0, 4:].any()  # row 0 ended in block 0
+        # a cached step ran fewer rows than the step before it: a row left mid-block, its keys and values too
+        assert any(len(a) > len(b) and held for (a, _), (b, held) in zip(calls, calls[1:]))
+        for r in range(3):
+            alone = evaluation.generate(model, x[r:r + 1], sampler, facts, hints[r:r + 1])[:, -L:]
+            assert torch.equal(alone[0], out[r]), (tau, r)
+
+
+def test_no_forward_builds_a_cache_without_kv_cache(tiny_dream, monkeypatch):
+    """Dream's config sets use_cache: true; loaded by sft.load_model, neither the sampler nor the estimator
+    builds a cache unless --kv_cache asks."""
+    from transformers.cache_utils import DynamicLayer
+    model, tok, facts = sft.load_model(tiny_dream, trust_remote_code=True)
+    model.eval()
+    appended, real_update = [0], DynamicLayer.update
+
+    def counting_update(self, *a, **kw):
+        appended[0] += 1
+        return real_update(self, *a, **kw)
+
+    monkeypatch.setattr(DynamicLayer, "update", counting_update)
+    prompts = dream_prompts(tok)[:1]
+    with torch.no_grad():
+        out = evaluation.generate(model, torch.tensor(prompts), evaluation.Sampler(8, 8, 4, 1.0), facts)
+        igpo.token_logps(model, prompts, out[:, -8:], facts)
+    assert appended[0] == 0
+    evaluation.generate(model, torch.tensor(prompts), evaluation.Sampler(8, 8, 4, 1.0, kv_cache=True), facts)
+    assert appended[0] > 0  # the counter sees a cache when one is built

@@ -372,6 +372,7 @@ def test_rl_prompts_are_not_the_sft_problems():
     (["--temperature", "-1"], "temperature must be >= 0"),
     (["--eta_low", "0.7", "--eta_high", "0.2"], "need 0 <= eta_low <= eta_high <= 1"),
     (["--batch_prompts", "3", "--grad_accum", "2"], "must be divisible by grad_accum"),
+    (["--confidence_threshold", "1.5"], "confidence_threshold must be in [0, 1]"),
 ])
 def test_settings_that_cannot_mean_anything_are_one_line_errors(argv, message):
     with pytest.raises(SystemExit) as e:

@@ -443,3 +443,23 @@ def test_script_headers_carry_the_readme_commands(script):
                             next(l for l in lines if l.startswith("#   Dream-v0-Instruct-7B"))))
     expected = [dream.get(header[i - 1], a) if i and header[i - 1] in dream else a for i, a in enumerate(header)]
     assert readme_command(script, "Dream") == expected
+
+
+def test_kv_cache_is_refused_with_one_line_on_llada_and_the_embedded_model(tiny_llada, tmp_path):
+    """--kv_cache needs a forward that reuses a prefix's keys and values (sft.MODELS): LLaDA's hub code asserts
+    that none is passed, the embedded ModernBERT takes none. Either is one line on stderr, exit 1, no traceback."""
+    import subprocess
+    import sys
+    import eval as evaluation
+    model, tok, facts = sft.load_model(tiny_llada, trust_remote_code=True)
+    assert not facts.kv_cache
+    with pytest.raises(SystemExit) as e:
+        evaluation.generate(model, torch.tensor([[1, 2, 3]]), evaluation.Sampler(8, 8, 4, 0.0, kv_cache=True), facts)
+    assert str(e.value).startswith("error: --kv_cache needs a model") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        igpo.main(["--model", "toy", "--kv_cache", "--out_dir", str(tmp_path / "o"), "--limit", "0",
+                   "--max_steps", "1"])
+    assert str(e.value).startswith("error: --kv_cache needs a model") and "\n" not in str(e.value)
+    r = subprocess.run([sys.executable, "eval.py", "--model", "toy", "--kv_cache", "--limit", "2", "--out_dir",
+                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: --kv_cache needs a model") and r.stderr.count("\n") == 1

@@ -266,3 +266,134 @@ def test_evaluate_saves_the_full_eos_padded_canvas(tokenizer, facts):
         text = r["generations"]
         assert text.endswith(sft.EOT + sft.EOS * (L - 6)) and sft.MASK not in text
     assert model.rows == 2 * 4  # one block of 4 steps per row
+
+
+# ---------------------------------------------------------------- --confidence_threshold (NOTES.md §3 item 25)
+
+THREE_PROMPTS = ["Ann has 3 pens. How many?", "Jo has 41 eggs. How many?", "Max has 2 eggs. How many?"]
+
+
+def three_prompts(tokenizer):
+    return torch.cat([prompt_ids(tokenizer, t) for t in THREE_PROMPTS])  # (3, P): one length, no padding
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_threshold_zero_is_the_exact_schedule_tokens_and_generator(model, tokenizer, facts, temperature):
+    """tau = 0 is the paper's sampler bit for bit: greedy tokens equal the reference sampler's, and at any
+    temperature the noise is drawn for every row at each of the `steps` steps and no more, so the generator
+    ends where one that drew exactly that noise ends."""
+    from eval import logits_size
+    L, Lb, steps = 16, 4, 8
+    prompts = three_prompts(tokenizer)
+    g = torch.Generator().manual_seed(5)
+    out = generate(model, prompts, Sampler(L, Lb, steps, temperature, False, 0, 0.0), facts, generator=g)
+    expected = torch.Generator().manual_seed(5)
+    for _ in range(steps if temperature else 0):
+        torch.rand((3, Lb, logits_size(model)), dtype=torch.float64, generator=expected)
+    assert torch.equal(g.get_state(), expected.get_state())
+    if not temperature:
+        for r in range(3):
+            ref = reference_generate(model, prompts[r:r + 1], L, Lb, steps, tokenizer.mask_token_id)
+            assert torch.equal(out[r:r + 1], ref)
+
+
+def recorded_commits(monkeypatch):
+    """Every call of eval.commit during a generate(): (block before, confidences, block after)."""
+    import eval as ev
+    calls, real_commit = [], ev.commit
+
+    def recording_commit(block, x0, confidence, k, mask_id):
+        after = real_commit(block, x0, confidence, k, mask_id)
+        calls.append((block.clone(), confidence.clone(), after.clone()))
+        return after
+
+    monkeypatch.setattr(ev, "commit", recording_commit)
+    return calls
+
+
+def check_threshold_steps(calls, tau, mask_id):
+    """Each step commits exactly the masked positions with confidence >= tau when a row has some, else exactly
+    one, its most confident masked position; nothing else of the block changes (hints, committed tokens).
+    Returns how many row-steps took each branch."""
+    several = single = 0
+    for before, confidence, after in calls:
+        masked, changed = before == mask_id, after != before
+        assert not changed[~masked].any()  # a hint or a committed token never changes
+        sure = masked & (confidence >= tau)  # (R, Lb)
+        for r in range(len(before)):
+            assert masked[r].any()  # a row takes a step only while its block holds a mask
+            if sure[r].any():
+                assert torch.equal(changed[r], sure[r])
+                several += 1
+            else:
+                best = torch.where(masked[r], confidence[r], float("-inf")).argmax()
+                assert changed[r].nonzero().flatten().tolist() == [best]
+                single += 1
+    return several, single
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_threshold_commits_the_masked_positions_at_least_tau_and_never_a_hint(model, tokenizer, facts,
+                                                                              temperature, monkeypatch):
+    mask_id, L, Lb, steps = tokenizer.mask_token_id, 16, 8, 8
+    prompts = three_prompts(tokenizer)
+    hints = torch.full((3, L), mask_id)
+    hints[0, [1, 2, 3, 9, 10]] = torch.tensor(tokenizer("12+5=1", add_special_tokens=False).input_ids)
+    hints[1, 4:8] = torch.tensor(tokenizer("abcd", add_special_tokens=False).input_ids)
+    counts = [0, 0]
+    for tau in (0.15, 0.25, 0.35):  # the tiny model's confidences lie between about 0.07 and 0.4
+        calls = recorded_commits(monkeypatch)
+        sampler = Sampler(L, Lb, steps, temperature, False, 0, tau)
+        out = generate(model, prompts, sampler, facts, hints, torch.Generator().manual_seed(0))[:, -L:]
+        monkeypatch.undo()
+        assert torch.equal(out[hints != mask_id], hints[hints != mask_id]) and not (out == mask_id).any()
+        counts = [a + b for a, b in zip(counts, check_threshold_steps(calls, tau, mask_id))]
+        # tau equal to a confidence the first step sees (the second highest of row 0): >= commits it too
+        first = calls[0][1][0][calls[0][0][0] == mask_id].sort(descending=True).values[1].item()
+        calls = recorded_commits(monkeypatch)
+        generate(model, prompts, sampler._replace(confidence_threshold=first), facts, hints,
+                 torch.Generator().manual_seed(0))
+        monkeypatch.undo()
+        check_threshold_steps(calls, first, mask_id)
+    assert counts[0] and counts[1]  # both branches were taken: several tokens at once, and one only
+
+
+def test_threshold_takes_one_token_a_step_when_nothing_is_confident(tokenizer, facts):
+    """An untrained model is never confident: each step commits exactly one token, so a block takes all
+    block_length steps (more than the schedule's), and the canvas is still complete."""
+    model = sft.build_toy_model(tokenizer, hidden=32, layers=2, heads=2).eval()  # near-uniform predictions
+    rows = [0]
+    model.register_forward_pre_hook(lambda module, a: rows.__setitem__(0, rows[0] + a[0].shape[0]))
+    out = generate(model, three_prompts(tokenizer), Sampler(16, 8, 4, 1.0, False, 0, 0.5), facts,
+                   generator=torch.Generator().manual_seed(0))
+    assert not (out == tokenizer.mask_token_id).any() and rows[0] == 3 * 16
+
+
+def test_threshold_keeps_early_exit_exact(tokenizer, facts):
+    """With tau > 0 finished rows still leave the batch without changing any token up to each row's end, or
+    the generator's state."""
+    from eval import completion_mask
+    L, Lb, steps = 32, 8, 16
+    prompts, scripts, end_ids = scripted_rows(tokenizer, L)
+    outs, states, rows = [], [], []
+    for early in (False, True):
+        model = Scripted(tiny_model(tokenizer, seed=3), prompts.shape[1], scripts, end_ids)
+        g = torch.Generator().manual_seed(7)
+        outs.append(generate(model, prompts, Sampler(L, Lb, steps, 1.0, early, 0, 0.7), facts, generator=g)[:, -L:])
+        states.append(g.get_state())
+        rows.append(model.rows)
+    keep = completion_mask(outs[0], end_ids)
+    assert torch.equal(keep, completion_mask(outs[1], end_ids)) and torch.equal(outs[0][keep], outs[1][keep])
+    assert torch.equal(states[0], states[1]) and rows[1] < rows[0]
+
+
+def test_speed_flags_default_off_same_names_in_both_scripts():
+    """The exact sampler is the default of both scripts; the two levers have the same flag names in each."""
+    import eval as ev
+    import igpo
+    for get_args in (ev.get_args, igpo.get_args):
+        args = get_args([])
+        assert args.confidence_threshold == 0.0 and args.kv_cache is False
+        args = get_args(["--confidence_threshold", "0.9", "--kv_cache"])
+        assert args.confidence_threshold == 0.9 and args.kv_cache is True
+    assert igpo.sampler_of(igpo.get_args([])) == Sampler(48, 8, 24, 1.2, True, 0)  # as before the two levers
