@@ -62,6 +62,9 @@ def get_args(argv=None):
     shared_flags(p, model="toy", out_dir="out/sft", training=True)
     # ---- data (--dataset, --split, --question_col, --trace_col: shared_flags)
     p.add_argument("--toy_size", type=int, default=20000, help="embedded task: training problems")
+    p.add_argument("--rewrite_model", default="", help="local instruct causal LM that first rewrites each "
+                   "trace concisely (the paper's rewriting step; cached in --out_dir/rewrites.jsonl)")
+    p.add_argument("--rewrite_batch", type=int, default=16, help="traces per rewriter generate() (memory)")
     # ---- length alignment
     p.add_argument("--gen_length", type=int, default=48, help="L: response = RL/eval length (paper: 256)")
     # ---- optimisation
@@ -81,6 +84,8 @@ def get_args(argv=None):
         args.stop_all_wrong = 0.35 if args.dataset == "toy" else 0.0
     if args.stop_all_wrong and args.dataset != "toy":
         fail("--stop_all_wrong needs the embedded task (its held-out problems and grader)")
+    if args.rewrite_model and args.dataset == "toy":
+        fail("--rewrite_model needs real data (--dataset): the embedded traces are concise already")
     return args
 
 
@@ -192,7 +197,28 @@ def toy_dataset(split, size, seed=0, max_days=TOY_MAX_DAYS):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Prompts and responses, the same for the embedded task and real data (eval.load_rows reads real data).
+# Data, prompts and responses, shared by the three scripts (load_rows reads real data, for eval.py too).
+
+def load_rows(dataset, split, columns, config=None):
+    # Load a dataset and check that the columns we need exist (one-line error otherwise).
+    import datasets
+    datasets.disable_progress_bars()  # keeps stderr for errors
+    local = dataset.endswith((".json", ".jsonl"))
+    if local and not os.path.exists(dataset):
+        fail(f"dataset file not found: {dataset}")
+    try:  # malformed JSON or a bad hub id would surface as a deep datasets traceback
+        if local:
+            ds = datasets.load_dataset("json", data_files=dataset, split="train")
+        else:
+            ds = datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:
+        what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
+        fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        fail(f"dataset {dataset} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
+    return ds
+
 
 def make_prompt(tokenizer, question, toy):
     # The chat-formatted prompt used identically by SFT, RL and evaluation.
@@ -417,22 +443,96 @@ def sft_loss(model, rows, facts, gen):
     return total / B
 
 
-def build_sft_data(args, tokenizer, facts, toy):
-    # Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter).
+def build_sft_data(args, tokenizer, facts, device, same_answer):
+    # Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter). With
+    # --rewrite_model the responses are the kept rewrites of the traces (the rewriting step, below).
+    toy = args.dataset == "toy"
     if toy:
         ds = toy_dataset("train", args.toy_size, args.seed)  # columns trace and verbose: --trace_col picks
     else:
-        from eval import load_rows  # eval.py imports this file: imported where it is used
         ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
+    questions, traces = ds[args.question_col], [str(t) for t in ds[args.trace_col]]
+    if args.rewrite_model:
+        questions, traces = rewrite_traces(questions, traces, args, tokenizer, facts, device, same_answer)
     # length alignment (Eq. (2)): a trace longer than L is dropped (None), never truncated
     L = args.gen_length
-    responses = [encode_response(tokenizer, str(t), L, facts.end_ids) for t in ds[args.trace_col]]
+    responses = [encode_response(tokenizer, t, L, facts.end_ids) for t in traces]
     rows = [(tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids, r)
-            for q, r in zip(ds[args.question_col], responses) if r is not None]
-    print(f"data: {len(rows)} traces fit gen_length={L}, {len(ds) - len(rows)} longer ones dropped")
+            for q, r in zip(questions, responses) if r is not None]
+    print(f"data: {len(rows)} traces fit gen_length={L}, {len(traces) - len(rows)} longer ones dropped")
     if not rows:
         fail(f"no trace fits --gen_length {L}; raise it or use shorter traces")
     return rows
+
+
+# The rewriting step's request (NOTES.md §3 item 9), one user turn of the rewriter's chat template. It asks
+# for the answer format of SFT's own prompt (REASONING_PROMPT); %s: the problem, then the original trace.
+REWRITE_PROMPT = ("Rewrite the solution below as a concise step-by-step solution: keep only the steps needed "
+                  "to reach the answer, and keep its final answer unchanged.\n" + REASONING_PROMPT
+                  + "Problem:\n%s\n\nSolution:\n%s")
+REWRITE_SLACK = 2  # the rewriter writes at most 2 L of its own tokens; cut off there, a rewrite is too long
+
+
+def rewrite_traces(questions, traces, args, tokenizer, facts, device, same_answer):
+    # The paper's rewriting step: --rewrite_model rewrites each trace concisely, and a rewrite is kept only if
+    # it fits L in the policy's tokenizer and its final answer grades equal to the original's (same_answer:
+    # eval.py's, with the reward's grade()). Returns the kept (questions, rewrites). Rewrites are appended to
+    # rewrites.jsonl in --out_dir batch by batch, so a stopped run resumes where it stopped.
+    path = os.path.join(args.out_dir, "rewrites.jsonl")
+    cached = open(path, "rb").read() if os.path.exists(path) else b""
+    cached = cached[:cached.rfind(b"\n") + 1]  # a line cut short by a kill is dropped; its trace is redone
+    done = {(r["question"], r["trace"]): r["rewrite"] for r in map(json.loads, cached.decode().splitlines())}
+    pairs = list(zip(questions, traces))
+    todo = [p for p in pairs if p not in done]
+    if todo:
+        if rank_and_world()[1] > 1:  # one process writes the cache: under torchrun it must be complete
+            fail("--rewrite_model: rewrite in one process first (the same command without torchrun)")
+        rewrite = load_rewriter(args.rewrite_model, device, REWRITE_SLACK * args.gen_length)
+        from tqdm import tqdm
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(path, "a") as f:
+            f.truncate(len(cached))
+            for k in tqdm(range(0, len(todo), args.rewrite_batch), desc="rewrite"):
+                batch = todo[k:k + args.rewrite_batch]
+                done.update(zip(batch, rewrite(batch)))
+                lines = [{"question": q, "trace": t, "rewrite": done[q, t]} for q, t in batch]
+                f.writelines(json.dumps(line) + "\n" for line in lines)
+                f.flush()  # on disk before the next batch starts
+    # the filter: a rewrite longer than L is counted too long; only one that fits has its answer graded
+    L, rewrites = args.gen_length, [done[p] for p in pairs]
+    fits = [encode_response(tokenizer, r, L, facts.end_ids) is not None for r in rewrites]
+    kept = [i for i, (r, t) in enumerate(zip(rewrites, traces)) if fits[i] and same_answer(r, t)]
+    n_wrong, n_long = sum(fits) - len(kept), len(fits) - sum(fits)
+    print(f"rewrite: {len(pairs)} traces rewritten ({len(pairs) - len(todo)} from the cache), {len(kept)} "
+          f"kept, {n_wrong} with another final answer, {n_long} longer than gen_length={L}")
+    if not kept:
+        fail(f"--rewrite_model kept none of {len(pairs)} traces: {n_wrong} rewrites end in another final "
+             f"answer than the original's, {n_long} do not fit --gen_length {L}")
+    return [questions[i] for i in kept], [rewrites[i] for i in kept]
+
+
+def load_rewriter(name, device, max_new_tokens):
+    # rewrite(pairs) -> texts: the local instruct causal LM `name` rewrites (question, trace) pairs by greedy
+    # decoding. A batch is padded on the left, as a causal LM continues each row from its right end, and the
+    # attention mask hides the padding (a causal LM's code applies it; LLaDA's does not, item 16).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name, padding_side="left")
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype="auto").to(device).eval()
+    except (OSError, ValueError) as e:
+        fail(f"could not load --rewrite_model '{name}': {str(e).splitlines()[0][:300]}")
+    if not tok.chat_template:
+        fail(f"--rewrite_model '{name}' has no chat template: the rewriting step needs an instruct model")
+    tok.pad_token = tok.pad_token or tok.eos_token  # many instruct tokenizers name no padding token
+
+    def rewrite(pairs):
+        chats = [tok.apply_chat_template([{"role": "user", "content": REWRITE_PROMPT % p}],
+                                         add_generation_prompt=True, tokenize=False) for p in pairs]
+        x = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False, return_token_type_ids=False)
+        x = x.to(device)  # input_ids, attention_mask (B, P): what generate() reads
+        out = lm.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        return [t.strip() for t in tok.batch_decode(out[:, x.input_ids.shape[1]:], skip_special_tokens=True)]
+    return rewrite
 
 
 def batch_at(rows, size, k, seed):
@@ -443,8 +543,14 @@ def batch_at(rows, size, k, seed):
     return [rows[i] for i in perm[(k % per_epoch) * size:][:size].tolist()]
 
 
-def main(argv=None):
+def main(argv=None, regime_check=None, same_answer=None):
+    # regime_check (the stop rule's measure) and same_answer (the rewrite filter) sample and grade: they are
+    # eval.py's, handed in by the caller (`python sft.py`: the end of this file), as eval.py imports this file
     args = get_args(argv)
+    if regime_check is None and args.stop_all_wrong and args.max_steps >= STOP_FROM:
+        fail("the stop rule needs eval.regime_check: sft.main(argv, regime_check=...), or --stop_all_wrong 0")
+    if same_answer is None and args.rewrite_model:
+        fail("--rewrite_model needs eval.same_answer: sft.main(argv, same_answer=...)")
     # ---- device and RNG: every random draw of the run comes from `gen` (the model's init: the global RNG)
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
     torch.manual_seed(args.seed)
@@ -453,7 +559,7 @@ def main(argv=None):
 
     # ---- model (`policy` is saved, `model` takes the gradients), then data (filtered with its tokenizer)
     policy, model, params, tokenizer, facts, amp_dtype = setup_model(args, device, state)
-    rows = build_sft_data(args, tokenizer, facts, args.dataset == "toy")  # [(prompt ids, response ids)]
+    rows = build_sft_data(args, tokenizer, facts, device, same_answer)  # [(prompt ids, response ids)]
 
     # ---- optimizer: AdamW, linear warmup over W steps, then cosine decay to 10% of the peak at step T
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
@@ -493,7 +599,6 @@ def main(argv=None):
                    "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": round(time.time() - t0, 1)}
             stop = bool(args.stop_all_wrong) and step >= STOP_FROM and step % STOP_EVERY == 0
             if stop:
-                from eval import regime_check  # eval.py imports this file: imported where it is used
                 row["all_wrong"] = regime_check(policy, tokenizer, facts, args.gen_length)
                 stop = row["all_wrong"] <= args.stop_all_wrong
             # ---- everything below is logging and checkpoints
@@ -557,7 +662,8 @@ def save_checkpoint(out_dir, model, tokenizer, args, state):
         json.dump(vars(args), f, indent=1)
     if state is not None:
         torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
-    for name in ("metrics.jsonl", "example.json", "eval_before.json"):  # written between saves: carried over
+    # files written between saves (rewrites.jsonl: before the first) are carried over into the new folder
+    for name in ("metrics.jsonl", "example.json", "eval_before.json", "rewrites.jsonl"):
         if os.path.exists(os.path.join(out_dir, name)):
             shutil.copy(os.path.join(out_dir, name), tmp)
     if os.path.exists(out_dir):
@@ -641,4 +747,7 @@ def log_line(row, keys):
 
 
 if __name__ == "__main__":
-    main()
+    # Run as a script, this file is the module __main__, not the module `sft` that eval.py imports: importing
+    # eval.py here closes no circle (the modules import sft <- eval <- igpo), and hands its measures in.
+    from eval import regime_check, same_answer
+    main(regime_check=regime_check, same_answer=same_answer)
