@@ -3,9 +3,10 @@
 #   python sft.py                                   # embedded model + task, a few CPU minutes -> out/sft
 #   python sft.py --trace_col verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
 #   paper scale, one GPU: the README's command (tests/test_llada.py checks that the two agree)
-#   python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset concise_traces.jsonl \
-#       --question_col question --trace_col trace --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 \
-#       --grad_accum 64 --lr 1e-5 --warmup_steps 50 --max_steps 2000 --out_dir out/sft_llada
+#   python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset open-r1/OpenR1-Math-220k \
+#       --question_col problem --trace_col solution --rewrite_model Qwen/Qwen2.5-7B-Instruct \
+#       --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5 --warmup_steps 50 \
+#       --max_steps 2000 --out_dir out/sft_llada
 #   Dream-v0-Instruct-7B: the same with --model Dream-org/Dream-v0-Instruct-7B, --out_dir out/sft_dream
 #
 # Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the
@@ -20,8 +21,9 @@
 #
 # Eq. (k) refers to the equations of NOTES.md §2 (the project's numbering, not the paper's).
 # Deviations from the paper, with reasons, are NOTES.md §3; the ones in this file:
-# - the embedded task's concise traces are generated, not rewritten by a large model (§3 item 9); for real
-#   data, --dataset takes traces made concise beforehand;
+# - the embedded task's concise traces are generated, not rewritten by a large model (§3 item 9); real data
+#   is rewritten first by --rewrite_model, a local instruct LM, and a rewrite is kept only if it fits L and
+#   ends in the original's final answer (the rewriting step: rewrite_traces);
 # - traces longer than the generation length are dropped with a printed count, never truncated: a truncated
 #   trace would teach the model to stop mid-reasoning.
 import argparse
@@ -37,6 +39,7 @@ from collections import namedtuple
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # Special tokens, spelled as in LLaDA-8B-Instruct so that one code path serves both models.
 EOS, BOS, MASK, EOT, UNK = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot_id|>", "<|unk|>"
@@ -62,8 +65,7 @@ def get_args(argv=None):
     shared_flags(p, model="toy", out_dir="out/sft", training=True)
     # ---- data (--dataset, --split, --question_col, --trace_col: shared_flags)
     p.add_argument("--toy_size", type=int, default=20000, help="embedded task: training problems")
-    p.add_argument("--rewrite_model", default="", help="local instruct causal LM that first rewrites each "
-                   "trace concisely (the paper's rewriting step; cached in --out_dir/rewrites.jsonl)")
+    p.add_argument("--rewrite_model", default="", help="instruct causal LM that first rewrites the traces")
     p.add_argument("--rewrite_batch", type=int, default=16, help="traces per rewriter generate() (memory)")
     # ---- length alignment
     p.add_argument("--gen_length", type=int, default=48, help="L: response = RL/eval length (paper: 256)")
@@ -467,9 +469,8 @@ def build_sft_data(args, tokenizer, facts, device, same_answer):
 
 # The rewriting step's request (NOTES.md §3 item 9), one user turn of the rewriter's chat template. It asks
 # for the answer format of SFT's own prompt (REASONING_PROMPT); %s: the problem, then the original trace.
-REWRITE_PROMPT = ("Rewrite the solution below as a concise step-by-step solution: keep only the steps needed "
-                  "to reach the answer, and keep its final answer unchanged.\n" + REASONING_PROMPT
-                  + "Problem:\n%s\n\nSolution:\n%s")
+REWRITE_PROMPT = ("Rewrite the solution below concisely, step by step: keep only the steps that reach the "
+                  "answer, and keep its final answer.\n" + REASONING_PROMPT + "Problem:\n%s\n\nSolution:\n%s")
 REWRITE_SLACK = 2  # the rewriter writes at most 2 L of its own tokens; cut off there, a rewrite is too long
 
 
@@ -486,28 +487,25 @@ def rewrite_traces(questions, traces, args, tokenizer, facts, device, same_answe
     todo = [p for p in pairs if p not in done]
     if todo:
         if rank_and_world()[1] > 1:  # one process writes the cache: under torchrun it must be complete
-            fail("--rewrite_model: rewrite in one process first (the same command without torchrun)")
+            fail("--rewrite_model: rewrite in one process first (without torchrun, with --max_steps 0)")
         rewrite = load_rewriter(args.rewrite_model, device, REWRITE_SLACK * args.gen_length)
-        from tqdm import tqdm
         os.makedirs(args.out_dir, exist_ok=True)
-        with open(path, "a") as f:
+        with open(path, "a", buffering=1) as f:  # line-buffered: each rewrite is on disk once written
             f.truncate(len(cached))
             for k in tqdm(range(0, len(todo), args.rewrite_batch), desc="rewrite"):
                 batch = todo[k:k + args.rewrite_batch]
-                done.update(zip(batch, rewrite(batch)))
-                lines = [{"question": q, "trace": t, "rewrite": done[q, t]} for q, t in batch]
-                f.writelines(json.dumps(line) + "\n" for line in lines)
-                f.flush()  # on disk before the next batch starts
+                for (q, t), r in zip(batch, rewrite(batch)):
+                    done[q, t] = r
+                    f.write(json.dumps({"question": q, "trace": t, "rewrite": r}) + "\n")
     # the filter: a rewrite longer than L is counted too long; only one that fits has its answer graded
     L, rewrites = args.gen_length, [done[p] for p in pairs]
     fits = [encode_response(tokenizer, r, L, facts.end_ids) is not None for r in rewrites]
     kept = [i for i, (r, t) in enumerate(zip(rewrites, traces)) if fits[i] and same_answer(r, t)]
-    n_wrong, n_long = sum(fits) - len(kept), len(fits) - sum(fits)
-    print(f"rewrite: {len(pairs)} traces rewritten ({len(pairs) - len(todo)} from the cache), {len(kept)} "
-          f"kept, {n_wrong} with another final answer, {n_long} longer than gen_length={L}")
-    if not kept:
-        fail(f"--rewrite_model kept none of {len(pairs)} traces: {n_wrong} rewrites end in another final "
-             f"answer than the original's, {n_long} do not fit --gen_length {L}")
+    counts = (f"{len(pairs)} traces rewritten ({len(pairs) - len(todo)} from the cache), {len(kept)} kept, "
+              f"{sum(fits) - len(kept)} with a wrong answer, {fits.count(False)} too long for gen_length={L}")
+    print(f"rewrite: {counts}")
+    if not kept:  # the counts say why
+        fail(f"--rewrite_model kept no trace: {counts}")
     return [questions[i] for i in kept], [rewrites[i] for i in kept]
 
 
@@ -526,11 +524,11 @@ def load_rewriter(name, device, max_new_tokens):
     tok.pad_token = tok.pad_token or tok.eos_token  # many instruct tokenizers name no padding token
 
     def rewrite(pairs):
-        chats = [tok.apply_chat_template([{"role": "user", "content": REWRITE_PROMPT % p}],
-                                         add_generation_prompt=True, tokenize=False) for p in pairs]
-        x = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False, return_token_type_ids=False)
-        x = x.to(device)  # input_ids, attention_mask (B, P): what generate() reads
-        out = lm.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        chats = [[{"role": "user", "content": REWRITE_PROMPT % p}] for p in pairs]  # one user turn each
+        x = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_dict=True,
+                                    return_tensors="pt").to(device)  # input_ids, attention_mask (B, P)
+        out = lm.generate(x.input_ids, attention_mask=x.attention_mask, max_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=tok.pad_token_id)
         return [t.strip() for t in tok.batch_decode(out[:, x.input_ids.shape[1]:], skip_special_tokens=True)]
     return rewrite
 
@@ -547,10 +545,8 @@ def main(argv=None, regime_check=None, same_answer=None):
     # regime_check (the stop rule's measure) and same_answer (the rewrite filter) sample and grade: they are
     # eval.py's, handed in by the caller (`python sft.py`: the end of this file), as eval.py imports this file
     args = get_args(argv)
-    if regime_check is None and args.stop_all_wrong and args.max_steps >= STOP_FROM:
+    if regime_check is None and args.stop_all_wrong and args.max_steps >= STOP_FROM:  # not after 500 steps
         fail("the stop rule needs eval.regime_check: sft.main(argv, regime_check=...), or --stop_all_wrong 0")
-    if same_answer is None and args.rewrite_model:
-        fail("--rewrite_model needs eval.same_answer: sft.main(argv, same_answer=...)")
     # ---- device and RNG: every random draw of the run comes from `gen` (the model's init: the global RNG)
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
     torch.manual_seed(args.seed)
@@ -570,7 +566,6 @@ def main(argv=None, regime_check=None, same_answer=None):
     bad = 0  # non-finite updates in a row
 
     # ---- training loop
-    from tqdm import tqdm
     model.train()
     with tqdm(total=args.max_steps, initial=step, desc="sft", disable=None if rank == 0 else True) as bar:
         t0 = time.time()
