@@ -529,10 +529,9 @@ def regrade(path, task):
     try:
         data = json.load(open(path))
         records = data["generations"]
-        for r in records:  # gold() is idempotent: d1 stores GSM8K's raw answer, we store the gold one
+        for r in records:  # one generation (d1's layout, ours at --num_samples 1) or a list of them
             gens = r["generations"] if isinstance(r["generations"], list) else [r["generations"]]
-            gold = TASKS[task].gold(str(r["ground_truth"]))
-            r["correct"] = sum(grade(g, gold, task) for g in gens) / len(gens)
+            r["correct"] = sum(grade(g, str(r["ground_truth"]), task) for g in gens) / len(gens)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
         fail(f"{path} is not a results file with generations and ground_truth ({type(e).__name__}: {e})")
     settings = {k: v for k, v in data.items() if k not in ("generations", "metrics")}

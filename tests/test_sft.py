@@ -243,13 +243,13 @@ def test_default_sft_stops_in_the_regime_igpo_is_for(tmp_path):
 # The rewriting step (--rewrite_model): a stub rewriter with known outputs, then a real causal LM.
 
 # (question, original trace, what the stub rewriter writes for it, verdict)
-REWRITES = [
-    ("q0", "a long way round ... \\boxed{5}", "2+3=5\n\\boxed{5}", "kept"),
+REWRITES = [  # with L = 32: a rewrite fits when its tokens and the end of turn are at most 32
+    ("q0", "a long way round ... \\boxed{5}", "2+3=5\n" * 4 + "5\n\\boxed{5}", "kept"),  # 31 tokens: fits exactly
     ("q1", "... so the answer is \\boxed{7}", "\\boxed{8}", "wrong"),  # another final answer
-    ("q2", "... \\boxed{9}", "1+1=2\n" * 12 + "\\boxed{9}", "long"),  # right answer, does not fit L = 32
+    ("q2", "... \\boxed{9}", "1+1=2\n" * 4 + "9.\n\\boxed{9}", "long"),  # right answer, 32 tokens: one too many
     ("q3", "2+2=4. The answer is: 4", "2+2=4\n\\boxed{4}", "kept"),  # MetaMathQA's ending, read as igpo reads it
     ("q4", "no final answer here", "\\boxed{1}", "wrong"),  # the original has none to match
-    ("q5", "... \\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "kept"),  # equal as the reward grades (math-verify)
+    ("q5", "... \\boxed{2\\sqrt{2}}", "\\boxed{\\sqrt{8}}", "kept"),  # equal as real data's reward grades
 ]
 
 
