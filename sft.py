@@ -516,7 +516,7 @@ def load_rewriter(name, device, max_new_tokens):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(name, padding_side="left")
-        lm = AutoModelForCausalLM.from_pretrained(name, dtype="auto").to(device).eval()
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype="auto").to(device)  # in eval mode
     except (OSError, ValueError) as e:
         fail(f"could not load --rewrite_model '{name}': {str(e).splitlines()[0][:300]}")
     if not tok.chat_template:
