@@ -285,8 +285,7 @@ def test_rewrite_keeps_the_same_answer_that_fits_and_counts(tokenizer, facts, tm
     rows = sft.build_sft_data(args, tokenizer, facts, "cpu", evaluation.same_answer)
     assert [len(b) for b in asked] == [4, 2]  # every trace once, in batches of --rewrite_batch
     kept = [r for _, _, r, verdict in REWRITES if verdict == "kept"]
-    eot = facts.end_ids[0]
-    assert [tokenizer.decode(resp[:resp.index(eot)]) for _, resp in rows] == kept  # SFT's responses
+    assert [resp for _, resp in rows] == [sft.encode_response(tokenizer, r, 32, facts.end_ids) for r in kept]
     questions = [q for q, _, _, verdict in REWRITES if verdict == "kept"]
     assert [p for p, _ in rows] == [tokenizer(sft.make_prompt(tokenizer, q, False), add_special_tokens=False)
                                     .input_ids for q in questions]
