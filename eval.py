@@ -33,8 +33,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from sft import (MODELS, autocast, equal_length_batches, fail, init_distributed, load_model, make_prompt,
-                 precision_line, precision_policy, rank_and_world, shared_flags, toy_dataset)
+from sft import (MODELS, autocast, equal_length_batches, fail, init_distributed, load_model, load_rows,
+                 make_prompt, precision_line, precision_policy, rank_and_world, shared_flags, toy_dataset)
 
 NEG_INF = float("-inf")
 F64_CHUNK_BYTES = 16 * 2**20  # the sampler's float64 work is done this many bytes at a time (NOTES.md §7)
@@ -62,6 +62,8 @@ def get_args(argv=None):
     # ---- run
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired accuracy difference B - A of two "
                    "results JSONs on their shared questions; a,b,c averages several files (seeds) per side")
+    p.add_argument("--grade", metavar="FILE", help="grade a saved results JSON (ours, or d1's generations) "
+                   "again with --task's grader, no model: eval_<task>.json as an evaluation writes it")
     p.add_argument("--show", action="store_true", help="print the first canvas after every denoising step")
     return p.parse_args(argv)
 
@@ -317,6 +319,16 @@ def extract_answer(text):
     return body or (text[k + 4:].strip().split("\n")[0].strip() if k >= 0 else "") or None
 
 
+def answer_from_trace(trace):
+    # A trace's final answer, where the data has no answer column: its last box (extract_answer), else
+    # MetaMathQA's closing 'The answer is: X'. igpo.py's gold answers and sft.py's rewrite filter read it.
+    boxed = extract_answer(trace)
+    if boxed is not None:
+        return boxed
+    m = re.search(r"The answer is:?\s*(.+?)\s*$", trace.strip())
+    return m.group(1) if m else None
+
+
 def _to_number(s):
     # Exact Fraction from '18', '$1,000.', '18 \\text{dollars}', 'x = 3/4', '\\frac{7}{2}'; else None.
     s = repr(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else s
@@ -433,10 +445,16 @@ def grade(text, ground_truth, task) -> bool:
         return False
 
 
+def same_answer(text, reference) -> bool:
+    # sft.py's rewrite filter: does `text` end in the final answer of the trace `reference`? Graded as igpo.py
+    # rewards real data (the math500 grader), against the answer igpo.py reads off a trace.
+    gold = answer_from_trace(reference)
+    return gold is not None and grade(text, gold, "math500")
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Data and benchmarks: load_rows reads a hub dataset or a local JSON/JSONL (sft.py and igpo.py read their
-# real data with it); each benchmark task is registered in one place, TASKS, and reads the hub layout or the
-# same layout from a local --data file. To add one, add an entry to TASKS (tests/test_sampler.py does).
+# Benchmarks: each task is registered in one place, TASKS, and reads the hub layout (sft.load_rows) or the
+# same layout from a local --data file. To add one, add an entry to TASKS.
 
 def gsm8k_gold(answer):
     return answer.split("####")[-1].strip().replace(",", "")
@@ -462,27 +480,6 @@ TASKS = {
     "amc": Task("AI-MO/aimo-validation-amc", None, "train", "problem", "answer", str, "latex", 256, 32),
     "minerva": Task("math-ai/minervamath", None, "test", "question", "answer", str, "latex", 256, 32),
 }
-
-
-def load_rows(dataset, split, columns, config=None):
-    # Load a dataset and check that the columns we need exist (one-line error otherwise).
-    import datasets
-    datasets.disable_progress_bars()  # keeps stderr for errors
-    local = dataset.endswith((".json", ".jsonl"))
-    if local and not os.path.exists(dataset):
-        fail(f"dataset file not found: {dataset}")
-    try:  # malformed JSON or a bad hub id would surface as a deep datasets traceback
-        if local:
-            ds = datasets.load_dataset("json", data_files=dataset, split="train")
-        else:
-            ds = datasets.load_dataset(dataset, config, split=split)
-    except Exception as e:
-        what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
-        fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        fail(f"dataset {dataset} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
-    return ds
 
 
 def load_task(task, data="", limit=0):
@@ -573,6 +570,32 @@ def compare(paths_a, paths_b, n_boot=4000, seed=0):
     return {"n": len(d), "acc_a": acc_a, "acc_b": acc_b, "diff": d.mean().item(), "ci95": [lo, hi]}
 
 
+def regrade(path, task):
+    # The records of a saved results file (ours, or d1's: question, generations, ground_truth), each of its
+    # generations graded again, and the file's other fields (its settings), plus where they came from.
+    if not os.path.exists(path):
+        fail(f"results file not found: {path}")
+    try:
+        data = json.load(open(path))
+        records = data["generations"]
+        for r in records:  # one generation (d1's layout, ours at --num_samples 1) or a list of them
+            gens = r["generations"] if isinstance(r["generations"], list) else [r["generations"]]
+            r["correct"] = sum(grade(g, str(r["ground_truth"]), task) for g in gens) / len(gens)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        fail(f"{path} is not a results file with generations and ground_truth ({type(e).__name__}: {e})")
+    settings = {k: v for k, v in data.items() if k not in ("generations", "metrics")}
+    return records, {**settings, "graded": path}
+
+
+def save_results(path, task, records, settings):
+    # The results JSON (per-question records, the settings that made them, the metrics), and its printed line.
+    correct = sum(r["correct"] for r in records)
+    metrics = {"accuracy": correct / max(1, len(records)), "correct": correct, "total": len(records),
+               "task": task}
+    write_json(path, {"generations": records, **settings, "metrics": metrics})
+    print(f"{task}: accuracy {100 * metrics['accuracy']:.1f}% ({correct:g}/{len(records)}) -> {path}")
+
+
 def read_records(path):
     # The records of a results file, checked for the fields compare() reads.
     if not os.path.exists(path):
@@ -603,6 +626,8 @@ def main(argv=None):
     sampler = Sampler(gen_length, block_length, steps, args.temperature, args.early_exit, args.gen_batch,
                       args.confidence_threshold, args.kv_cache)
     out = os.path.join(args.out_dir, f"eval_{args.task}.json")
+    if args.grade:  # a saved results file graded again: no model, the sampler's flags unread
+        return save_results(out, args.task, *regrade(args.grade, args.task))
     check_sampler(sampler)
     model_path = args.model or next((p for p in ("out/igpo", "out/sft") if os.path.isdir(p)), None)
     if model_path is None:
@@ -628,14 +653,9 @@ def main(argv=None):
         records, _ = evaluate(model, tokenizer, facts, items, args.task, sampler, args.num_samples, gen)
     if rank:
         return
-    correct = sum(r["correct"] for r in records)
-    data = {"generations": records, "model_path": model_path, **sampler._asdict(), "seed": args.seed,
-            "num_samples": args.num_samples, "seconds": round(time.time() - t0, 1),
-            "metrics": {"accuracy": correct / max(1, len(records)), "correct": correct, "total": len(records),
-                        "task": args.task}}
-    write_json(out, data)
-    accuracy = 100 * data["metrics"]["accuracy"]
-    print(f"{args.task}: accuracy {accuracy:.1f}% ({correct:g}/{len(records)}) -> {out}")
+    settings = {"model_path": model_path, **sampler._asdict(), "seed": args.seed,
+                "num_samples": args.num_samples, "seconds": round(time.time() - t0, 1)}
+    save_results(out, args.task, records, settings)
 
 
 if __name__ == "__main__":

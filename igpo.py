@@ -34,11 +34,12 @@ import re
 import time
 
 import torch
+from tqdm import tqdm
 
 import sft
-from eval import (END_TOKENS, Sampler, check_sampler, completion_mask, evaluate, extract_answer, generate,
-                  grade, load_rows, load_task, logits_at, speed_flags, write_json)
-from sft import equal_length_batches, fail, load_model, make_prompt
+from eval import (END_TOKENS, Sampler, answer_from_trace, check_sampler, completion_mask, evaluate, generate,
+                  grade, load_task, logits_at, regime_check, speed_flags, write_json)
+from sft import equal_length_batches, fail, load_model, load_rows, make_prompt
 
 
 def get_args(argv=None):
@@ -104,7 +105,7 @@ def sampler_of(args):
 
 # ----------------------------------------------------------------------------------------------------------
 # Notation (NOTES.md §2)           code
-#   q, o_i, G                      prompt ids (B, P), completion ids (B*G, L), args.num_generations
+#   q, o_i, G                      prompts (B token-id lists, unpadded), completions (B*G, L), G
 #   B                              prompts per batch of rollouts (--batch_prompts)
 #   r(o_i), A_i                    reward (B, G), adv (B*G,)
 #   y*, eta, s_min/s_max           trace_ids, eta, chunk_min/chunk_max
@@ -123,15 +124,6 @@ ANSWER_START = re.compile(r"####|\\boxed|The answer is|<answer>")
 # 30 of 256 positions free), so an inpainted sample of a trace as long as L can still state its \boxed{}
 ANSWER_ROOM = 30 / 256
 METAMATH_TYPES = ("GSM_AnsAug", "MATH_AnsAug")  # the official code's selection (--metamath_official)
-
-
-def answer_from_trace(trace):
-    # Gold answer when the data has no answer column (MetaMathQA ends with 'The answer is: X').
-    boxed = extract_answer(trace)
-    if boxed is not None:
-        return boxed
-    m = re.search(r"The answer is:?\s*(.+?)\s*$", trace.strip())
-    return m.group(1) if m else None
 
 
 def metamath_official(ds, qcol):
@@ -357,44 +349,70 @@ LOGGED = ["step", "loss", "reward", "all_wrong", "all_wrong_after", "kl", "skipp
 HELDOUT_QUESTIONS = 100  # test problems of the held-out curve (--heldout_every), G samples each
 
 
-def main(argv=None):
-    args = get_args(argv)
-    # ---- device and RNG streams: rollouts draw from `gen`, hints (eta, chunks, which ones) from `hint_gen`
+def start_run(args):
+    # Everything before the data: the process group (torchrun), the RNG streams, the default pipeline's SFT
+    # when out/sft is missing, and the run folder (resumed, or fresh). Returns (rank, world, device, gen,
+    # hint_gen, saved state or None).
     rank, world, device = sft.init_distributed(args.device)  # world > 1 under torchrun
     # --batch_prompts and --grad_accum count the whole step: each rank rolls out and trains an equal share
-    accum = sft.split_over_ranks(args.grad_accum, world, "--grad_accum")  # this rank's micro-batches
-    B = args.batch_prompts // args.grad_accum * accum  # this rank's prompts per step
+    sft.split_over_ranks(args.grad_accum, world, "--grad_accum")  # (so batch_prompts splits evenly too)
+    # rollouts draw from `gen`, hints (eta, chunks, which ones) from `hint_gen`
     torch.manual_seed(args.seed)
     gen = torch.Generator(device).manual_seed(args.seed + 1000 * rank)
     hint_gen = torch.Generator().manual_seed(args.seed + 1000 * rank + 1)
     if args.model == "out/sft" and not os.path.isdir("out/sft"):  # the default pipeline is SFT, then RL
         print("out/sft not found: running `python sft.py` (SFT with default flags) first, then RL from it")
-        sft.main([])
+        sft.main([], regime_check=regime_check)  # sft.py's stop rule measures with eval.py's sampler
     if not os.path.isdir(args.model) and os.path.exists(args.model):
         fail(f"--model {args.model} is not a checkpoint folder")
     state = sft.open_run(args)  # None unless --resume finds a checkpoint
-    example = os.path.join(args.out_dir, "example.json")  # the run's first rescue, once written
-    if rank == 0 and not state and os.path.exists(example):  # a dead run's (killed before its first save)
+    example = os.path.join(args.out_dir, "example.json")  # a dead run's (killed before its first save)
+    if rank == 0 and not state and os.path.exists(example):
         os.remove(example)
+    return rank, world, device, gen, hint_gen, state
+
+
+def reference_model(args, policy, device):
+    # pi_ref of the KL term (used when beta > 0), with the context its passes run in: with LoRA, the policy
+    # with its trained adapter switched off; without, the start model loaded again (a resumed policy holds
+    # trained weights), frozen.
+    ref_model, reference = policy, lambda: trained_adapter_off(policy)
+    if args.beta and not args.lora_r:
+        ref_model = load_model(args.model, args.trust_remote_code, device, torch.float32, merge=True)[0]
+        ref_model, reference = ref_model.eval().requires_grad_(False), contextlib.nullcontext
+    return ref_model, reference
+
+
+def measure_start(policy, tokenizer, facts, args, amp):
+    # Where a fresh run on the embedded task starts: greedy test accuracy (eval_before.json; None without
+    # --limit) and the held-out curve's first point (step 0 in metrics.jsonl).
+    acc = test_accuracy(policy, tokenizer, facts, args, amp, "before") if args.limit else None
+    if args.heldout_every:
+        with amp():
+            first = heldout_accuracy(policy, tokenizer, facts, sampler_of(args), args.num_generations)
+        if sft.rank_and_world()[0] == 0:
+            sft.log_metrics(args.out_dir, {"step": 0, "heldout": round(first, 5)})
+    return acc
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # ---- the process group, RNG streams, the automatic SFT and the run folder (resume or a fresh start)
+    rank, world, device, gen, hint_gen, state = start_run(args)
 
     # ---- data: (question, trace, answer) rows; the task picks the grader: numbers for the embedded task,
     # LaTeX-aware (math-verify) for real data
     toy = args.dataset == "toy"
     task = "toy" if toy else "math500"
     data = load_rl_data(args)
-    G = args.num_generations
+    G, B = args.num_generations, args.batch_prompts // world  # B: this rank's share of the step's prompts
     sampler = sampler_of(args)
 
     # ---- model: the policy pi_theta (gradient passes go through `model`, the DDP wrapper under torchrun,
     # no-grad passes through `policy`), and the reference pi_ref of the KL term
     policy, model, params, tokenizer, facts, amp_dtype = sft.setup_model(args, device, state)
     amp = lambda: sft.autocast(device, amp_dtype)  # every forward pass: rollouts, estimator, evaluation
-    # pi_ref (used when beta > 0): with LoRA, the policy with its trained adapter switched off; without, the
-    # start model loaded again (a resumed policy holds trained weights), frozen
-    ref_model, reference = policy, lambda: trained_adapter_off(policy)
-    if args.beta and not args.lora_r:
-        ref_model = load_model(args.model, args.trust_remote_code, device, torch.float32, merge=True)[0]
-        ref_model, reference = ref_model.eval().requires_grad_(False), contextlib.nullcontext
+    ref_model, reference = reference_model(args, policy, device)
 
     # ---- optimizer: AdamW, linear warmup; one schedule step per batch of rollouts (NOTES.md §3 item 13)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
@@ -402,17 +420,9 @@ def main(argv=None):
     step, skipped = sft.restore(state, args.out_dir, opt, sched, [gen, hint_gen]) if state else (0, 0)
     bad = 0  # non-finite updates in a row
 
-    acc_before = None
-    if args.limit and toy and not state:
-        acc_before = test_accuracy(policy, tokenizer, facts, args, amp, "before")
+    acc_before = measure_start(policy, tokenizer, facts, args, amp) if toy and not state else None
     heldout = toy and args.heldout_every  # the held-out curve: every --heldout_every steps, and at step 0
-    if heldout and not state:
-        with amp():
-            first = {"step": 0, "heldout": round(heldout_accuracy(policy, tokenizer, facts, sampler, G), 5)}
-        if rank == 0:
-            sft.log_metrics(args.out_dir, first)
 
-    from tqdm import tqdm
     bar = tqdm(total=args.max_steps, initial=step, desc="igpo", disable=None if rank == 0 else True)
     while step < args.max_steps:
         t0 = time.time()
@@ -427,7 +437,7 @@ def main(argv=None):
         micro = [(slice(a, a + mb), slice(a * G, (a + mb) * G)) for a in range(0, B, mb)]
 
         # ================================ the IGPO step (NOTES.md §5) ================================
-        # 1. rollout: G samples per prompt, all prompts in one batched sampler call
+        # 1. rollout: G samples per prompt (the sampler takes prompts of one length, --gen_batch rows a call)
         policy.eval()
         with amp():
             completions = rollout(policy, rep(prompts), sampler, facts, gen)  # (B*G, L)
@@ -511,7 +521,7 @@ def main(argv=None):
             sft.log_metrics(args.out_dir, row)
             bar.update(1)
             bar.write(sft.log_line(row, LOGGED + ["heldout"] * ("heldout" in row)))
-            if rescued and not os.path.exists(example):
+            if rescued and not os.path.exists(os.path.join(args.out_dir, "example.json")):  # the first rescue
                 rescue.update(reward=reward, adv=adv, completions=completions, hint_mask=hint_mask,
                               loss_mask=loss_mask)
                 save_example(args.out_dir, tokenizer, step, batch, rescue)

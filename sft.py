@@ -3,9 +3,10 @@
 #   python sft.py                                   # embedded model + task, a few CPU minutes -> out/sft
 #   python sft.py --trace_col verbose --gen_length 256 --out_dir out/sft_verbose   # the long-trace ablation
 #   paper scale, one GPU: the README's command (tests/test_llada.py checks that the two agree)
-#   python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset concise_traces.jsonl \
-#       --question_col question --trace_col trace --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 \
-#       --grad_accum 64 --lr 1e-5 --warmup_steps 50 --max_steps 2000 --out_dir out/sft_llada
+#   python sft.py --model GSAI-ML/LLaDA-8B-Instruct --trust_remote_code --dataset open-r1/OpenR1-Math-220k \
+#       --question_col problem --trace_col solution --rewrite_model Qwen/Qwen2.5-7B-Instruct \
+#       --gen_length 256 --lora_r 128 --grad_ckpt --batch_size 1 --grad_accum 64 --lr 1e-5 --warmup_steps 50 \
+#       --max_steps 2000 --out_dir out/sft_llada
 #   Dream-v0-Instruct-7B: the same with --model Dream-org/Dream-v0-Instruct-7B, --out_dir out/sft_dream
 #
 # Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the
@@ -20,8 +21,9 @@
 #
 # Eq. (k) refers to the equations of NOTES.md §2 (the project's numbering, not the paper's).
 # Deviations from the paper, with reasons, are NOTES.md §3; the ones in this file:
-# - the embedded task's concise traces are generated, not rewritten by a large model (§3 item 9); for real
-#   data, --dataset takes traces made concise beforehand;
+# - the embedded task's concise traces are generated, not rewritten by a large model (§3 item 9); real data
+#   is rewritten first by --rewrite_model, a local instruct LM, and a rewrite is kept only if it fits L and
+#   ends in the original's final answer (the rewriting step: rewrite_traces);
 # - traces longer than the generation length are dropped with a printed count, never truncated: a truncated
 #   trace would teach the model to stop mid-reasoning.
 import argparse
@@ -37,6 +39,7 @@ from collections import namedtuple
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # Special tokens, spelled as in LLaDA-8B-Instruct so that one code path serves both models.
 EOS, BOS, MASK, EOT, UNK = "<|endoftext|>", "<|startoftext|>", "<|mdm_mask|>", "<|eot_id|>", "<|unk|>"
@@ -62,6 +65,8 @@ def get_args(argv=None):
     shared_flags(p, model="toy", out_dir="out/sft", training=True)
     # ---- data (--dataset, --split, --question_col, --trace_col: shared_flags)
     p.add_argument("--toy_size", type=int, default=20000, help="embedded task: training problems")
+    p.add_argument("--rewrite_model", default="", help="instruct causal LM that first rewrites the traces")
+    p.add_argument("--rewrite_batch", type=int, default=16, help="traces per rewriter generate() (memory)")
     # ---- length alignment
     p.add_argument("--gen_length", type=int, default=48, help="L: response = RL/eval length (paper: 256)")
     # ---- optimisation
@@ -81,6 +86,8 @@ def get_args(argv=None):
         args.stop_all_wrong = 0.35 if args.dataset == "toy" else 0.0
     if args.stop_all_wrong and args.dataset != "toy":
         fail("--stop_all_wrong needs the embedded task (its held-out problems and grader)")
+    if args.rewrite_model and args.dataset == "toy":
+        fail("--rewrite_model needs real data (--dataset): the embedded traces are concise already")
     return args
 
 
@@ -192,7 +199,28 @@ def toy_dataset(split, size, seed=0, max_days=TOY_MAX_DAYS):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Prompts and responses, the same for the embedded task and real data (eval.load_rows reads real data).
+# Data, prompts and responses, shared by the three scripts (load_rows reads real data, for eval.py too).
+
+def load_rows(dataset, split, columns, config=None):
+    # Load a dataset and check that the columns we need exist (one-line error otherwise).
+    import datasets
+    datasets.disable_progress_bars()  # keeps stderr for errors
+    local = dataset.endswith((".json", ".jsonl"))
+    if local and not os.path.exists(dataset):
+        fail(f"dataset file not found: {dataset}")
+    try:  # malformed JSON or a bad hub id would surface as a deep datasets traceback
+        if local:
+            ds = datasets.load_dataset("json", data_files=dataset, split="train")
+        else:
+            ds = datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:
+        what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
+        fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        fail(f"dataset {dataset} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
+    return ds
+
 
 def make_prompt(tokenizer, question, toy):
     # The chat-formatted prompt used identically by SFT, RL and evaluation.
@@ -425,22 +453,92 @@ def sft_loss(model, rows, facts, gen):
     return total / B
 
 
-def build_sft_data(args, tokenizer, facts, toy):
-    # Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter).
+def build_sft_data(args, tokenizer, facts, device, same_answer):
+    # Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter). With
+    # --rewrite_model the responses are the kept rewrites of the traces (the rewriting step, below).
+    toy = args.dataset == "toy"
     if toy:
         ds = toy_dataset("train", args.toy_size, args.seed)  # columns trace and verbose: --trace_col picks
     else:
-        from eval import load_rows  # eval.py imports this file: imported where it is used
         ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
+    questions, traces = ds[args.question_col], [str(t) for t in ds[args.trace_col]]
+    if args.rewrite_model:
+        questions, traces = rewrite_traces(questions, traces, args, tokenizer, facts, device, same_answer)
     # length alignment (Eq. (2)): a trace longer than L is dropped (None), never truncated
     L = args.gen_length
-    responses = [encode_response(tokenizer, str(t), L, facts.end_ids) for t in ds[args.trace_col]]
+    responses = [encode_response(tokenizer, t, L, facts.end_ids) for t in traces]
     rows = [(tokenizer(make_prompt(tokenizer, q, toy), add_special_tokens=False).input_ids, r)
-            for q, r in zip(ds[args.question_col], responses) if r is not None]
-    print(f"data: {len(rows)} traces fit gen_length={L}, {len(ds) - len(rows)} longer ones dropped")
+            for q, r in zip(questions, responses) if r is not None]
+    print(f"data: {len(rows)} traces fit gen_length={L}, {len(traces) - len(rows)} longer ones dropped")
     if not rows:
         fail(f"no trace fits --gen_length {L}; raise it or use shorter traces")
     return rows
+
+
+# The rewriting step's request (NOTES.md §3 item 9), one user turn of the rewriter's chat template. It asks
+# for the answer format of SFT's own prompt (REASONING_PROMPT); %s: the problem, then the original trace.
+REWRITE_PROMPT = ("Rewrite the solution below concisely, step by step: keep only the steps that reach the "
+                  "answer, and keep its final answer.\n" + REASONING_PROMPT + "Problem:\n%s\n\nSolution:\n%s")
+REWRITE_SLACK = 2  # the rewriter writes at most 2 L of its own tokens; cut off there, a rewrite is too long
+
+
+def rewrite_traces(questions, traces, args, tokenizer, facts, device, same_answer):
+    # The paper's rewriting step: --rewrite_model rewrites each trace concisely, and a rewrite is kept only if
+    # it fits L in the policy's tokenizer and its final answer grades equal to the original's (same_answer:
+    # eval.py's, with the reward's grade()). Returns the kept (questions, rewrites). Rewrites are appended to
+    # rewrites.jsonl in --out_dir batch by batch, so a stopped run resumes where it stopped.
+    path = os.path.join(args.out_dir, "rewrites.jsonl")
+    cached = open(path, "rb").read() if os.path.exists(path) else b""
+    cached = cached[:cached.rfind(b"\n") + 1]  # a line cut short by a kill is dropped; its trace is redone
+    done = {(r["question"], r["trace"]): r["rewrite"] for r in map(json.loads, cached.decode().splitlines())}
+    pairs = list(zip(questions, traces))
+    todo = [p for p in pairs if p not in done]
+    if todo:
+        if rank_and_world()[1] > 1:  # one process writes the cache: under torchrun it must be complete
+            fail("--rewrite_model: rewrite in one process first (without torchrun, with --max_steps 0)")
+        rewrite = load_rewriter(args.rewrite_model, device, REWRITE_SLACK * args.gen_length)
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(path, "a", buffering=1) as f:  # line-buffered: each rewrite is on disk once written
+            f.truncate(len(cached))
+            for k in tqdm(range(0, len(todo), args.rewrite_batch), desc="rewrite"):
+                batch = todo[k:k + args.rewrite_batch]
+                for (q, t), r in zip(batch, rewrite(batch)):
+                    done[q, t] = r
+                    f.write(json.dumps({"question": q, "trace": t, "rewrite": r}) + "\n")
+    # the filter: a rewrite longer than L is counted too long; only one that fits has its answer graded
+    L, rewrites = args.gen_length, [done[p] for p in pairs]
+    fits = [encode_response(tokenizer, r, L, facts.end_ids) is not None for r in rewrites]
+    kept = [i for i, (r, t) in enumerate(zip(rewrites, traces)) if fits[i] and same_answer(r, t)]
+    counts = (f"{len(pairs)} traces rewritten ({len(pairs) - len(todo)} from the cache), {len(kept)} kept, "
+              f"{sum(fits) - len(kept)} with a wrong answer, {fits.count(False)} too long for gen_length={L}")
+    print(f"rewrite: {counts}")
+    if not kept:  # the counts say why
+        fail(f"--rewrite_model kept no trace: {counts}")
+    return [questions[i] for i in kept], [rewrites[i] for i in kept]
+
+
+def load_rewriter(name, device, max_new_tokens):
+    # rewrite(pairs) -> texts: the local instruct causal LM `name` rewrites (question, trace) pairs by greedy
+    # decoding. A batch is padded on the left, as a causal LM continues each row from its right end, and the
+    # attention mask hides the padding (a causal LM's code applies it; LLaDA's does not, item 16).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name, padding_side="left")
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype="auto").to(device)  # in eval mode
+    except (OSError, ValueError) as e:
+        fail(f"could not load --rewrite_model '{name}': {str(e).splitlines()[0][:300]}")
+    if not tok.chat_template:
+        fail(f"--rewrite_model '{name}' has no chat template: the rewriting step needs an instruct model")
+    tok.pad_token = tok.pad_token or tok.eos_token  # many instruct tokenizers name no padding token
+
+    def rewrite(pairs):
+        chats = [[{"role": "user", "content": REWRITE_PROMPT % p}] for p in pairs]  # one user turn each
+        x = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_dict=True,
+                                    return_tensors="pt").to(device)  # input_ids, attention_mask (B, P)
+        out = lm.generate(x.input_ids, attention_mask=x.attention_mask, max_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=tok.pad_token_id)
+        return [t.strip() for t in tok.batch_decode(out[:, x.input_ids.shape[1]:], skip_special_tokens=True)]
+    return rewrite
 
 
 def batch_at(rows, size, k, seed):
@@ -451,8 +549,12 @@ def batch_at(rows, size, k, seed):
     return [rows[i] for i in perm[(k % per_epoch) * size:][:size].tolist()]
 
 
-def main(argv=None):
+def main(argv=None, regime_check=None, same_answer=None):
+    # regime_check (the stop rule's measure) and same_answer (the rewrite filter) sample and grade: they are
+    # eval.py's, handed in by the caller (`python sft.py`: the end of this file), as eval.py imports this file
     args = get_args(argv)
+    if regime_check is None and args.stop_all_wrong and args.max_steps >= STOP_FROM:  # not after 500 steps
+        fail("the stop rule needs eval.regime_check: sft.main(argv, regime_check=...), or --stop_all_wrong 0")
     # ---- device and RNG: every random draw of the run comes from `gen` (the model's init: the global RNG)
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
     torch.manual_seed(args.seed)
@@ -462,7 +564,7 @@ def main(argv=None):
 
     # ---- model (`policy` is saved, `model` takes the gradients), then data (filtered with its tokenizer)
     policy, model, params, tokenizer, facts, amp_dtype = setup_model(args, device, state)
-    rows = build_sft_data(args, tokenizer, facts, args.dataset == "toy")  # [(prompt ids, response ids)]
+    rows = build_sft_data(args, tokenizer, facts, device, same_answer)  # [(prompt ids, response ids)]
 
     # ---- optimizer: AdamW, linear warmup over W steps, then cosine decay to 10% of the peak at step T
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
@@ -473,7 +575,6 @@ def main(argv=None):
     bad = 0  # non-finite updates in a row
 
     # ---- training loop
-    from tqdm import tqdm
     model.train()
     with tqdm(total=args.max_steps, initial=step, desc="sft", disable=None if rank == 0 else True) as bar:
         t0 = time.time()
@@ -503,7 +604,6 @@ def main(argv=None):
                    "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": round(time.time() - t0, 1)}
             stop = bool(args.stop_all_wrong) and step >= STOP_FROM and step % STOP_EVERY == 0
             if stop:
-                from eval import regime_check  # eval.py imports this file: imported where it is used
                 row["all_wrong"] = regime_check(policy, tokenizer, facts, args.gen_length)
                 stop = row["all_wrong"] <= args.stop_all_wrong
             # ---- everything below is logging and checkpoints
@@ -575,7 +675,8 @@ def save_checkpoint(out_dir, model, tokenizer, args, state):
         json.dump(vars(args), f, indent=1)
     if state is not None:
         torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
-    for name in ("metrics.jsonl", "example.json", "eval_before.json"):  # written between saves: carried over
+    # files written between saves (rewrites.jsonl: before the first) are carried over into the new folder
+    for name in ("metrics.jsonl", "example.json", "eval_before.json", "rewrites.jsonl"):
         if os.path.exists(os.path.join(out_dir, name)):
             shutil.copy(os.path.join(out_dir, name), tmp)
     if os.path.exists(out_dir):
@@ -666,4 +767,7 @@ def log_line(row, keys):
 
 
 if __name__ == "__main__":
-    main()
+    # Run as a script, this file is the module __main__, not the module `sft` that eval.py imports: importing
+    # eval.py here closes no circle (the modules import sft <- eval <- igpo), and hands its measures in.
+    from eval import regime_check, same_answer
+    main(regime_check=regime_check, same_answer=same_answer)

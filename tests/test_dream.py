@@ -121,10 +121,11 @@ def test_unknown_model_or_missing_token_is_a_one_line_error(tiny_dream, tmp_path
 def test_readme_dream_chain_sft_igpo_eval(tiny_dream, tmp_path, capsys):
     """The README's Dream commands run as written (model path, data and sizes aside) on the tiny Dream under
     the GPU precision policy: SFT with LoRA, IGPO stacking its adapter on SFT's, evaluation of the result."""
-    traces, metamath, bench = chain_data(tmp_path)
     sft_out, igpo_out = str(tmp_path / "sft_dream"), str(tmp_path / "igpo_dream")
+    traces, metamath, bench = chain_data(tmp_path, sft_out)
     sft.main(readme_command("sft.py", "Dream", model=tiny_dream, dataset=traces, gen_length=16, grad_accum=2,
-                            lr=1e-2, warmup_steps=1, max_steps=1, out_dir=sft_out, precision="bf16"))
+                            lr=1e-2, warmup_steps=1, max_steps=1, out_dir=sft_out, precision="bf16"),
+             same_answer=evaluation.same_answer)
     igpo.main(readme_command("igpo.py", "Dream", model=sft_out, dataset=metamath, gen_length=32, block_length=16,
                              diffusion_steps=8, num_generations=2, batch_prompts=2, grad_accum=2, num_iterations=2,
                              gen_batch=4, warmup_steps=1, max_steps=1, out_dir=igpo_out, precision="bf16"))

@@ -298,3 +298,44 @@ def test_deadline_counts_cpu_not_wall_time(monkeypatch):
 
     monkeypatch.setattr(math_verify, "verify", slow_verify)
     assert grade(boxed("0.5"), "\\frac{1}{2}", "math500") is True
+
+
+# ---------------------------------------------------------------- eval.py --grade: saved results, no model
+
+def test_grade_flag_regrades_d1s_layout(tmp_path):
+    import eval as evaluation
+    items = _items(GSM_FILE)
+    evaluation.main(["--grade", str(GSM_FILE), "--task", "gsm8k", "--out_dir", str(tmp_path)])
+    out = json.loads((tmp_path / "eval_gsm8k.json").read_text())
+    assert out["metrics"] == {"accuracy": 164 / 205, "correct": 164, "total": 205, "task": "gsm8k"}
+    assert [r["correct"] for r in out["generations"]] == [grade(x["generations"], x["ground_truth"], "gsm8k")
+                                                          for x in items]
+    assert (out["gen_length"], out["diffusion_steps"], out["graded"]) == (256, 128, str(GSM_FILE))
+
+
+def test_grade_flag_regrades_our_layout_with_several_samples(tmp_path):
+    import eval as evaluation
+    saved = {"generations": [{"question": "a", "generations": ["\\boxed{5}", "\\boxed{4}"], "ground_truth": "5",
+                              "correct": 0.0},
+                             {"question": "b", "generations": "\\boxed{\\frac{1}{2}}", "ground_truth": "0.5",
+                              "correct": 0.0}],
+             "seed": 3, "metrics": {"accuracy": 0.0, "correct": 0.0, "total": 2, "task": "toy"}}
+    (tmp_path / "saved.json").write_text(json.dumps(saved))
+    evaluation.main(["--grade", str(tmp_path / "saved.json"), "--task", "math500", "--out_dir", str(tmp_path)])
+    out = json.loads((tmp_path / "eval_math500.json").read_text())
+    assert [r["correct"] for r in out["generations"]] == [0.5, 1.0] and out["seed"] == 3
+    assert out["metrics"] == {"accuracy": 0.75, "correct": 1.5, "total": 2, "task": "math500"}
+
+
+@pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"generations": [{"question": "q"}]}',
+                                     '{"generations": [{"generations": [], "ground_truth": "1"}]}', None])
+def test_grade_flag_refuses_what_is_not_a_results_file(tmp_path, content):
+    import eval as evaluation
+    path = tmp_path / "file.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["--grade", str(path), "--out_dir", str(tmp_path / "out")])
+    message = e.value.code
+    assert message.startswith("error: ") and "\n" not in message and not (tmp_path / "out").exists()
+    assert ("results file not found" if content is None else "is not a results file") in message, message

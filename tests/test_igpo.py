@@ -390,7 +390,7 @@ def test_lora_on_the_random_embedded_model_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("script,flag", [("igpo", "--init"), ("igpo", "--steps"), ("igpo", "--eval_limit"),
-                                         ("eval", "--batch_size"), ("eval", "--grade"), ("sft", "--rewrite_model")])
+                                         ("eval", "--batch_size")])
 def test_removed_flags_are_argparse_errors(script, flag, capsys):
     import importlib
     with pytest.raises(SystemExit) as e:

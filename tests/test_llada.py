@@ -297,10 +297,17 @@ def test_the_papers_settings_in_the_defaults_and_the_readme_commands():
         assert (readme_sft["lora_r"], readme_sft["lora_alpha"], readme_sft["gen_length"]) == (128, 64, 256), which
 
 
-def chain_data(tmp_path):
-    # The three files the README chains read: concise traces (SFT), MetaMathQA rows (IGPO), a MATH500 file (eval).
+def chain_data(tmp_path, sft_out):
+    # The three files the README chains read: OpenR1-Math rows (SFT), MetaMathQA rows (IGPO), a MATH500 file (eval).
+    # The SFT run finds every rewrite of its rows in its cache already (the concise traces of SHORT_ROWS), so the
+    # README's --rewrite_model is never loaded; the filter still reads each one.
     traces, metamath, bench = tmp_path / "traces.jsonl", tmp_path / "metamath.jsonl", tmp_path / "math500.jsonl"
-    traces.write_text("".join(json.dumps(r) + "\n" for r in SHORT_ROWS))
+    rows = [{"problem": r["question"], "solution": "First, " + r["trace"]} for r in SHORT_ROWS]  # the long ones
+    traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.makedirs(sft_out)
+    with open(os.path.join(sft_out, "rewrites.jsonl"), "w") as f:
+        f.writelines(json.dumps({"question": r["problem"], "trace": r["solution"], "rewrite": s["trace"]}) + "\n"
+                     for r, s in zip(rows, SHORT_ROWS))
     metamath.write_text("".join(json.dumps(r) + "\n" for r in METAMATH_ROWS))
     bench.write_text("".join(json.dumps({"problem": r["question"], "answer": r["trace"][-2]}) + "\n"
                              for r in SHORT_ROWS))
@@ -312,18 +319,20 @@ def test_readme_llada_chain_sft_igpo_eval(tiny_llada, tmp_path, capsys):
     """The README's paper-scale commands (sft.py -> igpo.py -> eval.py with --trust_remote_code --lora_r
     --grad_ckpt) run as written on the tiny LLaDA, model path, data and sizes aside, under the GPU precision
     policy; the model eval.py loads at the end is base + SFT adapter + IGPO adapter (issue 13.2)."""
-    traces, metamath, bench = chain_data(tmp_path)
+    import eval as evaluation
     sft_out, igpo_out = str(tmp_path / "sft_llada"), str(tmp_path / "igpo_llada")
+    traces, metamath, bench = chain_data(tmp_path, sft_out)
     sft.main(readme_command("sft.py", model=tiny_llada, dataset=traces, gen_length=16, grad_accum=2, lr=1e-2,
-                            warmup_steps=1, max_steps=1, out_dir=sft_out, precision="bf16"))
+                            warmup_steps=1, max_steps=1, out_dir=sft_out, precision="bf16"),
+             same_answer=evaluation.same_answer)
     igpo.main(readme_command("igpo.py", model=sft_out, dataset=metamath, gen_length=32, block_length=16, diffusion_steps=8,
                              num_generations=2, batch_prompts=2, grad_accum=2, num_iterations=2, gen_batch=4,
                              warmup_steps=1, max_steps=1, out_dir=igpo_out, precision="bf16"))
-    import eval as evaluation
     evaluation.main(readme_command("eval.py", model=igpo_out, data=bench, gen_length=32, block_length=16, diffusion_steps=8,
                                    out_dir=tmp_path, precision="bf16"))
     printed = capsys.readouterr().out
     assert printed.count("precision: weights bfloat16") == 3  # the policy line of all three scripts
+    assert "rewrite: 4 traces rewritten (4 from the cache), 4 kept" in printed
     assert len(json.load(open(tmp_path / "eval_math500.json"))["generations"]) == len(SHORT_ROWS)
     assert json.load(open(os.path.join(igpo_out, "adapter_config.json")))["base_model_name_or_path"] == sft_out
     module = "model.transformer.blocks.1.up_proj"

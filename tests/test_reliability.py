@@ -456,3 +456,30 @@ def test_igpo_run_identical_without_early_exit(igpo_setup, igpo_reference, tmp_p
         assert_same_run(igpo_reference, tmp_path / flag)
         counts.append(sum(rows) - sum(counts))
     assert counts[1] < counts[0]  # some rows ended early (504 vs 437 row-forwards when written)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. The module graph has no circle: sft <- eval <- igpo.
+
+def script_imports(path):
+    """The scripts (sft, eval, igpo) that `path` imports, at module level or inside functions, leaving out the
+    `if __name__ == "__main__":` block: run as a script the file is the module __main__, which no one imports."""
+    tree = ast.parse(open(os.path.join(ROOT, path)).read())
+    main_guard = lambda n: isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'"
+    names = set()
+    for node in (n for top in tree.body if not main_guard(top) for n in ast.walk(top)):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names & {"sft", "eval", "igpo"}
+
+
+def test_no_import_circle_between_the_scripts():
+    assert script_imports("sft.py") == set()  # the embedded world and the run machinery import no script
+    assert script_imports("eval.py") == {"sft"}
+    assert script_imports("igpo.py") == {"sft", "eval"}
+    # and importing sft loads neither of the others
+    probe = "import sys, sft; print(sorted({'eval', 'igpo'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

@@ -136,7 +136,7 @@ def test_local_jsonl_with_renamed_columns_and_length_filter(tokenizer, facts, tm
     path.write_text("\n".join(json.dumps(r) for r in rows))
     args = args_for(tmp_path, "--dataset", str(path), "--question_col", "query", "--trace_col", "response",
                     "--gen_length", "32")
-    data = sft.build_sft_data(args, tokenizer, facts, toy=False)
+    data = sft.build_sft_data(args, tokenizer, facts, "cpu", same_answer=None)
     assert len(data) == 1 and "1 longer ones dropped" in capsys.readouterr().out
     prompt, resp = data[0]
     text = sft.make_prompt(tokenizer, "What is 2+3?", toy=False)  # real data gets the reasoning-format prompt
@@ -153,10 +153,12 @@ def test_local_jsonl_with_renamed_columns_and_length_filter(tokenizer, facts, tm
 ])
 def test_bad_input_one_line_error(tmp_path, flags, message):
     # In process: sft.fail raises SystemExit with one line, which Python prints to stderr with exit code 1.
+    import eval as evaluation
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "trace": "t"}) + "\n")
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
-    with pytest.raises(SystemExit) as e:
-        sft.main(["--out_dir", str(tmp_path / "o"), "--toy_size", "32", *flags])
+    with pytest.raises(SystemExit) as e:  # eval.py's measures handed in, as `python sft.py` does
+        sft.main(["--out_dir", str(tmp_path / "o"), "--toy_size", "32", *flags],
+                 regime_check=evaluation.regime_check, same_answer=evaluation.same_answer)
     assert isinstance(e.value.code, str) and e.value.code.startswith("error: ")
     assert message in e.value.code and len(e.value.code.splitlines()) == 1, e.value.code
     assert not (tmp_path / "o" / "model.safetensors").exists()  # nothing half-written
@@ -204,14 +206,12 @@ def test_sft_stops_at_the_first_check_at_or_below_the_threshold(tmp_path, monkey
     """The stop rule itself (NOTES.md §3 item 20), with the regime check stubbed and checked every 2 steps:
     no check before STOP_FROM, each check logged, and the run saved and ended at the first check whose
     all-wrong fraction is at most --stop_all_wrong (equal to it included)."""
-    import eval as evaluation
     checks = iter([0.9, 0.36, 0.35, 0.1, 0.1])
     monkeypatch.setattr(sft, "STOP_FROM", 4)
     monkeypatch.setattr(sft, "STOP_EVERY", 2)
-    monkeypatch.setattr(evaluation, "regime_check", lambda *args: next(checks))
     run = tmp_path / "run"
     sft.main(["--out_dir", str(run), "--toy_size", "64", "--max_steps", "20", "--batch_size", "4",
-              "--log_every", "100", "--save_every", "100"])
+              "--log_every", "100", "--save_every", "100"], regime_check=lambda *args: next(checks))
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     logged = [(row["step"], row["all_wrong"]) for row in rows if "all_wrong" in row]
     assert logged == [(4, 0.9), (6, 0.36), (8, 0.35)]
@@ -226,7 +226,7 @@ def test_default_sft_stops_in_the_regime_igpo_is_for(tmp_path):
     T = 1.2 are all wrong (measured with 1 and 2 threads: NOTES.md §10.2; the band asserted here is widened by
     the noise of 128 prompts). The thread count moves the step at which the rule fires, not where it lands."""
     import eval as evaluation
-    sft.main(["--out_dir", str(tmp_path / "run")])
+    sft.main(["--out_dir", str(tmp_path / "run")], regime_check=evaluation.regime_check)
     model, tok, facts = sft.load_model(str(tmp_path / "run"))
     ds = sft.toy_dataset("train", 128, seed="rl-0")  # the default RL run's first prompts
     items = list(zip(ds["question"], ds["answer"]))
@@ -238,3 +238,171 @@ def test_default_sft_stops_in_the_regime_igpo_is_for(tmp_path):
     all_wrong = sum(r["correct"] == 0 for r in records) / len(records)
     print(f"stopped at step {checks[-1]['step']}, all-wrong on 128 RL prompts {all_wrong:.3f}")
     assert 0.15 <= all_wrong <= 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rewriting step (--rewrite_model): a stub rewriter with known outputs, then a real causal LM.
+
+# (question, original trace, what the stub rewriter writes for it, verdict)
+REWRITES = [  # with L = 32: a rewrite fits when its tokens and the end of turn are at most 32
+    ("q0", "a long way round ... \\boxed{5}", "2+3=5\n" * 4 + "5\n\\boxed{5}", "kept"),  # 31 tokens: fits exactly
+    ("q1", "... so the answer is \\boxed{7}", "\\boxed{8}", "wrong"),  # another final answer
+    ("q2", "... \\boxed{9}", "1+1=2\n" * 4 + "9.\n\\boxed{9}", "long"),  # right answer, 32 tokens: one too many
+    ("q3", "2+2=4. The answer is: 4", "2+2=4\n\\boxed{4}", "kept"),  # MetaMathQA's ending, read as igpo reads it
+    ("q4", "no final answer here", "\\boxed{1}", "wrong"),  # the original has none to match
+    ("q5", "... \\boxed{2\\sqrt{2}}", "\\boxed{\\sqrt{8}}", "kept"),  # equal as real data's reward grades
+]
+
+
+def rewrite_data(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "trace": t}) + "\n" for q, t, _, _ in REWRITES))
+    return path
+
+
+def stub_rewriter(monkeypatch, asked, fail_after=None):
+    """sft.load_rewriter replaced by a rewriter whose outputs are REWRITES'; `asked` records every batch it gets,
+    and the call after `fail_after` batches dies as a killed run would."""
+    outputs = {(q, t): r for q, t, r, _ in REWRITES}
+
+    def load(name, device, max_new_tokens):
+        assert max_new_tokens == 2 * 32  # twice L, in the rewriter's own tokens
+
+        def rewrite(pairs):
+            if len(asked) == fail_after:
+                raise KeyboardInterrupt
+            asked.append(list(pairs))
+            return [outputs[p] for p in pairs]
+        return rewrite
+    monkeypatch.setattr(sft, "load_rewriter", load)
+
+
+def test_rewrite_keeps_the_same_answer_that_fits_and_counts(tokenizer, facts, tmp_path, monkeypatch, capsys):
+    import eval as evaluation
+    asked = []
+    stub_rewriter(monkeypatch, asked)
+    args = args_for(tmp_path, "--dataset", str(rewrite_data(tmp_path)), "--rewrite_model", "stub/lm",
+                    "--gen_length", "32", "--rewrite_batch", "4")
+    rows = sft.build_sft_data(args, tokenizer, facts, "cpu", evaluation.same_answer)
+    assert [len(b) for b in asked] == [4, 2]  # every trace once, in batches of --rewrite_batch
+    kept = [r for _, _, r, verdict in REWRITES if verdict == "kept"]
+    assert [resp for _, resp in rows] == [sft.encode_response(tokenizer, r, 32, facts.end_ids) for r in kept]
+    questions = [q for q, _, _, verdict in REWRITES if verdict == "kept"]
+    assert [p for p, _ in rows] == [tokenizer(sft.make_prompt(tokenizer, q, False), add_special_tokens=False)
+                                    .input_ids for q in questions]
+    out = capsys.readouterr().out
+    assert "rewrite: 6 traces rewritten (0 from the cache), 3 kept, 2 with a wrong answer, " \
+           "1 too long for gen_length=32\n" in out
+    cache = [json.loads(line) for line in open(tmp_path / "run" / "rewrites.jsonl")]
+    assert cache == [{"question": q, "trace": t, "rewrite": r} for q, t, r, _ in REWRITES]
+
+
+def test_rewrite_resumes_from_its_cache_after_a_kill(tokenizer, facts, tmp_path, monkeypatch, capsys):
+    import eval as evaluation
+    args = args_for(tmp_path, "--dataset", str(rewrite_data(tmp_path)), "--rewrite_model", "stub/lm",
+                    "--gen_length", "32", "--rewrite_batch", "2")
+    stub_rewriter(monkeypatch, [], fail_after=1)
+    with pytest.raises(KeyboardInterrupt):  # killed while the second batch was being rewritten
+        sft.build_sft_data(args, tokenizer, facts, "cpu", evaluation.same_answer)
+    cache = tmp_path / "run" / "rewrites.jsonl"
+    assert [json.loads(line)["question"] for line in open(cache)] == ["q0", "q1"]
+    with open(cache, "a") as f:  # and a line cut short by the kill
+        f.write('{"question": "q2", "tra')
+    asked = []
+    stub_rewriter(monkeypatch, asked)
+    rows = sft.build_sft_data(args, tokenizer, facts, "cpu", evaluation.same_answer)
+    assert [q for batch in asked for q, _ in batch] == ["q2", "q3", "q4", "q5"]  # only what was not cached
+    assert "rewrite: 6 traces rewritten (2 from the cache), 3 kept," in capsys.readouterr().out
+    assert [json.loads(line)["question"] for line in open(cache)] == [f"q{i}" for i in range(6)]
+    assert len(rows) == 3
+    asked.clear()
+    sft.build_sft_data(args, tokenizer, facts, "cpu", evaluation.same_answer)
+    assert asked == []  # everything cached: the rewriter is not even loaded
+
+
+def test_sft_trains_on_the_kept_rewrites_and_keeps_the_cache(tmp_path, monkeypatch, capsys):
+    """sft.main: the rewriting step, then SFT on the same path; the cache survives the checkpoint's swap."""
+    import eval as evaluation
+    stub_rewriter(monkeypatch, [])
+    run = tmp_path / "run"
+    sft.main(["--dataset", str(rewrite_data(tmp_path)), "--rewrite_model", "stub/lm", "--gen_length", "32",
+              "--batch_size", "2", "--max_steps", "2", "--out_dir", str(run)], same_answer=evaluation.same_answer)
+    assert "data: 3 traces fit gen_length=32, 0 longer ones dropped" in capsys.readouterr().out
+    assert len(open(run / "rewrites.jsonl").readlines()) == 6 and (run / "model.safetensors").exists()
+
+
+def test_rewrite_that_keeps_nothing_says_why(tokenizer, facts, tmp_path, monkeypatch):
+    import eval as evaluation
+    monkeypatch.setattr(sft, "load_rewriter", lambda *a: lambda pairs: ["\\boxed{0}"] * len(pairs))
+    args = args_for(tmp_path, "--dataset", str(rewrite_data(tmp_path)), "--rewrite_model", "stub/lm",
+                    "--gen_length", "32")
+    with pytest.raises(SystemExit) as e:
+        sft.build_sft_data(args, tokenizer, facts, "cpu", evaluation.same_answer)
+    assert e.value.code == "error: --rewrite_model kept no trace: 6 traces rewritten (0 from the cache), 0 kept, " \
+                          "6 with a wrong answer, 0 too long for gen_length=32"
+
+
+def build_tiny_causal_lm(path, tokenizer):
+    """A tiny random Llama causal LM in a save_pretrained folder, with the embedded tokenizer (which has a chat
+    template), standing in for a local instruct model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_rewrite_with_a_real_causal_lm(tokenizer, facts, tmp_path):
+    """The real generate path: greedy, batched with left padding, the same text as one trace at a time; then
+    the filter (a random LM keeps nothing: one line that says why) and the cache (read back, no generation)."""
+    import eval as evaluation
+    lm = build_tiny_causal_lm(tmp_path / "lm", tokenizer)
+    pairs = [("Ann has 3 coins.", "3+2=5\n\\boxed{5}"), ("Ben has 10 pens. Each day Ben gets 2 more.", "\\boxed{1}")]
+    rewrite = sft.load_rewriter(lm, "cpu", 12)
+    batched = rewrite(pairs)
+    assert batched == [rewrite([p])[0] for p in pairs] and all(isinstance(t, str) for t in batched)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "trace": t}) + "\n" for q, t in pairs))
+    args = args_for(tmp_path, "--dataset", str(data), "--rewrite_model", lm, "--gen_length", "16")
+    for _ in range(2):  # the second time every rewrite comes from the cache
+        with pytest.raises(SystemExit, match="kept no trace: 2 traces rewritten"):
+            sft.build_sft_data(args, tokenizer, facts, "cpu", evaluation.same_answer)
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "rewrites.jsonl")]
+    assert [(r["question"], r["trace"]) for r in lines] == pairs
+    assert [r["rewrite"] for r in lines] == sft.load_rewriter(lm, "cpu", 32)(pairs)  # 2 L new tokens
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rewrite_model", "x/y"], "--rewrite_model needs real data (--dataset)"),
+    (["--dataset", "{tmp}/d.jsonl", "--rewrite_model", "{tmp}/none"],
+     "could not load --rewrite_model '{tmp}/none'"),
+    (["--dataset", "{tmp}/d.jsonl", "--rewrite_model", "{tmp}/plain"], "has no chat template"),
+])
+def test_rewrite_bad_input_one_line_error(tmp_path, tokenizer, flags, message):
+    import eval as evaluation
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "q", "trace": "\\boxed{1}"}) + "\n")
+    plain = build_tiny_causal_lm(tmp_path / "plain", tokenizer)
+    config = json.load(open(os.path.join(plain, "tokenizer_config.json")))
+    config.pop("chat_template", None)
+    json.dump(config, open(os.path.join(plain, "tokenizer_config.json"), "w"))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if os.path.exists(os.path.join(plain, name)):
+            os.remove(os.path.join(plain, name))
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--out_dir", str(tmp_path / "o"), "--gen_length", "16", *flags], same_answer=evaluation.same_answer)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ")
+    assert message.replace("{tmp}", str(tmp_path)) in e.value.code and "\n" not in e.value.code, e.value.code
+
+
+def test_the_stop_rules_measure_is_handed_in(tmp_path):
+    """sft.py never imports eval.py: a run that would reach the stop rule's first check without its measure
+    says so at the start, in one line, before anything is written."""
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--out_dir", str(tmp_path / "o"), "--max_steps", str(sft.STOP_FROM)])
+    assert e.value.code.startswith("error: the stop rule needs eval.regime_check")
+    assert not (tmp_path / "o").exists()  # refused before anything is written
