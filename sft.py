@@ -9,11 +9,11 @@
 #       --max_steps 2000 --out_dir out/sft_llada
 #   Dream-v0-Instruct-7B: the same with --model Dream-org/Dream-v0-Instruct-7B, --out_dir out/sft_dream
 #
-# Stage 1 of the IGPO recipe (NOTES.md §1). The model learns to *denoise* concise reasoning traces: the
-# prompt stays clean, every response token is replaced by the mask token with probability t, and the model
-# is trained to predict the originals (Eq. (2)). Each response is padded with EOS to exactly the generation
-# length that RL and evaluation use, so what SFT teaches ("write a trace, then stop and emit EOS up to
-# position L") is what the sampler is asked to do later. That padding is the length alignment.
+# Stage 1 of the IGPO recipe (NOTES.md §1), in two parts. With --rewrite_model, long traces are first
+# rewritten concisely by an instruct LM (rewrite_traces). Then the model learns to *denoise* them: the prompt
+# stays clean, every response token is replaced by the mask token with probability t, and the model predicts
+# the originals (Eq. (2)). Each response is padded with EOS to exactly the generation length that RL and
+# evaluation use, so what SFT teaches ("write a trace, then stop") is what the sampler later does.
 #
 # This file also holds what the three scripts share: the embedded world (a word-level tokenizer, a tiny
 # bidirectional transformer, arithmetic word problems with ground-truth traces), the table of facts that
@@ -21,9 +21,7 @@
 #
 # Eq. (k) refers to the equations of NOTES.md §2 (the project's numbering, not the paper's).
 # Deviations from the paper, with reasons, are NOTES.md §3; the ones in this file:
-# - the embedded task's concise traces are generated, not rewritten by a large model (§3 item 9); real data
-#   is rewritten first by --rewrite_model, a local instruct LM, and a rewrite is kept only if it fits L and
-#   ends in the original's final answer (the rewriting step: rewrite_traces);
+# - the embedded task's concise traces are generated, not rewritten by a large model (§3 item 9);
 # - traces longer than the generation length are dropped with a printed count, never truncated: a truncated
 #   trace would teach the model to stop mid-reasoning.
 import argparse
@@ -110,8 +108,7 @@ def shared_flags(p, model, out_dir, training):
         p.add_argument("--dataset", default="toy", help="'toy', a hub id, or a local .json/.jsonl file")
         p.add_argument("--split", default="train", help="dataset split to train on")
         p.add_argument("--question_col", default="question", help="question column (MetaMathQA: query)")
-        p.add_argument("--trace_col", default="trace", help="reasoning trace y* (MetaMathQA: response; "
-                       "embedded task: trace, or verbose for the ~3.5x longer traces)")
+        p.add_argument("--trace_col", default="trace", help="reasoning trace y* (MetaMathQA: response)")
 
 
 def fail(msg):
@@ -206,9 +203,7 @@ def load_rows(dataset, split, columns, config=None):
     import datasets
     datasets.disable_progress_bars()  # keeps stderr for errors
     local = dataset.endswith((".json", ".jsonl"))
-    if local and not os.path.exists(dataset):
-        fail(f"dataset file not found: {dataset}")
-    try:  # malformed JSON or a bad hub id would surface as a deep datasets traceback
+    try:  # a missing or malformed file, or a bad hub id, would surface as a deep datasets traceback
         if local:
             ds = datasets.load_dataset("json", data_files=dataset, split="train")
         else:
@@ -230,17 +225,15 @@ def make_prompt(tokenizer, question, toy):
 
 
 def encode_response(tokenizer, trace, gen_length, end_ids):
-    # Eq. (2) length alignment: trace + end of turn, padded to exactly gen_length tokens with the padding
-    # token (end_ids = (end of turn, padding), from the model's facts). None when the trace does not fit.
+    # Eq. (2) length alignment: trace + end of turn, padded to exactly gen_length tokens (end_ids: the
+    # model's end of turn, then its padding). None when the trace does not fit.
     ids = tokenizer(trace, add_special_tokens=False).input_ids + [end_ids[0]]
     return ids + [end_ids[-1]] * (gen_length - len(ids)) if len(ids) <= gen_length else None
 
 
 def equal_length_batches(lengths, size):
-    # Lists of at most `size` row indices that share a prompt length. No padding ever enters a model here:
-    # LLaDA's hub code accepts attention_mask but never applies it, so a padded prompt would attend to its
-    # pads and its results would depend on what else is in its batch (NOTES.md §3 item 16). Rows of equal
-    # length go through the model together, unpadded, which is exact for every model.
+    # Lists of at most `size` row indices that share a prompt length: no padding ever enters a model, as
+    # LLaDA's hub code ignores attention_mask, so a prompt would attend to its pads (NOTES.md §3 item 16)
     groups = {}
     for i, n in enumerate(lengths):
         groups.setdefault(n, []).append(i)
@@ -456,11 +449,8 @@ def sft_loss(model, rows, facts, gen):
 def build_sft_data(args, tokenizer, facts, device, same_answer):
     # Tokenised (prompt, response) pairs whose responses fit --gen_length (the over-length filter). With
     # --rewrite_model the responses are the kept rewrites of the traces (the rewriting step, below).
-    toy = args.dataset == "toy"
-    if toy:
-        ds = toy_dataset("train", args.toy_size, args.seed)  # columns trace and verbose: --trace_col picks
-    else:
-        ds = load_rows(args.dataset, args.split, [args.question_col, args.trace_col])
+    toy, cols = args.dataset == "toy", [args.question_col, args.trace_col]  # embedded: trace or verbose
+    ds = toy_dataset("train", args.toy_size, args.seed) if toy else load_rows(args.dataset, args.split, cols)
     questions, traces = ds[args.question_col], [str(t) for t in ds[args.trace_col]]
     if args.rewrite_model:
         questions, traces = rewrite_traces(questions, traces, args, tokenizer, facts, device, same_answer)
@@ -483,10 +473,9 @@ REWRITE_SLACK = 2  # the rewriter writes at most 2 L of its own tokens; cut off 
 
 
 def rewrite_traces(questions, traces, args, tokenizer, facts, device, same_answer):
-    # The paper's rewriting step: --rewrite_model rewrites each trace concisely, and a rewrite is kept only if
-    # it fits L in the policy's tokenizer and its final answer grades equal to the original's (same_answer:
-    # eval.py's, with the reward's grade()). Returns the kept (questions, rewrites). Rewrites are appended to
-    # rewrites.jsonl in --out_dir batch by batch, so a stopped run resumes where it stopped.
+    # The paper's rewriting step: a rewrite is kept only if it fits L in the policy's tokenizer and its final
+    # answer grades equal to the original's (same_answer: eval.py's, the reward's grade()). Returns the kept
+    # (questions, rewrites); each rewrite is appended to --out_dir/rewrites.jsonl, so a stopped run resumes.
     path = os.path.join(args.out_dir, "rewrites.jsonl")
     cached = open(path, "rb").read() if os.path.exists(path) else b""
     cached = cached[:cached.rfind(b"\n") + 1]  # a line cut short by a kill is dropped; its trace is redone
@@ -550,8 +539,7 @@ def batch_at(rows, size, k, seed):
 
 
 def main(argv=None, regime_check=None, same_answer=None):
-    # regime_check (the stop rule's measure) and same_answer (the rewrite filter) sample and grade: they are
-    # eval.py's, handed in by the caller (`python sft.py`: the end of this file), as eval.py imports this file
+    # regime_check (the stop rule) and same_answer (the rewrite filter) are eval.py's, handed in by the caller
     args = get_args(argv)
     if regime_check is None and args.stop_all_wrong and args.max_steps >= STOP_FROM:  # not after 500 steps
         fail("the stop rule needs eval.regime_check: sft.main(argv, regime_check=...), or --stop_all_wrong 0")
@@ -627,9 +615,8 @@ def main(argv=None, regime_check=None, same_answer=None):
 def init_distributed(device_name="auto"):
     # (rank, world_size, device). Under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK) this joins the
     # process group (NCCL on GPUs, gloo on CPU); otherwise it is a single process of rank 0.
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto: the GPU if there is one
+    device = torch.device(auto if device_name == "auto" else device_name)
     if "RANK" in os.environ:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -767,7 +754,7 @@ def log_line(row, keys):
 
 
 if __name__ == "__main__":
-    # Run as a script, this file is the module __main__, not the module `sft` that eval.py imports: importing
-    # eval.py here closes no circle (the modules import sft <- eval <- igpo), and hands its measures in.
+    # Run as a script, this file is the module __main__, not the module `sft` that eval.py imports, so
+    # importing eval here closes no circle (sft <- eval <- igpo): it hands its measures in
     from eval import regime_check, same_answer
     main(regime_check=regime_check, same_answer=same_answer)

@@ -145,7 +145,7 @@ def test_local_jsonl_with_renamed_columns_and_length_filter(tokenizer, facts, tm
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--dataset", "missing.jsonl"], "dataset file not found: missing.jsonl"),
+    (["--dataset", "missing.jsonl"], "could not read missing.jsonl as JSON/JSONL: FileNotFoundError"),
     (["--dataset", "{tmp}/bad.jsonl", "--trace_col", "solution"], "has no column 'solution'"),
     (["--gen_length", "8"], "no trace fits --gen_length 8"),
     # the embedded model is built at random: an adapter over it would name no base it could be loaded onto
