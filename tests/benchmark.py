@@ -44,8 +44,8 @@ import igpo  # noqa: E402
 import sft  # noqa: E402
 
 LLADA_VOCAB = 126464
-LLADA_GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures",
-                           "llada_generations", "gsm8k_instruct_256_128_0_generations.json")  # real generations
+LLADA_GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "d1_generations",
+                           "gsm8k_instruct_256_128_0_generations.json")  # real generations (vendored)
 
 
 def peak_bytes(fn):
@@ -480,7 +480,7 @@ def speed_levers_paper_shape(which, levers, rows=4, P=200, L=256, Lb=32, steps=1
 
 def llada_gsm8k_ends(n):
     """Where LLaDA-8B-Instruct's greedy GSM8K answers end (L = 256): 256 minus the end tokens that close each
-    saved generation (../shared fixtures, d1's layout), the first n."""
+    saved generation (tests/d1_generations, d1's layout), the first n."""
     texts = [r["generations"] for r in json.load(open(LLADA_GSM8K))["generations"][:n]]
     return [256 - len(re.findall(r"<\|eot_id\|>|<\|endoftext\|>", re.search(r"(?:<\|eot_id\|>|<\|endoftext\|>)*$", t).group()))
             for t in texts]

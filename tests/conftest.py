@@ -14,7 +14,6 @@ import torch  # noqa: E402
 
 import sft  # noqa: E402
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
 
 
 def pytest_configure(config):
