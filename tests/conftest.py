@@ -15,7 +15,6 @@ import torch  # noqa: E402
 import sft  # noqa: E402
 
 
-
 def pytest_configure(config):
     # `pytest -m "not slow" tests` is the everyday run (under 3 minutes on 2 cores); the full suite, which CI
     # runs, adds these: the default SFT to its stop rule, SIGKILL resumes, torchrun, the README chains
