@@ -66,18 +66,23 @@ def stage(name, run, device, results):
     results.append({"stage": name, "seconds": round(time.time() - t0, 1), "peak_GiB": round(peak, 3)})
 
 
-def write_data(root):
-    # the README's three inputs, in their layouts: concise traces (SFT), MetaMathQA rows (IGPO: the test's rows
-    # and 16 more GSM_AnsAug-shaped ones, enough for 8 prompts a step), MATH500 (eval)
+def write_data(root, sft_out):
+    # The README's three inputs, in their layouts: OpenR1-Math-shaped rows (SFT; their rewrites already in the
+    # SFT run's cache, as the suite's README chains have them, so no rewriter is loaded), MetaMathQA rows (IGPO:
+    # the test's rows and 16 more GSM_AnsAug-shaped ones, enough for 8 prompts a step), MATH500 (eval).
     more = [{"query": f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
              "response": f"Tom has {a} + {b} = {a + b} apples.\n#### {a + b}\nThe answer is: {a + b}",
              "type": "GSM_AnsAug"} for a in range(3, 7) for b in range(2, 6)]
-    files = {"traces.jsonl": SHORT_ROWS, "metamath.jsonl": METAMATH_ROWS + more,
-             "math500.jsonl": [{"problem": r["question"], "answer": r["trace"][-2]} for r in SHORT_ROWS]}
+    openr1 = [{"problem": r["question"], "solution": "First, " + r["trace"]} for r in SHORT_ROWS]
+    files = {"traces.jsonl": openr1, "metamath.jsonl": METAMATH_ROWS + more,
+             "math500.jsonl": [{"problem": r["question"], "answer": r["trace"][-2]} for r in SHORT_ROWS],
+             os.path.join(sft_out, "rewrites.jsonl"): [{"question": r["problem"], "trace": r["solution"],
+                                                        "rewrite": s["trace"]} for r, s in zip(openr1, SHORT_ROWS)]}
+    os.makedirs(sft_out)
     for name, rows in files.items():
         with open(os.path.join(root, name), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    return [os.path.join(root, name) for name in files]
+    return [os.path.join(root, name) for name in files][:3]
 
 
 def igpo_flags(model, which, metamath, size, out_dir, steps):
@@ -92,12 +97,13 @@ def readme_chain(which, model, root, size, device, results):
     import eval as evaluation
     import igpo
     import sft
-    traces, metamath, bench = write_data(root)
     sft_out, igpo_out = os.path.join(root, f"sft_{which}"), os.path.join(root, f"igpo_{which}")
+    traces, metamath, bench = write_data(root, sft_out)
     sft_flags = readme_command("sft.py", which, model=model, dataset=traces, gen_length=size["sft_gen_length"],
                                grad_accum=8, max_steps=4, warmup_steps=1, out_dir=sft_out, device=device,
                                precision="bf16")
-    stage(f"{which} sft.py, 4 steps", lambda: sft.main(sft_flags), device, results)
+    stage(f"{which} sft.py, 4 steps", lambda: sft.main(sft_flags, same_answer=evaluation.same_answer), device,
+          results)
     flags = igpo_flags(sft_out, which, metamath, size, igpo_out, 2) + ["--device", device]
     stage(f"{which} igpo.py, 2 steps", lambda: igpo.main(flags), device, results)
     per_step = [json.loads(line)["seconds"] for line in open(os.path.join(igpo_out, "metrics.jsonl"))]
