@@ -541,10 +541,11 @@ def main(argv=None):
 def heldout_accuracy(policy, tokenizer, facts, sampler, G):
     # The policy's accuracy at the rollout temperature on a fixed held-out set (the first HELDOUT_QUESTIONS
     # test problems x G samples, the same noise at every check). A step's reward depends on which prompts the
-    # step drew; this does not, so it shows whether the policy itself gets better (NOTES.md §10).
+    # step drew; this does not, so it shows whether the policy itself gets better (NOTES.md §10). Like
+    # test_accuracy it samples with the exact schedule: runs with and without --confidence_threshold compare.
     gen = torch.Generator(next(policy.parameters()).device).manual_seed(0)
-    items = load_task("toy", limit=HELDOUT_QUESTIONS)
-    return evaluate(policy, tokenizer, facts, items, "toy", sampler, G, gen)[1]
+    items, exact = load_task("toy", limit=HELDOUT_QUESTIONS), sampler._replace(confidence_threshold=0.0)
+    return evaluate(policy, tokenizer, facts, items, "toy", exact, G, gen)[1]
 
 
 def save_example(out_dir, tokenizer, step, batch, rescue):
@@ -625,10 +626,10 @@ def plot_run(out_dir, acc_before, acc_after):
 
 def test_accuracy(policy, tokenizer, facts, args, amp, when):
     # Greedy accuracy on the first --limit embedded test questions, saved per question in eval_<when>.json so
-    # that runs can be compared paired (eval.py --compare A B).
+    # that runs can be compared paired (eval.py --compare A B); the exact schedule, whatever the rollouts use
+    exact = sampler_of(args)._replace(temperature=0.0, batch=64, confidence_threshold=0.0)
     with amp():
-        records, acc = evaluate(policy, tokenizer, facts, load_task("toy", limit=args.limit), "toy",
-                                sampler_of(args)._replace(temperature=0.0, batch=64))
+        records, acc = evaluate(policy, tokenizer, facts, load_task("toy", limit=args.limit), "toy", exact)
     print(f"accuracy {when} RL: {100 * acc:.1f}% on {len(records)} test questions")
     if sft.rank_and_world()[0] == 0:
         write_json(os.path.join(args.out_dir, f"eval_{when}.json"), {"generations": records})
