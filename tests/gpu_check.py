@@ -32,6 +32,7 @@ sys.path.insert(0, TESTS)
 
 from conftest import build_tiny_dream, build_tiny_llada  # noqa: E402  (also puts the repo root on sys.path)
 from test_llada import METAMATH_ROWS, SHORT_ROWS, readme_command  # noqa: E402
+from test_reliability import KILLED_RUN  # noqa: E402  (main(), SIGKILLed after a given step's metric line)
 
 # The README's sampler and batch shape on a GPU (L = 256, block 32, 128 steps, one prompt per micro-batch),
 # with 8 prompts per step instead of 64 to stay within minutes; a few tokens on the CPU.
@@ -40,20 +41,6 @@ SIZES = {"cuda": dict(gen_length=256, block_length=32, diffusion_steps=128, batc
          "cpu": dict(gen_length=16, block_length=8, diffusion_steps=8, batch_prompts=2, grad_accum=2,
                      num_generations=2, gen_batch=4, sft_gen_length=16)}
 KILL_AT, STEPS = 2, 3  # IGPO steps: killed after this one, then resumed to the end
-
-# Runs a script's main() but SIGKILLs the process right after the metric line of step KILL_AT is written.
-KILLED = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import sft, igpo
-log_metrics = sft.log_metrics
-def log_then_die(out_dir, row):
-    log_metrics(out_dir, row)
-    if row["step"] == {step}:
-        os.kill(os.getpid(), signal.SIGKILL)
-sft.log_metrics = log_then_die
-igpo.main(sys.argv[1:])
-"""
 
 
 def stage(name, run, device, results):
@@ -139,7 +126,8 @@ def kill_and_resume(model, root, size, device, env):
     for name in ("a", "b"):
         r = subprocess_run(["igpo.py", *flags[name]], env)
         assert r.returncode == 0, r.stderr[-2000:]
-    killed = subprocess_run(["-c", KILLED.format(root=ROOT, step=KILL_AT), *flags["killed"]], env)
+    killed = subprocess_run(["-c", KILLED_RUN.format(module="igpo", step=KILL_AT, prelude=""), *flags["killed"]],
+                            env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = subprocess_run(["igpo.py", *flags["killed"], "--resume"], env)
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr[-2000:]

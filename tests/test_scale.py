@@ -534,6 +534,28 @@ def rl_rows(tokenizer, tmp_path_factory):
     return root
 
 
+def alone_and_as_two_ranks(monkeypatch, main, module, spied, flags, out):
+    """main(flags) in one process, then as rank 0 and as rank 1 of two: for each run, the arguments of every call
+    of module.<spied> (what that rank drew) and the gradient of its first optimizer step."""
+    runs = []
+    for rank, world in [(0, 1), (0, 2), (1, 2)]:
+        with monkeypatch.context() as m:
+            if world > 1:
+                fake_rank(m, rank, world)
+            grads, calls, real = gradients_at_the_step(m), [], getattr(module, spied)
+            m.setattr(module, spied, lambda *a, real=real: calls.append(a) or real(*a))
+            main(flags + ["--out_dir", str(out / f"r{rank}w{world}")])
+        runs.append((calls, grads[0]))
+    return runs
+
+
+def assert_the_ranks_average_to_the_whole(runs):
+    (_, whole), (_, mine), (_, theirs) = runs
+    assert any(g.abs().sum() > 0 for g in whole)
+    for g, a, b in zip(whole, mine, theirs):  # what DDP's average of the two ranks would apply
+        assert torch.allclose((a + b) / 2, g, rtol=1e-4, atol=1e-7)
+
+
 def test_each_rank_trains_its_share_and_the_average_is_the_whole_batch(rl_rows, tmp_path, monkeypatch):
     flags = ["--model", str(rl_rows / "init"), "--dataset", str(rl_rows / "rows.jsonl"), "--batch_prompts", "4",
              "--grad_accum", "4", "--num_generations", "4", "--gen_length", "16", "--block_length", "8",
@@ -541,20 +563,10 @@ def test_each_rank_trains_its_share_and_the_average_is_the_whole_batch(rl_rows, 
              "--grad_clip", "1e9", "--lr", "0"]
     monkeypatch.setattr(igpo, "rollout", rollout_of_the_prompts)
     monkeypatch.setattr(igpo, "grade", lambda text, gold, task: zlib.crc32(text.encode()) % 2 == 0)
-    runs = {}
-    for rank, world in [(0, 1), (0, 2), (1, 2)]:
-        with monkeypatch.context() as m:
-            if world > 1:
-                fake_rank(m, rank, world)
-            grads, prompts = gradients_at_the_step(m), []
-            m.setattr(igpo, "make_prompt", lambda tok, q, toy, real=igpo.make_prompt: prompts.append(q) or real(tok, q, toy))
-            igpo.main(flags + ["--out_dir", str(tmp_path / f"r{rank}w{world}")])
-        runs[rank, world] = prompts, grads[0]
-    whole, (mine, theirs) = runs[0, 1], (runs[0, 2], runs[1, 2])
-    assert len(mine[0]) == len(theirs[0]) == 2 and mine[0] + theirs[0] == whole[0]  # each rank: its 2 of the 4
-    assert any(g.abs().sum() > 0 for g in whole[1])
-    for g, a, b in zip(whole[1], mine[1], theirs[1]):  # what DDP's average of the two ranks would apply
-        assert torch.allclose((a + b) / 2, g, rtol=1e-4, atol=1e-7)
+    runs = alone_and_as_two_ranks(monkeypatch, igpo.main, igpo, "make_prompt", flags, tmp_path)
+    whole, mine, theirs = ([question for _, question, _ in calls] for calls, _ in runs)
+    assert len(mine) == len(theirs) == 2 and mine + theirs == whole  # each rank: its own 2 of the step's 4
+    assert_the_ranks_average_to_the_whole(runs)
 
 
 def test_each_sft_rank_trains_its_micro_batches_and_the_average_is_the_whole_step(tmp_path, monkeypatch):
@@ -563,19 +575,10 @@ def test_each_sft_rank_trains_its_micro_batches_and_the_average_is_the_whole_ste
     real_loss = sft.sft_loss  # its noise made a function of the micro-batch, not of the rank's generator
     monkeypatch.setattr(sft, "sft_loss", lambda model, rows, facts, gen: real_loss(
         model, rows, facts, torch.Generator().manual_seed(sum(map(sum, (r[0] + r[1] for r in rows))))))
-    runs = {}
-    for rank, world in [(0, 1), (0, 2), (1, 2)]:
-        with monkeypatch.context() as m:
-            if world > 1:
-                fake_rank(m, rank, world)
-            grads, ks = gradients_at_the_step(m), []
-            m.setattr(sft, "batch_at", lambda rows, size, k, seed, real=sft.batch_at: ks.append(k) or real(rows, size, k, seed))
-            sft.main(flags + ["--out_dir", str(tmp_path / f"r{rank}w{world}")])
-        runs[rank, world] = ks, grads[0]
-    whole, (mine, theirs) = runs[0, 1], (runs[0, 2], runs[1, 2])
-    assert whole[0] == [0, 1, 2, 3] and sorted(mine[0] + theirs[0]) == whole[0] and len(mine[0]) == 2
-    for g, a, b in zip(whole[1], mine[1], theirs[1]):
-        assert torch.allclose((a + b) / 2, g, rtol=1e-4, atol=1e-7)
+    runs = alone_and_as_two_ranks(monkeypatch, sft.main, sft, "batch_at", flags, tmp_path)
+    whole, mine, theirs = ([k for _, _, k, _ in calls] for calls, _ in runs)
+    assert whole == [0, 1, 2, 3] and sorted(mine + theirs) == whole and len(mine) == 2
+    assert_the_ranks_average_to_the_whole(runs)
 
 
 # ---------------------------------------------------------------------------------------------------------
