@@ -627,6 +627,8 @@ def main(argv=None):
                       args.confidence_threshold, args.kv_cache)
     out = os.path.join(args.out_dir, f"eval_{args.task}.json")
     if args.grade:  # a saved results file graded again: no model, the sampler's flags unread
+        if os.path.realpath(args.grade) == os.path.realpath(out):  # the original grades are kept
+            fail(f"--grade {args.grade} would be overwritten by its regrading: pass another --out_dir")
         return save_results(out, args.task, *regrade(args.grade, args.task))
     check_sampler(sampler)
     model_path = args.model or next((p for p in ("out/igpo", "out/sft") if os.path.isdir(p)), None)

@@ -151,8 +151,9 @@ def load_rl_data(args):
         cols = [args.question_col, args.trace_col] + ([args.answer_col] if args.answer_col else [])
         ds = load_rows(args.dataset, args.split, cols)
         if args.metamath_official:  # the official rows, hints prefixed with the format the prompt asks for
+            # the map in memory: under torchrun every rank runs it, and none may write the others' cache file
             ds = ds.select(metamath_official(ds, args.question_col))
-            ds = ds.map(lambda r: {args.trace_col: "<reasoning>\n" + r[args.trace_col]})
+            ds = ds.map(lambda r: {args.trace_col: "<reasoning>\n" + r[args.trace_col]}, keep_in_memory=True)
         questions, traces = ds[args.question_col], ds[args.trace_col]
         answers = ds[args.answer_col] if args.answer_col else [answer_from_trace(t) for t in traces]
     data = [(q, t, str(a)) for q, t, a in zip(questions, traces, answers) if a is not None]
@@ -542,9 +543,10 @@ def heldout_accuracy(policy, tokenizer, facts, sampler, G):
     # The policy's accuracy at the rollout temperature on a fixed held-out set (the first HELDOUT_QUESTIONS
     # test problems x G samples, the same noise at every check). A step's reward depends on which prompts the
     # step drew; this does not, so it shows whether the policy itself gets better (NOTES.md §10). Like
-    # test_accuracy it samples with the exact schedule: runs with and without --confidence_threshold compare.
+    # test_accuracy it samples with the exact schedule: runs with and without the levers (item 25) compare.
     gen = torch.Generator(next(policy.parameters()).device).manual_seed(0)
-    items, exact = load_task("toy", limit=HELDOUT_QUESTIONS), sampler._replace(confidence_threshold=0.0)
+    exact = sampler._replace(confidence_threshold=0.0, kv_cache=False)
+    items = load_task("toy", limit=HELDOUT_QUESTIONS)
     return evaluate(policy, tokenizer, facts, items, "toy", exact, G, gen)[1]
 
 
@@ -627,7 +629,7 @@ def plot_run(out_dir, acc_before, acc_after):
 def test_accuracy(policy, tokenizer, facts, args, amp, when):
     # Greedy accuracy on the first --limit embedded test questions, saved per question in eval_<when>.json so
     # that runs can be compared paired (eval.py --compare A B); the exact schedule, whatever the rollouts use
-    exact = sampler_of(args)._replace(temperature=0.0, batch=64, confidence_threshold=0.0)
+    exact = sampler_of(args)._replace(temperature=0.0, batch=64, confidence_threshold=0.0, kv_cache=False)
     with amp():
         records, acc = evaluate(policy, tokenizer, facts, load_task("toy", limit=args.limit), "toy", exact)
     print(f"accuracy {when} RL: {100 * acc:.1f}% on {len(records)} test questions")

@@ -202,12 +202,10 @@ def load_rows(dataset, split, columns, config=None):
     # Load a dataset and check that the columns we need exist (one-line error otherwise).
     import datasets
     datasets.disable_progress_bars()  # keeps stderr for errors
-    local = dataset.endswith((".json", ".jsonl"))
+    local = dataset.endswith((".json", ".jsonl"))  # a local file: datasets' JSON reader, its one split
+    path, files, split = ("json", dataset, "train") if local else (dataset, None, split)
     try:  # a missing or malformed file, or a bad hub id, would surface as a deep datasets traceback
-        if local:
-            ds = datasets.load_dataset("json", data_files=dataset, split="train")
-        else:
-            ds = datasets.load_dataset(dataset, config, split=split)
+        ds = datasets.load_dataset(path, config, data_files=files, split=split)
     except Exception as e:
         what = f"read {dataset} as JSON/JSONL" if local else f"load dataset '{dataset}' (split {split})"
         fail(f"could not {what}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -290,8 +288,7 @@ def precision_policy(name, device, frozen_base):
     # the learning rates in use, so bf16 weights would mostly not move at all. Weights nothing updates (a
     # frozen LoRA base, a hub model evaluated) are stored in bf16: half the memory.
     bf16 = name == "bf16" or (name == "auto" and device.type == "cuda")  # auto: bf16 on a GPU, fp32 on CPU
-    dtype = torch.bfloat16 if bf16 and frozen_base else torch.float32
-    return dtype, (torch.bfloat16 if bf16 else None)
+    return (torch.bfloat16 if bf16 and frozen_base else torch.float32), (torch.bfloat16 if bf16 else None)
 
 
 def precision_line(model, amp_dtype):
@@ -410,8 +407,12 @@ def setup_model(args, device, state):
         targets = args.lora_targets.split(",") if args.lora_targets else facts.lora_targets
         policy = add_lora(policy, args.lora_r, args.lora_alpha, targets, args.out_dir if state else None)
     # under torchrun, DDP averages the gradients over ranks inside backward(); device_ids is left to default
-    # (None): the module's one device, where every input already is (torch's documented single-device use)
-    model = torch.nn.parallel.DistributedDataParallel(policy) if rank_and_world()[1] > 1 else policy
+    # (None): the module's one device, where every input already is (torch's documented single-device use).
+    # No buffer sync in forward: a rank runs one forward per prompt length (equal_length_batches), so ranks
+    # make different numbers of forwards, and a forward that waits on the others would hang (the buffers,
+    # rotary tables, are constants anyway)
+    ddp = rank_and_world()[1] > 1  # under torchrun
+    model = torch.nn.parallel.DistributedDataParallel(policy, forward_sync_buffers=False) if ddp else policy
     params = [p for p in policy.parameters() if p.requires_grad]
     n_trained = sum(p.numel() for p in params)
     print(f"model: {args.model} | {n_trained / 1e6:.2f}M trained | {precision_line(policy, amp_dtype)}")
@@ -469,7 +470,6 @@ def build_sft_data(args, tokenizer, facts, device, same_answer):
 # for the answer format of SFT's own prompt (REASONING_PROMPT); %s: the problem, then the original trace.
 REWRITE_PROMPT = ("Rewrite the solution below concisely, step by step: keep only the steps that reach the "
                   "answer, and keep its final answer.\n" + REASONING_PROMPT + "Problem:\n%s\n\nSolution:\n%s")
-REWRITE_SLACK = 2  # the rewriter writes at most 2 L of its own tokens; cut off there, a rewrite is too long
 
 
 def rewrite_traces(questions, traces, args, tokenizer, facts, device, same_answer):
@@ -479,21 +479,23 @@ def rewrite_traces(questions, traces, args, tokenizer, facts, device, same_answe
     path = os.path.join(args.out_dir, "rewrites.jsonl")
     cached = open(path, "rb").read() if os.path.exists(path) else b""
     cached = cached[:cached.rfind(b"\n") + 1]  # a line cut short by a kill is dropped; its trace is redone
-    done = {(r["question"], r["trace"]): r["rewrite"] for r in map(json.loads, cached.decode().splitlines())}
+    lines = map(json.loads, cached.decode().splitlines())  # another rewriter's lines are not reused
+    done = {(r["question"], r["trace"]): r["rewrite"] for r in lines if r["model"] == args.rewrite_model}
     pairs = list(zip(questions, traces))
     todo = [p for p in pairs if p not in done]
     if todo:
         if rank_and_world()[1] > 1:  # one process writes the cache: under torchrun it must be complete
             fail("--rewrite_model: rewrite in one process first (without torchrun, with --max_steps 0)")
-        rewrite = load_rewriter(args.rewrite_model, device, REWRITE_SLACK * args.gen_length)
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(path, "a", buffering=1) as f:  # line-buffered: each rewrite is on disk once written
+        # the rewriter writes at most 2 L of its own tokens: cut off there, a rewrite is too long anyway
+        rewrite = load_rewriter(args.rewrite_model, device, 2 * args.gen_length)
+        # line-buffered: each rewrite is on disk once written (open_run made the folder)
+        with open(path, "a", buffering=1) as f:
             f.truncate(len(cached))
             for k in tqdm(range(0, len(todo), args.rewrite_batch), desc="rewrite"):
                 batch = todo[k:k + args.rewrite_batch]
                 for (q, t), r in zip(batch, rewrite(batch)):
                     done[q, t] = r
-                    f.write(json.dumps({"question": q, "trace": t, "rewrite": r}) + "\n")
+                    f.write(json.dumps(dict(model=args.rewrite_model, question=q, trace=t, rewrite=r)) + "\n")
     # the filter: a rewrite longer than L is counted too long; only one that fits has its answer graded
     L, rewrites = args.gen_length, [done[p] for p in pairs]
     fits = [encode_response(tokenizer, r, L, facts.end_ids) is not None for r in rewrites]
@@ -510,7 +512,7 @@ def load_rewriter(name, device, max_new_tokens):
     # rewrite(pairs) -> texts: the local instruct causal LM `name` rewrites (question, trace) pairs by greedy
     # decoding. A batch is padded on the left, as a causal LM continues each row from its right end, and the
     # attention mask hides the padding (a causal LM's code applies it; LLaDA's does not, item 16).
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     try:
         tok = AutoTokenizer.from_pretrained(name, padding_side="left")
         lm = AutoModelForCausalLM.from_pretrained(name, dtype="auto").to(device)  # in eval mode
@@ -524,8 +526,11 @@ def load_rewriter(name, device, max_new_tokens):
         chats = [[{"role": "user", "content": REWRITE_PROMPT % p}] for p in pairs]  # one user turn each
         x = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_dict=True,
                                     return_tensors="pt").to(device)  # input_ids, attention_mask (B, P)
-        out = lm.generate(x.input_ids, attention_mask=x.attention_mask, max_new_tokens=max_new_tokens,
-                          do_sample=False, pad_token_id=tok.pad_token_id)
+        # plain greedy: a fresh config, not the model's own (its repetition_penalty would penalize copying the
+        # original's numbers); only the end-of-turn ids come from the model's generation_config.json
+        greedy = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+        out = lm.generate(x.input_ids, attention_mask=x.attention_mask, generation_config=greedy,
+                          use_model_defaults=False)
         return [t.strip() for t in tok.batch_decode(out[:, x.input_ids.shape[1]:], skip_special_tokens=True)]
     return rewrite
 
@@ -543,6 +548,8 @@ def main(argv=None, regime_check=None, same_answer=None):
     args = get_args(argv)
     if regime_check is None and args.stop_all_wrong and args.max_steps >= STOP_FROM:  # not after 500 steps
         fail("the stop rule needs eval.regime_check: sft.main(argv, regime_check=...), or --stop_all_wrong 0")
+    if same_answer is None and args.rewrite_model:  # checked now, not after hours of rewriting
+        fail("the rewriting step needs eval.same_answer: sft.main(argv, same_answer=...)")
     # ---- device and RNG: every random draw of the run comes from `gen` (the model's init: the global RNG)
     rank, world, device = init_distributed(args.device)  # world > 1 under torchrun
     torch.manual_seed(args.seed)
@@ -604,7 +611,8 @@ def main(argv=None, regime_check=None, same_answer=None):
                 print(f"stopped at step {step}: {100 * row['all_wrong']:.1f}% of held-out problems all wrong "
                       f"at T = 1.2, G = 8 (<= {100 * args.stop_all_wrong:.0f}%)")
                 break
-    print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)")  # rank 0 only: the others print to /dev/null
+    # rank 0 only: the others print to /dev/null (--max_steps 0 only rewrites the traces, and saves no model)
+    print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)" if step else "no step taken: no checkpoint saved")
 
 
 # ==========================================================================================================
@@ -658,8 +666,7 @@ def save_checkpoint(out_dir, model, tokenizer, args, state):
         model.generation_config = GenerationConfig()
     model.save_pretrained(tmp, safe_serialization=True, **adapter)
     tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    open(os.path.join(tmp, "args.json"), "w").write(json.dumps(vars(args), indent=1))
     if state is not None:
         torch.save(state, os.path.join(tmp, "state.pt"))  # optimizer, scheduler, RNG: resume only
     # files written between saves (rewrites.jsonl: before the first) are carried over into the new folder
@@ -673,7 +680,6 @@ def save_checkpoint(out_dir, model, tokenizer, args, state):
 
 
 def log_metrics(out_dir, row):
-    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -693,6 +699,7 @@ def open_run(args):
             fail(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
         if args.overwrite and not args.resume:
             shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir, exist_ok=True)  # every file of the run is written here
     if world > 1:  # the other ranks wait until rank 0 has the folder ready
         dist.barrier()
     saved = os.path.join(out_dir, "state.pt")
@@ -701,6 +708,8 @@ def open_run(args):
     # the optimizer's load_state_dict moves each moment to its parameter's device
     resume = args.resume and os.path.exists(saved)
     state = torch.load(saved, map_location="cpu", weights_only=True) if resume else None
+    if state and len(state["rng"]) != world:  # each rank continues its own random streams: as many ranks
+        fail(f"{out_dir} was saved by {len(state['rng'])} process(es); resume it with as many, not {world}")
     metrics = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0 and os.path.exists(metrics):
         lines = [l for l in open(metrics) if l.strip() and state and json.loads(l)["step"] <= state["step"]]
@@ -715,7 +724,7 @@ def restore(state, out_dir, opt, sched, gens):
     rng = state["rng"][rank_and_world()[0]]  # this rank's streams
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None:  # LoRA dropout on a GPU draws from the device's own stream
-        torch.cuda.set_rng_state(rng["cuda"])
+        torch.cuda.set_rng_state(rng["cuda"], gens[0].device)
     for g, saved in zip(gens, rng["gens"]):
         g.set_state(saved)
     print(f"resumed {out_dir} at step {state['step']}")
@@ -727,13 +736,12 @@ def checkpoint(args, model, tokenizer, opt, sched, gens, step, skipped):
     rank, world = rank_and_world()
     # torch's global streams (dropout's: the CPU's, and the GPU's where the run's generators live) and the
     # run's generators; Python's `random` is never drawn
-    cuda = torch.cuda.get_rng_state() if gens[0].device.type == "cuda" else None
+    cuda = torch.cuda.get_rng_state(gens[0].device) if gens[0].device.type == "cuda" else None
     mine = {"torch": torch.get_rng_state(), "cuda": cuda, "gens": [g.get_state() for g in gens]}
     rng = [mine] * world
     if world > 1:  # every rank's streams, so that a resume continues each one
         dist.all_gather_object(rng, mine)
-    state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng, "step": step,
-             "skipped": skipped}
+    state = dict(opt=opt.state_dict(), sched=sched.state_dict(), rng=rng, step=step, skipped=skipped)
     if rank == 0:
         save_checkpoint(args.out_dir, model, tokenizer, args, state)
     if world > 1:  # no rank runs ahead of a save that may still fail

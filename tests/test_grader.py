@@ -325,6 +325,22 @@ def test_grade_flag_regrades_our_layout_with_several_samples(tmp_path):
     assert out["metrics"] == {"accuracy": 0.75, "correct": 1.5, "total": 2, "task": "math500"}
 
 
+def test_grade_flag_never_overwrites_the_file_it_grades(tmp_path, monkeypatch):
+    """`eval.py --grade out/eval_gsm8k.json --task gsm8k` would write its result onto the file it reads, by
+    another path to the same file too: refused with one line, the file untouched."""
+    import eval as evaluation
+    (tmp_path / "out").mkdir()
+    saved = tmp_path / "out" / "eval_gsm8k.json"
+    saved.write_text(GSM_FILE.read_text())
+    monkeypatch.chdir(tmp_path)
+    for path, out_dir in ((str(saved), str(tmp_path / "out")), ("out/eval_gsm8k.json", str(tmp_path / "out")),
+                          (str(saved), "out")):
+        with pytest.raises(SystemExit) as e:
+            evaluation.main(["--grade", path, "--task", "gsm8k", "--out_dir", out_dir])
+        assert e.value.code == f"error: --grade {path} would be overwritten by its regrading: pass another --out_dir"
+    assert saved.read_text() == GSM_FILE.read_text()
+
+
 @pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"generations": [{"question": "q"}]}',
                                      '{"generations": [{"generations": [], "ground_truth": "1"}]}', None])
 def test_grade_flag_refuses_what_is_not_a_results_file(tmp_path, content):

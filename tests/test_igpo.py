@@ -310,20 +310,22 @@ def test_end_to_end_short_run(tiny_init, tmp_path, mu):
 
 
 def test_measurements_use_the_exact_schedule_whatever_the_rollouts_use(tiny_init, tmp_path, monkeypatch):
-    """--confidence_threshold changes how rollouts are sampled; the run's measurements (greedy accuracy before
-    and after, the held-out curve) sample with the exact schedule, so that eval_after.json of a run with the
-    threshold and one without compare paired on the same footing."""
+    """--confidence_threshold and --kv_cache change how rollouts are sampled; the run's measurements (greedy
+    accuracy before and after, the held-out curve) sample with the exact schedule, so that eval_after.json of
+    a run with the levers and one without compare paired on the same footing. (The embedded model has no
+    cache: its rollouts here are run without one, as recorded; a measurement asking for one would fail.)"""
     used, real = [], igpo.evaluate
     monkeypatch.setattr(igpo, "evaluate", lambda *a, **k: used.append(a[5]) or real(*a, **k))
     rollouts, real_generate = [], igpo.generate
     monkeypatch.setattr(igpo, "generate", lambda m, x, sampler, *a, **k: rollouts.append(sampler) or
-                        real_generate(m, x, sampler, *a, **k))
+                        real_generate(m, x, sampler._replace(kv_cache=False), *a, **k))
     igpo.main(["--model", tiny_init, "--out_dir", str(tmp_path / "igpo"), "--max_steps", "1", "--batch_prompts", "2",
                "--num_generations", "2", "--gen_length", "16", "--block_length", "8", "--diffusion_steps", "8",
-               "--limit", "4", "--heldout_every", "1", "--confidence_threshold", "0.9"])
+               "--limit", "4", "--heldout_every", "1", "--confidence_threshold", "0.9", "--kv_cache"])
     assert len(used) == 4  # before, step 0's held-out point, step 1's, after
-    assert all(s.confidence_threshold == 0.0 for s in used) and {s.temperature for s in used} == {0.0, 1.2}
-    assert rollouts and all(s.confidence_threshold == 0.9 for s in rollouts)
+    assert all(s.confidence_threshold == 0.0 and not s.kv_cache for s in used)
+    assert {s.temperature for s in used} == {0.0, 1.2}
+    assert rollouts and all(s.confidence_threshold == 0.9 and s.kv_cache for s in rollouts)
 
 
 def test_summarize_matches_hand_computation(tmp_path):

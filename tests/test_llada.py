@@ -130,6 +130,22 @@ def test_metamath_official_selection(tmp_path):
     assert str(e.value).startswith("error: ") and "'type'" in str(e.value)
 
 
+def test_metamath_official_rows_are_read_in_memory(tmp_path):
+    """igpo's data path with --metamath_official: the selected rows, each trace prefixed with the format the
+    prompt asks for, the answer read off the trace; and no cache file written next to the data's, which every
+    rank under torchrun would write at once."""
+    data = tmp_path / "metamath.jsonl"
+    rows = [METAMATH_ROWS[0], METAMATH_ROWS[3], METAMATH_ROWS[1]]  # rows 0 and 2 kept: not a contiguous range
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = igpo.get_args(["--dataset", str(data), "--question_col", "query", "--trace_col", "response",
+                          "--metamath_official"])
+    cache = os.path.dirname(sft.load_rows(str(data), "train", []).cache_files[0]["filename"])
+    before = set(os.listdir(cache))
+    rows = igpo.load_rl_data(args)
+    assert [(q, t) for q, t, _ in rows] == [(r["query"], "<reasoning>\n" + r["response"]) for r in METAMATH_ROWS[:2]]
+    assert [a for _, _, a in rows] == ["72", "12"] and set(os.listdir(cache)) == before
+
+
 def lora_delta(folder, module):
     """The weight change an adapter folder applies to one module: (alpha / r) B A."""
     from safetensors.torch import load_file

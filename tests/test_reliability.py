@@ -205,7 +205,7 @@ def test_interrupted_save_keeps_a_complete_checkpoint(tokenizer, tmp_path, monke
     out = str(tmp_path / "run")
     args = sft.get_args(["--out_dir", out])
     v1, v2, v3 = (tiny_model(tokenizer, seed=s) for s in (1, 2, 3))
-    sft.save_checkpoint(out, v1, tokenizer, args, {"step": 1})
+    sft.save_checkpoint(out, v1, tokenizer, args, {"step": 1, "rng": [{}]})
     sft.log_metrics(out, {"step": 1})
     with monkeypatch.context() as m:
         if stage == "save_pretrained":  # weights half written into out.tmp
@@ -219,7 +219,7 @@ def test_interrupted_save_keeps_a_complete_checkpoint(tokenizer, tmp_path, monke
         else:  # the new checkpoint is in place, the old one not yet deleted
             m.setattr(shutil, "rmtree", crash_on(shutil.rmtree, lambda p, **k: p == out + ".old"))
         with pytest.raises(Crash):
-            sft.save_checkpoint(out, v2, tokenizer, args, {"step": 2})
+            sft.save_checkpoint(out, v2, tokenizer, args, {"step": 2, "rng": [{}]})
     expect_step, expect_model = (2, v2) if stage == "delete_old" else (1, v1)
 
     state = sft.open_run(sft.get_args(["--out_dir", out, "--resume"]))  # a run to resume is found
@@ -230,14 +230,14 @@ def test_interrupted_save_keeps_a_complete_checkpoint(tokenizer, tmp_path, monke
     assert len(common) > 5 and all(torch.equal(saved[k], expect_model.state_dict()[k]) for k in common)
     assert [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))] == [{"step": 1}]
     # and the next save goes through normally
-    sft.save_checkpoint(out, v3, tokenizer, args, {"step": 3})
+    sft.save_checkpoint(out, v3, tokenizer, args, {"step": 3, "rng": [{}]})
     assert saved_state(out)["step"] == 3 and not os.path.exists(out + ".old")
 
 
 def test_taken_out_dir_refused_then_overwritten(tmp_path, tokenizer):
     out = str(tmp_path / "run")
     args = sft.get_args(["--out_dir", out])
-    sft.save_checkpoint(out, tiny_model(tokenizer), tokenizer, args, {"step": 5})
+    sft.save_checkpoint(out, tiny_model(tokenizer), tokenizer, args, {"step": 5, "rng": [{}]})
     before = files_digest(out)
     for main in (sft.main, igpo.main):  # both refuse before touching anything
         with pytest.raises(SystemExit) as e:
@@ -256,7 +256,7 @@ def test_resume_loads_a_gpu_written_state_onto_the_cpu(tmp_path, tokenizer):
     where the optimizer's load_state_dict moves each moment next to its parameter."""
     from torch import serialization
     out = str(tmp_path / "run")
-    state = {"opt": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []}, "step": 4}
+    state = {"opt": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []}, "step": 4, "rng": [{}]}
     sft.save_checkpoint(out, tiny_model(tokenizer), tokenizer, sft.get_args(["--out_dir", out]), None)
     tag = (0, lambda storage: "cuda:0", lambda obj, location: None)  # asked first: every storage is cuda:0's
     serialization._package_registry.insert(0, tag)
@@ -274,8 +274,8 @@ def test_checkpoint_saves_and_restores_the_cuda_generator(tmp_path, tokenizer, m
     """LoRA dropout on a GPU draws from the CUDA device's generator, so a resumed GPU run is exact only if the
     checkpoint holds that generator's state too. No GPU here: the run's generator is made to report a CUDA
     device, and torch.cuda's get/set of the state are replaced by a recorder of what is saved and restored."""
-    class OnGpu:  # the run's generator as a GPU run has it (torch.Generator("cuda")), state kept on the CPU
-        device = torch.device("cuda", 0)
+    class OnGpu:  # the run's generator as a GPU run has it (torch.Generator("cuda:1")), state kept on the CPU
+        device = torch.device("cuda", 1)
 
         def __init__(self):
             self.state = torch.Generator().manual_seed(1).get_state()
@@ -286,9 +286,10 @@ def test_checkpoint_saves_and_restores_the_cuda_generator(tmp_path, tokenizer, m
         def set_state(self, state):
             self.state = state
 
-    device_state, restored = torch.arange(16, dtype=torch.uint8), []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": device_state.clone())
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    device_state, restored, devices = torch.arange(16, dtype=torch.uint8), [], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": devices.append(device) or device_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state) or
+                        devices.append(device))
     args = sft.get_args(["--out_dir", str(tmp_path / "run")])
     model = tiny_model(tokenizer)
     opt = torch.optim.AdamW(model.parameters())
@@ -298,6 +299,24 @@ def test_checkpoint_saves_and_restores_the_cuda_generator(tmp_path, tokenizer, m
     assert torch.equal(state["rng"][0]["cuda"], device_state)  # saved with the run's other streams
     sft.restore(state, args.out_dir, opt, sched, [OnGpu()])
     assert len(restored) == 1 and torch.equal(restored[0], device_state)  # and put back on resume
+    assert devices == [torch.device("cuda", 1)] * 2  # the generators' GPU (--device cuda:1), not the current one
+
+
+def test_resume_with_another_number_of_processes_is_a_one_line_error(tmp_path, tokenizer, monkeypatch):
+    """Each rank continues its own saved random streams, so a run saved by one process and resumed by two (or the
+    other way round) is refused with one line, before anything in the folder changes."""
+    out = str(tmp_path / "run")
+    sft.save_checkpoint(out, tiny_model(tokenizer), tokenizer, sft.get_args(["--out_dir", out]),
+                        {"step": 1, "rng": [{"torch": torch.get_rng_state()}]})
+    sft.log_metrics(out, {"step": 1})
+    sft.log_metrics(out, {"step": 2})  # written after the checkpoint: a resume would drop it
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    monkeypatch.setattr(sft, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(sft.dist, "barrier", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        sft.open_run(sft.get_args(["--out_dir", out, "--resume"]))
+    assert e.value.code == f"error: {out} was saved by 1 process(es); resume it with as many, not 2"
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,12 +396,12 @@ def test_save_checkpoint_refuses_nonfinite_weights(tokenizer, tmp_path):
     out = str(tmp_path / "run")
     args = sft.get_args(["--out_dir", out])
     model = tiny_model(tokenizer)
-    sft.save_checkpoint(out, model, tokenizer, args, {"step": 1})
+    sft.save_checkpoint(out, model, tokenizer, args, {"step": 1, "rng": [{}]})
     before = files_digest(out)
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("inf")
     with pytest.raises(SystemExit) as e:
-        sft.save_checkpoint(out, model, tokenizer, args, {"step": 2})
+        sft.save_checkpoint(out, model, tokenizer, args, {"step": 2, "rng": [{}]})
     assert str(e.value.code).startswith("error:") and "not finite" in str(e.value.code)
     assert files_digest(out) == before
     assert not os.path.exists(out + ".tmp") and not os.path.exists(out + ".old")

@@ -460,6 +460,18 @@ def test_torchrun_sft_splits_each_steps_micro_batches(tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_ranks_may_make_different_numbers_of_forward_passes(tmp_path):
+    # A micro-batch runs one forward per prompt length in it (no padding), so the ranks of a step make different
+    # numbers of forwards before their backward. A DDP forward that talks to the other ranks (DDP's default
+    # broadcasts the module's buffers: the embedded ModernBERT and Dream have some) then waits forever.
+    rows = [{"question": " ".join(["Ann has 3 coins."] * n), "trace": "3+1=4\n\\boxed{4}"} for n in (1, 2, 3) * 4]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torchrun("sft.py", "--dataset", tmp_path / "rows.jsonl", "--gen_length", 16, "--batch_size", 4, "--grad_accum", 2,
+             "--max_steps", 4, "--device", "cpu", "--out_dir", tmp_path / "sft", timeout=120)
+    assert (tmp_path / "sft" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_torchrun_needs_the_step_split_evenly(tiny_ckpt, tmp_path):
     # a step whose micro-batches cannot be shared equally is refused with one line, before any folder is touched
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -496,7 +508,7 @@ def test_torchrun_eval_matches_single_process(tiny_ckpt, tmp_path):
 def fake_rank(monkeypatch, rank, world):
     monkeypatch.setattr(sft, "init_distributed", lambda device="auto": (rank, world, torch.device("cpu")))
     monkeypatch.setattr(sft, "rank_and_world", lambda: (rank, world))
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module: module)  # averaged below
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda module, **k: module)  # averaged below
     monkeypatch.setattr(sft, "checkpoint", lambda *a, **k: None)
     monkeypatch.setattr(sft.dist, "barrier", lambda: None)
     monkeypatch.setattr(igpo, "mean_over_ranks", lambda means, counts, world, device: (means, counts))
@@ -584,6 +596,25 @@ def test_each_sft_rank_trains_its_micro_batches_and_the_average_is_the_whole_ste
 # ---------------------------------------------------------------------------------------------------------
 # 6. tests/gpu_check.py, the one command that checks the GPU path: it skips cleanly without CUDA, and its checks
 #    run on the CPU at toy sizes, so that the script cannot rot between the GPU sessions that run it.
+
+def test_a_ddp_forward_waits_on_no_other_rank(tmp_path, monkeypatch):
+    """The rule behind test_torchrun_ranks_may_make_different_numbers_of_forward_passes, fast: the DDP model that
+    setup_model builds runs a forward without any collective (DDP's default broadcasts the module's buffers in
+    each one, and the embedded model has rotary buffers), in a real one-process gloo group."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(sft, "rank_and_world", lambda: (0, 2))  # wrap in DDP, as under torchrun
+        args = sft.get_args(["--device", "cpu", "--out_dir", str(tmp_path / "run")])
+        _, model, _, _, _, _ = sft.setup_model(args, torch.device("cpu"), None)
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel) and list(model.module.buffers())
+        calls = []
+        monkeypatch.setattr(dist, "_broadcast_coalesced", lambda *a: calls.append(a))
+        model(torch.tensor([[9, 10, 11, 12]])).logits.sum().backward()
+        assert calls == []
+    finally:
+        dist.destroy_process_group()
+
 
 def test_gpu_check_skips_cleanly_without_cuda():
     if torch.cuda.is_available():

@@ -126,6 +126,8 @@ def test_prompt_never_masked_over_many_draws(tokenizer, facts):
 
 
 def args_for(tmp_path, *extra):
+    """The arguments, and the run's folder made as sft.open_run makes it before the data is built."""
+    os.makedirs(tmp_path / "run", exist_ok=True)
     return sft.get_args(["--out_dir", str(tmp_path / "run"), "--toy_size", "64", *extra])
 
 
@@ -294,7 +296,23 @@ def test_rewrite_keeps_the_same_answer_that_fits_and_counts(tokenizer, facts, tm
     assert "rewrite: 6 traces rewritten (0 from the cache), 3 kept, 2 with a wrong answer, " \
            "1 too long for gen_length=32\n" in out
     cache = [json.loads(line) for line in open(tmp_path / "run" / "rewrites.jsonl")]
-    assert cache == [{"question": q, "trace": t, "rewrite": r} for q, t, r, _ in REWRITES]
+    assert cache == [{"model": "stub/lm", "question": q, "trace": t, "rewrite": r} for q, t, r, _ in REWRITES]
+
+
+def test_another_rewriters_cache_lines_are_redone(tokenizer, facts, tmp_path, monkeypatch, capsys):
+    """The cache is per rewriter: lines another --rewrite_model wrote in this folder are not reused."""
+    import eval as evaluation
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "rewrites.jsonl").write_text("".join(
+        json.dumps({"model": "other/lm", "question": q, "trace": t, "rewrite": "\\boxed{0}"}) + "\n"
+        for q, t, _, _ in REWRITES))
+    asked = []
+    stub_rewriter(monkeypatch, asked)
+    args = args_for(tmp_path, "--dataset", str(rewrite_data(tmp_path)), "--rewrite_model", "stub/lm",
+                    "--gen_length", "32")
+    rows = sft.build_sft_data(args, tokenizer, facts, "cpu", evaluation.same_answer)
+    assert len(rows) == 3 and sum(len(b) for b in asked) == 6
+    assert "rewrite: 6 traces rewritten (0 from the cache), 3 kept," in capsys.readouterr().out
 
 
 def test_rewrite_resumes_from_its_cache_after_a_kill(tokenizer, facts, tmp_path, monkeypatch, capsys):
@@ -329,6 +347,33 @@ def test_sft_trains_on_the_kept_rewrites_and_keeps_the_cache(tmp_path, monkeypat
               "--batch_size", "2", "--max_steps", "2", "--out_dir", str(run)], same_answer=evaluation.same_answer)
     assert "data: 3 traces fit gen_length=32, 0 longer ones dropped" in capsys.readouterr().out
     assert len(open(run / "rewrites.jsonl").readlines()) == 6 and (run / "model.safetensors").exists()
+
+
+def test_rewrite_first_then_train_from_the_cache(tmp_path, monkeypatch, capsys):
+    """The README's order under torchrun: --max_steps 0 rewrites and caches the traces and says that it saved
+    no model; the training run in the same folder then reads the cache and loads no rewriter."""
+    import eval as evaluation
+    asked = []
+    stub_rewriter(monkeypatch, asked)
+    run = tmp_path / "run"
+    argv = ["--dataset", str(rewrite_data(tmp_path)), "--rewrite_model", "stub/lm", "--gen_length", "32",
+            "--batch_size", "2", "--out_dir", str(run)]
+    sft.main(argv + ["--max_steps", "0"], same_answer=evaluation.same_answer)
+    assert capsys.readouterr().out.endswith("no step taken: no checkpoint saved\n")
+    assert os.listdir(run) == ["rewrites.jsonl"] and len(asked) == 1
+    sft.main(argv + ["--max_steps", "1"], same_answer=evaluation.same_answer)
+    assert len(asked) == 1 and "(6 from the cache), 3 kept" in capsys.readouterr().out
+    assert (run / "model.safetensors").exists()
+
+
+def test_rewriting_without_the_answer_grader_fails_before_it_rewrites(tmp_path, monkeypatch):
+    """sft.main called without eval.same_answer: one line at once, not a TypeError after the rewriting pass."""
+    asked = []
+    stub_rewriter(monkeypatch, asked)
+    with pytest.raises(SystemExit, match="^error: the rewriting step needs eval.same_answer"):
+        sft.main(["--dataset", str(rewrite_data(tmp_path)), "--rewrite_model", "stub/lm", "--gen_length", "32",
+                  "--out_dir", str(tmp_path / "run")])
+    assert asked == [] and not (tmp_path / "run" / "rewrites.jsonl").exists()
 
 
 def test_rewrite_that_keeps_nothing_says_why(tokenizer, facts, tmp_path, monkeypatch):
@@ -374,6 +419,32 @@ def test_rewrite_with_a_real_causal_lm(tokenizer, facts, tmp_path):
     lines = [json.loads(line) for line in open(tmp_path / "run" / "rewrites.jsonl")]
     assert [(r["question"], r["trace"]) for r in lines] == pairs
     assert [r["rewrite"] for r in lines] == sft.load_rewriter(lm, "cpu", 32)(pairs)  # 2 L new tokens
+
+
+def test_rewriter_decodes_plain_greedy_whatever_its_generation_config(tokenizer, tmp_path):
+    """An instruct model's generation_config.json may sample, or penalise repeats (which would penalise
+    copying the original's numbers); the rewriter ignores all of it but the end tokens: the same rewrites as
+    the same weights with a plain config, and the same as greedy decoding by hand."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    plain = build_tiny_causal_lm(tmp_path / "plain", tokenizer)
+    lm = AutoModelForCausalLM.from_pretrained(plain)
+    lm.generation_config = GenerationConfig(do_sample=True, temperature=3.0, repetition_penalty=3.0,
+                                            no_repeat_ngram_size=1, eos_token_id=tokenizer.eos_token_id)
+    lm.save_pretrained(tmp_path / "fancy")
+    tokenizer.save_pretrained(tmp_path / "fancy")
+    pairs = [("Ann has 3 coins.", "3+2=5\n\\boxed{5}")]
+    torch.manual_seed(0)
+    fancy = sft.load_rewriter(str(tmp_path / "fancy"), "cpu", 12)(pairs)
+    assert fancy == sft.load_rewriter(plain, "cpu", 12)(pairs)
+    chat = [{"role": "user", "content": sft.REWRITE_PROMPT % pairs[0]}]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
+    for _ in range(12):  # greedy by hand: the argmax, until the end token
+        nxt = lm(ids).logits[0, -1].argmax()
+        if nxt == tokenizer.eos_token_id:
+            break
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    n_prompt = len(tokenizer.apply_chat_template(chat, add_generation_prompt=True))
+    assert fancy == [tokenizer.decode(ids[0, n_prompt:], skip_special_tokens=True).strip()]
 
 
 @pytest.mark.parametrize("flags,message", [
