@@ -31,7 +31,7 @@ ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, TESTS)
 
 from conftest import build_tiny_dream, build_tiny_llada  # noqa: E402  (also puts the repo root on sys.path)
-from test_llada import METAMATH_ROWS, SHORT_ROWS, readme_command  # noqa: E402
+from test_llada import METAMATH_ROWS, SHORT_ROWS, readme_command, readme_rewrites  # noqa: E402
 from test_reliability import KILLED_RUN  # noqa: E402  (main(), SIGKILLed after a given step's metric line)
 
 # The README's sampler and batch shape on a GPU (L = 256, block 32, 128 steps, one prompt per micro-batch),
@@ -63,8 +63,7 @@ def write_data(root, sft_out):
     openr1 = [{"problem": r["question"], "solution": "First, " + r["trace"]} for r in SHORT_ROWS]
     files = {"traces.jsonl": openr1, "metamath.jsonl": METAMATH_ROWS + more,
              "math500.jsonl": [{"problem": r["question"], "answer": r["trace"][-2]} for r in SHORT_ROWS],
-             os.path.join(sft_out, "rewrites.jsonl"): [{"question": r["problem"], "trace": r["solution"],
-                                                        "rewrite": s["trace"]} for r, s in zip(openr1, SHORT_ROWS)]}
+             os.path.join(sft_out, "rewrites.jsonl"): readme_rewrites(openr1)}
     os.makedirs(sft_out)
     for name, rows in files.items():
         with open(os.path.join(root, name), "w") as f:

@@ -313,6 +313,15 @@ def test_the_papers_settings_in_the_defaults_and_the_readme_commands():
         assert (readme_sft["lora_r"], readme_sft["lora_alpha"], readme_sft["gen_length"]) == (128, 64, 256), which
 
 
+def readme_rewrites(rows):
+    """The rewrites cache's lines for OpenR1-shaped rows whose concise rewrites are SHORT_ROWS' traces, as the
+    README's --rewrite_model (the same in its LLaDA and Dream lines) would have written them."""
+    rewriter = sft.get_args(readme_command("sft.py")).rewrite_model
+    assert rewriter == sft.get_args(readme_command("sft.py", "Dream")).rewrite_model
+    return [{"model": rewriter, "question": r["problem"], "trace": r["solution"], "rewrite": s["trace"]}
+            for r, s in zip(rows, SHORT_ROWS)]
+
+
 def chain_data(tmp_path, sft_out):
     # The three files the README chains read: OpenR1-Math rows (SFT), MetaMathQA rows (IGPO), a MATH500 file (eval).
     # The SFT run finds every rewrite of its rows in its cache already (the concise traces of SHORT_ROWS), so the
@@ -322,8 +331,7 @@ def chain_data(tmp_path, sft_out):
     traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.makedirs(sft_out)
     with open(os.path.join(sft_out, "rewrites.jsonl"), "w") as f:
-        f.writelines(json.dumps({"question": r["problem"], "trace": r["solution"], "rewrite": s["trace"]}) + "\n"
-                     for r, s in zip(rows, SHORT_ROWS))
+        f.writelines(json.dumps(line) + "\n" for line in readme_rewrites(rows))
     metamath.write_text("".join(json.dumps(r) + "\n" for r in METAMATH_ROWS))
     bench.write_text("".join(json.dumps({"problem": r["question"], "answer": r["trace"][-2]}) + "\n"
                              for r in SHORT_ROWS))
