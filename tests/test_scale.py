@@ -279,13 +279,17 @@ def ddp_worker(rank, world, port, init, batch, out):
     model, _, facts = sft.load_model(init)
     d = torch.load(batch)
     model.eval()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)  # as sft.setup_model
     B, G = len(d["prompts"]) // world, d["G"]
     b, s = slice(rank * B, (rank + 1) * B), slice(rank * B * G, (rank + 1) * B * G)  # this rank's prompts
     logp = igpo.token_logps(ddp, d["prompts"][b], d["completions"][s], facts)
     loss, _, _ = igpo.grpo_loss(logp, d["logp_old"][s], d["logp_ref"][s], d["adv"][s], d["loss_mask"][s], 0.2, 0.04)
     loss.backward()  # DDP averages the gradients over ranks here
     torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out, f"grad{rank}.pt"))
+    # a clean exit: both ranks done, DDP's reducer gone, then the group (gloo threads left running while the
+    # interpreter shuts down can abort the process, a failure of the harness and not of the gradient)
+    torch.distributed.barrier()
+    del ddp
     torch.distributed.destroy_process_group()
 
 
