@@ -257,10 +257,9 @@ MODELS = {  # config.model_type -> (mask token, end tokens, logits shifted?, def
 }
 
 
-# A loaded model's entry of MODELS, with ids: what the sampler and the losses read. end_ids: (end of turn,
-# padding); shifted: True when the logits at position i - 1 predict token i; n_tokens: the ids the tokenizer
-# can decode (the sampler never draws an id at or beyond it); kv_cache: the sampler may reuse a prefix's keys
-# and values (--kv_cache).
+# A loaded model's entry of MODELS, with ids, as the sampler and losses read it. end_ids: (end of turn,
+# padding); shifted: the logits at i - 1 predict token i; n_tokens: the ids the tokenizer can decode (none at
+# or beyond it is ever drawn); kv_cache: the sampler may reuse a prefix's keys and values (--kv_cache).
 Facts = namedtuple("Facts", ["mask_id", "end_ids", "shifted", "lora_targets", "n_tokens", "kv_cache"],
                    defaults=[False])
 
@@ -406,11 +405,9 @@ def setup_model(args, device, state):
     if args.lora_r:  # a resumed LoRA run reloads its adapter
         targets = args.lora_targets.split(",") if args.lora_targets else facts.lora_targets
         policy = add_lora(policy, args.lora_r, args.lora_alpha, targets, args.out_dir if state else None)
-    # under torchrun, DDP averages the gradients over ranks inside backward(); device_ids is left to default
-    # (None): the module's one device, where every input already is (torch's documented single-device use).
-    # No buffer sync in forward: a rank runs one forward per prompt length (equal_length_batches), so ranks
-    # make different numbers of forwards, and a forward that waits on the others would hang (the buffers,
-    # rotary tables, are constants anyway)
+    # under torchrun, DDP averages the gradients over ranks inside backward(), on the module's one device
+    # (device_ids left to None: torch's single-device use); no buffer sync in forward: ranks make different
+    # numbers of forwards (one per prompt length), and one waiting on the others would hang (buffers: fixed)
     ddp = rank_and_world()[1] > 1  # under torchrun
     model = torch.nn.parallel.DistributedDataParallel(policy, forward_sync_buffers=False) if ddp else policy
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -486,10 +483,8 @@ def rewrite_traces(questions, traces, args, tokenizer, facts, device, same_answe
     if todo:
         if rank_and_world()[1] > 1:  # one process writes the cache: under torchrun it must be complete
             fail("--rewrite_model: rewrite in one process first (without torchrun, with --max_steps 0)")
-        # the rewriter writes at most 2 L of its own tokens: cut off there, a rewrite is too long anyway
-        rewrite = load_rewriter(args.rewrite_model, device, 2 * args.gen_length)
-        # line-buffered: each rewrite is on disk once written (open_run made the folder)
-        with open(path, "a", buffering=1) as f:
+        rewrite = load_rewriter(args.rewrite_model, device, 2 * args.gen_length)  # cut at 2 L: too long
+        with open(path, "a", buffering=1) as f:  # line-buffered: each rewrite is on disk once written
             f.truncate(len(cached))
             for k in tqdm(range(0, len(todo), args.rewrite_batch), desc="rewrite"):
                 batch = todo[k:k + args.rewrite_batch]
@@ -526,8 +521,7 @@ def load_rewriter(name, device, max_new_tokens):
         chats = [[{"role": "user", "content": REWRITE_PROMPT % p}] for p in pairs]  # one user turn each
         x = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_dict=True,
                                     return_tensors="pt").to(device)  # input_ids, attention_mask (B, P)
-        # plain greedy: a fresh config, not the model's own (its repetition_penalty would penalize copying the
-        # original's numbers); only the end-of-turn ids come from the model's generation_config.json
+        # plain greedy: a fresh config, not the model's (it may sample, penalise repeats), but its end ids
         greedy = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
         out = lm.generate(x.input_ids, attention_mask=x.attention_mask, generation_config=greedy,
                           use_model_defaults=False)
@@ -611,7 +605,6 @@ def main(argv=None, regime_check=None, same_answer=None):
                 print(f"stopped at step {step}: {100 * row['all_wrong']:.1f}% of held-out problems all wrong "
                       f"at T = 1.2, G = 8 (<= {100 * args.stop_all_wrong:.0f}%)")
                 break
-    # rank 0 only: the others print to /dev/null (--max_steps 0 only rewrites the traces, and saves no model)
     print(f"saved {args.out_dir} ({time.time() - t0:.0f}s)" if step else "no step taken: no checkpoint saved")
 
 
@@ -703,9 +696,8 @@ def open_run(args):
     if world > 1:  # the other ranks wait until rank 0 has the folder ready
         dist.barrier()
     saved = os.path.join(out_dir, "state.pt")
-    # weights_only: the state file is read as tensors and plain values, never as pickled code. map_location:
-    # rank 0 saved it from its GPU, and without it every rank would rebuild those tensors on GPU 0; on the CPU
-    # the optimizer's load_state_dict moves each moment to its parameter's device
+    # weights_only: tensors and plain values, never pickled code. map_location: rank 0 saved it from its GPU;
+    # on the CPU (not by every rank onto GPU 0), the optimizer moves each moment to its parameter's device
     resume = args.resume and os.path.exists(saved)
     state = torch.load(saved, map_location="cpu", weights_only=True) if resume else None
     if state and len(state["rng"]) != world:  # each rank continues its own random streams: as many ranks
